@@ -1,0 +1,39 @@
+"""ggml-lora: merge LoRA adapters into quantized llama.cpp (GGUF) models, with a Rust core.
+
+Reading and writing GGUF::
+
+    import ggml_lora
+    with ggml_lora.open("model.gguf") as f:
+        print(f.metadata["general.architecture"], f.tensors["token_embd.weight"].shape)
+        w = f.to_numpy("blk.0.attn_q.weight")       # float32, dequantized
+    ggml_lora.write("out.gguf", {"general.architecture": "llama"}, {"w": w})
+
+Bit-exact ggml quantization of numpy arrays::
+
+    q = ggml_lora.quantize(w, "q4_0")                # same bytes as llama-quantize
+    w2 = ggml_lora.dequantize(q, "q4_0", w.shape)
+"""
+
+from __future__ import annotations
+
+from ._native import GGUFError, __version__
+from ._types import GGML_QUANT_SIZES, GGML_TYPES, TypeInfo, type_info
+from .gguf import GGUFFile, GGUFValueType, MetadataValue, TensorInfo, open, write
+from .quants import dequantize, quantize
+
+__all__ = [
+    "GGML_QUANT_SIZES",
+    "GGML_TYPES",
+    "GGUFError",
+    "GGUFFile",
+    "GGUFValueType",
+    "MetadataValue",
+    "TensorInfo",
+    "TypeInfo",
+    "__version__",
+    "dequantize",
+    "open",
+    "quantize",
+    "type_info",
+    "write",
+]

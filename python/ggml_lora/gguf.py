@@ -1,0 +1,285 @@
+"""Reading and writing GGUF files.
+
+``open(path)`` maps a file and parses its header in Rust; tensor bytes are zero-copy numpy views of the map.
+``write(path, metadata, tensors)`` streams a new file to a temporary name and renames it into place when
+complete, so a failure never leaves a partial file and never touches an existing file of the same name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence, Union
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _native
+from ._types import type_info
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class GGUFValueType(IntEnum):
+    """GGUF metadata value types, with gguf-py's names and on-disk ids."""
+
+    UINT8 = 0
+    INT8 = 1
+    UINT16 = 2
+    INT16 = 3
+    UINT32 = 4
+    INT32 = 5
+    FLOAT32 = 6
+    BOOL = 7
+    STRING = 8
+    ARRAY = 9
+    UINT64 = 10
+    INT64 = 11
+    FLOAT64 = 12
+
+
+class MetadataValue(NamedTuple):
+    """A metadata value with its exact GGUF type (and element type, for arrays).
+
+    ``GGUFFile.fields`` returns these; pass them to :func:`write` to control the type written (plain Python
+    values get gguf-py's default types: int -> INT32, float -> FLOAT32, ...).
+    """
+
+    value: Any
+    type: GGUFValueType
+    sub_type: GGUFValueType | None = None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what it holds.
+
+    ``shape`` is in numpy order (``shape[-1]`` is ggml's ne[0], the row length); ``type`` is the lower-case
+    ggml type name; ``offset`` is the absolute byte offset of the data in the file; ``nbytes`` its size.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    type: str
+    offset: int
+    nbytes: int
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """The dimensions in ggml order (ne[0] first)."""
+        return tuple(reversed(self.shape))
+
+    @property
+    def n_elements(self) -> int:
+        """Number of elements."""
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+class GGUFFile:
+    """An open GGUF file (v2 or v3, little-endian). Use as a context manager or call :meth:`close`.
+
+    Malformed files raise :class:`ggml_lora.GGUFError` naming the problem and its byte offset.
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path)
+        self._native: _native.GgufFile | None = _native.GgufFile(os.fspath(path))
+        native = self._native
+        self.version: int = native.version
+        self.alignment: int = native.alignment
+        self.data_offset: int = native.data_offset
+        self.file_size: int = native.file_size
+        self.tensors: dict[str, TensorInfo] = {}
+        self._index: dict[str, int] = {}
+        for i, (name, dims, type_name, offset, nbytes) in enumerate(native.tensors()):
+            self.tensors[name] = TensorInfo(name, tuple(reversed(dims)), type_name, offset, nbytes)
+            self._index[name] = i
+        self._fields: dict[str, MetadataValue] | None = None
+
+    def _open(self) -> _native.GgufFile:
+        if self._native is None:
+            raise ValueError(f"{self.path}: file is closed")
+        return self._native
+
+    @property
+    def fields(self) -> dict[str, MetadataValue]:
+        """Metadata with exact types, in file order (read once, then cached)."""
+        if self._fields is None:
+            self._fields = {
+                key: MetadataValue(value, GGUFValueType[type_name], GGUFValueType[sub] if sub else None)
+                for key, type_name, sub, value in self._open().metadata()
+            }
+        return self._fields
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Metadata as plain Python values (int, float, bool, str, list), in file order."""
+        return {key: field.value for key, field in self.fields.items()}
+
+    def _tensor_index(self, name: str) -> int:
+        try:
+            return self._index[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+
+    def raw(self, name: str) -> npt.NDArray[np.uint8]:
+        """The tensor's bytes as a read-only uint8 array viewing the file's memory map (no copy)."""
+        return self._open().raw(self._tensor_index(name))
+
+    def to_numpy(self, name: str) -> npt.NDArray[np.float32]:
+        """The tensor dequantized to a float32 array of its ``shape``."""
+        index = self._tensor_index(name)
+        info = self.tensors[name]
+        return self._open().to_numpy(index).reshape(info.shape)
+
+    def close(self) -> None:
+        """Release the file. Arrays returned by :meth:`raw` stay valid (they keep the map alive)."""
+        self._native = None
+
+    def __enter__(self) -> GGUFFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"GGUFFile({str(self.path)!r}, version={self.version}, tensors={len(self.tensors)})"
+
+
+def open(path: PathLike) -> GGUFFile:  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
+    """Open a GGUF file for reading (memory-mapped)."""
+    return GGUFFile(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# writing
+
+_INT_TYPES = [
+    (GGUFValueType.INT32, -(2**31), 2**31 - 1),
+    (GGUFValueType.INT64, -(2**63), 2**63 - 1),
+    (GGUFValueType.UINT64, 0, 2**64 - 1),
+]
+_NUMPY_VALUE_TYPES = {
+    np.dtype(np.uint8): GGUFValueType.UINT8,
+    np.dtype(np.int8): GGUFValueType.INT8,
+    np.dtype(np.uint16): GGUFValueType.UINT16,
+    np.dtype(np.int16): GGUFValueType.INT16,
+    np.dtype(np.uint32): GGUFValueType.UINT32,
+    np.dtype(np.int32): GGUFValueType.INT32,
+    np.dtype(np.float32): GGUFValueType.FLOAT32,
+    np.dtype(np.bool_): GGUFValueType.BOOL,
+    np.dtype(np.uint64): GGUFValueType.UINT64,
+    np.dtype(np.int64): GGUFValueType.INT64,
+    np.dtype(np.float64): GGUFValueType.FLOAT64,
+}
+#: Keys whose type ggml prescribes, whatever Python type the value has.
+_KEY_TYPES = {"general.alignment": GGUFValueType.UINT32}
+
+
+def _scalar_type(key: str, value: Any) -> GGUFValueType:
+    if isinstance(value, (bool, np.bool_)):
+        return GGUFValueType.BOOL
+    if isinstance(value, np.generic) and value.dtype in _NUMPY_VALUE_TYPES:
+        return _NUMPY_VALUE_TYPES[value.dtype]
+    if isinstance(value, int):
+        for vtype, lo, hi in _INT_TYPES:
+            if lo <= value <= hi:
+                return vtype
+        raise ValueError(f"metadata key {key!r}: integer {value} does not fit in 64 bits")
+    if isinstance(value, float):
+        return GGUFValueType.FLOAT32
+    if isinstance(value, (str, bytes)):
+        return GGUFValueType.STRING
+    raise ValueError(f"metadata key {key!r}: cannot store a {type(value).__name__} in GGUF")
+
+
+def _typed(key: str, value: Any) -> tuple[str, str, str | None, Any]:
+    if isinstance(value, MetadataValue):
+        vtype = GGUFValueType[value.type.name] if not isinstance(value.type, str) else GGUFValueType[value.type]
+        sub = value.sub_type
+        sub_name = (sub if isinstance(sub, str) else sub.name) if sub is not None else None
+        if vtype == GGUFValueType.ARRAY and sub_name is None:
+            raise ValueError(f"metadata key {key!r}: an ARRAY MetadataValue needs a sub_type")
+        return key, vtype.name, sub_name, value.value
+    if key in _KEY_TYPES:
+        return key, _KEY_TYPES[key].name, None, value
+    if isinstance(value, np.ndarray):
+        if value.dtype not in _NUMPY_VALUE_TYPES:
+            raise ValueError(f"metadata key {key!r}: cannot store a {value.dtype} array in GGUF")
+        return key, "ARRAY", _NUMPY_VALUE_TYPES[value.dtype].name, value.reshape(-1).tolist()
+    if isinstance(value, (list, tuple)):
+        if any(isinstance(v, (list, tuple, np.ndarray)) for v in value):
+            raise ValueError(f"metadata key {key!r}: nested arrays cannot be written (ggml's loader refuses them)")
+        if not value:
+            return key, "ARRAY", GGUFValueType.INT32.name, []
+        types = {_scalar_type(key, v) for v in value}
+        if len(types) == 1:
+            sub = types.pop()
+        elif types <= {t for t, _, _ in _INT_TYPES}:
+            sub = max(types, key=[t for t, _, _ in _INT_TYPES].index)
+        elif types <= {GGUFValueType.INT32, GGUFValueType.INT64, GGUFValueType.FLOAT32}:
+            sub = GGUFValueType.FLOAT32
+        else:
+            raise ValueError(f"metadata key {key!r}: array mixes {sorted(t.name for t in types)}")
+        return key, "ARRAY", sub.name, list(value)
+    return key, _scalar_type(key, value).name, None, value
+
+
+_ARRAY_TYPES = {
+    np.dtype(np.float32): "f32",
+    np.dtype(np.float16): "f16",
+    np.dtype(np.float64): "f64",
+    np.dtype(np.int8): "i8",
+    np.dtype(np.int16): "i16",
+    np.dtype(np.int32): "i32",
+    np.dtype(np.int64): "i64",
+}
+
+TensorValue = Union[npt.NDArray[Any], "tuple[npt.ArrayLike, object, Sequence[int]]"]
+
+
+def _tensor_entry(name: str, value: Any) -> tuple[str, list[int], str, npt.NDArray[np.uint8]]:
+    if isinstance(value, tuple):
+        if len(value) != 3:
+            raise ValueError(f"tensor {name!r}: expected (raw uint8 data, type, shape), got a {len(value)}-tuple")
+        data, ggml_type, shape = value
+        info = type_info(ggml_type)
+        raw = np.ascontiguousarray(data)
+        if raw.dtype != np.uint8:
+            raise ValueError(f"tensor {name!r}: raw data must be uint8, got {raw.dtype}")
+        return name, [int(d) for d in reversed(tuple(shape))], info.name, raw.reshape(-1)
+    array = np.asarray(value)
+    if array.dtype not in _ARRAY_TYPES:
+        raise ValueError(
+            f"tensor {name!r}: cannot write a {array.dtype} array; use float32/float16 (or int8..int64, float64), "
+            "or a (raw uint8, type, shape) triple"
+        )
+    if array.ndim == 0:
+        raise ValueError(f"tensor {name!r}: 0-dimensional arrays cannot be written (GGUF tensors have 1-4 dims)")
+    array = np.ascontiguousarray(array)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return name, [int(d) for d in reversed(array.shape)], _ARRAY_TYPES[array.dtype], array.reshape(-1).view(np.uint8)
+
+
+def write(
+    path: PathLike,
+    metadata: Mapping[str, Any],
+    tensors: Mapping[str, TensorValue] | Iterable[tuple[str, TensorValue]],
+    *,
+    sync: bool = True,
+) -> Path:
+    """Write a GGUF v3 file atomically and return its path.
+
+    ``metadata`` maps keys to plain values (typed like gguf-py: int -> INT32, float -> FLOAT32, str, bool,
+    lists -> ARRAY) or :class:`MetadataValue` for an exact type; ``general.alignment`` is always UINT32.
+    ``tensors`` maps names (in the order to write) to a float32/float16 numpy array (written as f32/f16) or a
+    ``(raw_uint8, type, shape)`` triple with ``shape`` in numpy order. The file is written to a temporary name
+    in the target folder and renamed into place when complete; ``sync`` fsyncs it first.
+    """
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    entries = [_tensor_entry(name, value) for name, value in items]
+    typed = [_typed(key, value) for key, value in metadata.items()]
+    return Path(_native.write_gguf(os.fspath(path), typed, entries, sync))

@@ -1,0 +1,64 @@
+"""Block quantization of numpy arrays, bit-exact with ggml's reference quantizers."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _native
+from ._types import type_info
+
+
+def _check_row_length(row_len: int, info_name: str, block_size: int) -> None:
+    if row_len % block_size != 0:
+        raise ValueError(
+            f"cannot use {info_name}: the last dimension ({row_len}) must be a multiple of its block size {block_size}"
+        )
+
+
+def quantize(x: npt.ArrayLike, type: object) -> npt.NDArray[np.uint8]:
+    """Quantize ``x`` (converted to float32) row by row to ggml ``type``.
+
+    Returns a uint8 array of shape ``x.shape[:-1] + (bytes_per_row,)`` holding the exact bytes ggml's
+    ``quantize_row_*_ref`` writes. ``x.shape[-1]`` must be a multiple of the type's block size. NaN or
+    infinite input raises ``ValueError``. Rows are quantized in parallel with the GIL released.
+    """
+    info = type_info(type)
+    array = np.ascontiguousarray(x, dtype=np.float32)
+    if array.ndim == 0:
+        raise ValueError("cannot quantize a 0-dimensional array: rows need at least one dimension")
+    if not info.can_quantize:
+        raise ValueError(f"quantizing to {info.name} is not supported (supported: f32, f16, bf16, q8_0, q4_0)")
+    row_len = array.shape[-1]
+    _check_row_length(row_len, info.name, info.block_size)
+    row_bytes = row_len // info.block_size * info.type_size
+    if array.size == 0:
+        return np.zeros(array.shape[:-1] + (row_bytes,), dtype=np.uint8)
+    flat = _native.quantize_rows(array.reshape(-1), info.name, row_len)
+    return flat.reshape(array.shape[:-1] + (row_bytes,))
+
+
+def dequantize(data: npt.ArrayLike, type: object, shape: Sequence[int]) -> npt.NDArray[np.float32]:
+    """Dequantize raw ggml ``type`` bytes into a float32 array of ``shape`` (numpy order), exactly as ggml's
+    ``dequantize_row_*`` does. ``data`` must hold exactly the bytes of that shape."""
+    info = type_info(type)
+    shape = tuple(int(d) for d in shape)
+    if not shape or any(d < 0 for d in shape):
+        raise ValueError(f"invalid shape {shape}")
+    if not info.can_dequantize:
+        raise ValueError(f"dequantizing {info.name} is not supported (supported: f32, f16, bf16, q8_0, q4_0)")
+    raw = np.ascontiguousarray(data)
+    if raw.dtype != np.uint8:
+        raw = raw.view(np.uint8) if raw.flags.c_contiguous else np.ascontiguousarray(raw).view(np.uint8)
+    raw = raw.reshape(-1)
+    row_len = shape[-1]
+    _check_row_length(row_len, info.name, info.block_size)
+    n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    expected = n_rows * (row_len // info.block_size) * info.type_size
+    if raw.size != expected:
+        raise ValueError(f"{info.name} data of shape {shape} takes {expected} bytes, got {raw.size}")
+    if expected == 0:
+        return np.zeros(shape, dtype=np.float32)
+    return _native.dequantize_rows(raw, info.name, row_len).reshape(shape)

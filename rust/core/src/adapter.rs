@@ -1,0 +1,360 @@
+//! The LoRA adapter model: pairs of low-rank factors, each patching one model tensor.
+//!
+//! Whatever the source (llama.cpp's GGUF adapter, the legacy ggla file, or arrays from the PEFT converter),
+//! every pair is normalised to `delta = left @ right` in numpy order, `left` (rows x rank) and `right`
+//! (rank x cols), where the model tensor is rows x cols (numpy shape; cols = ggml ne[0]). The scale is
+//! llama.cpp's `get_scale`: `alpha ? user_scale * alpha / rank : user_scale`.
+
+use std::path::Path;
+
+use crate::error::{Error, Malformed, Result};
+use crate::ggla::{gguf_target_name, GglaFile};
+use crate::gguf::{GgufFile, TensorInfo, Value};
+use crate::quant;
+use crate::types::GgmlType;
+
+/// One low-rank update of one model tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraPair {
+    /// Name of the model tensor it patches, e.g. `blk.0.attn_q.weight`.
+    pub target: String,
+    /// Rank r used in the scale `alpha / r` (llama.cpp: `lora_b.ne[0]`; ggla: the header's r).
+    pub scale_rank: usize,
+    /// Rows of the patched tensor (numpy shape[0]; ggml ne[1]).
+    pub rows: usize,
+    /// Columns of the patched tensor (numpy shape[1]; ggml ne[0]).
+    pub cols: usize,
+    /// Inner dimension of the product.
+    pub rank: usize,
+    /// rows x rank, row-major f32.
+    pub left: Vec<f32>,
+    /// rank x cols, row-major f32.
+    pub right: Vec<f32>,
+}
+
+/// A loaded LoRA adapter.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraAdapter {
+    /// Where it came from (file path or a description), for messages and the output's metadata.
+    pub source: String,
+    /// `general.architecture` of the adapter, when it says.
+    pub architecture: Option<String>,
+    /// LoRA alpha; 0 means absent (the user scale is then applied alone).
+    pub alpha: f32,
+    /// The pairs, in file order.
+    pub pairs: Vec<LoraPair>,
+    /// Tensors present in the file but ignored, as llama.cpp ignores them (1-D norm vectors).
+    pub skipped: Vec<String>,
+}
+
+impl LoraAdapter {
+    /// llama.cpp's scale for `pair` with the user's `scale`: `alpha ? scale * alpha / rank : scale`, in f32.
+    pub fn pair_scale(&self, pair: &LoraPair, user_scale: f32) -> f32 {
+        if self.alpha != 0.0 {
+            user_scale * self.alpha / pair.scale_rank as f32
+        } else {
+            user_scale
+        }
+    }
+
+    /// Loads an adapter file, GGUF (llama.cpp's LoRA format) or legacy ggla, by its magic.
+    pub fn open(path: impl AsRef<Path>) -> Result<LoraAdapter> {
+        let path = path.as_ref();
+        let mut magic = [0u8; 4];
+        {
+            use std::io::Read;
+            let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            let n = f.read(&mut magic).map_err(|e| Error::io(path, e))?;
+            if n < 4 {
+                return Err(Error::Malformed {
+                    format: "adapter",
+                    offset: 0,
+                    kind: Malformed::Truncated { what: "magic".into(), needed: 4, available: n as u64 },
+                }
+                .in_file(path));
+            }
+        }
+        if crate::ggla::is_ggla(&magic) {
+            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            from_ggla(&bytes, &path.display().to_string()).map_err(|e| e.in_file(path))
+        } else {
+            let file = GgufFile::open(path)?;
+            from_gguf(&file).map_err(|e| e.in_file(path))
+        }
+    }
+}
+
+fn adapter_error(kind: Malformed) -> Error {
+    Error::Malformed { format: "LoRA adapter", offset: 0, kind }
+}
+
+fn to_f32(ty: GgmlType, data: &[u8], dims: &[u64], name: &str) -> Result<Vec<f32>> {
+    let n: u64 = dims.iter().product();
+    let mut out = vec![0f32; n as usize];
+    quant::dequantize_rows(ty, data, dims[0] as usize, &mut out).map_err(|e| match e {
+        Error::UnsupportedType { ty, .. } => adapter_error(Malformed::Other(format!(
+            "tensor {name:?} has type {ty}; adapter tensors must be f32, f16, bf16 or q8_0"
+        ))),
+        other => other,
+    })?;
+    Ok(out)
+}
+
+/// Transposes a rows x cols row-major matrix.
+fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = m[r * cols + c];
+        }
+    }
+    out
+}
+
+/// Loads llama.cpp's GGUF LoRA adapter (`general.type = adapter`, `adapter.type = lora`).
+pub fn from_gguf(file: &GgufFile) -> Result<LoraAdapter> {
+    let header = file.header();
+    let text = |key: &str| header.get(key).and_then(Value::as_str).map(str::to_owned);
+    match text("general.type").as_deref() {
+        Some("adapter") => {}
+        other => {
+            return Err(adapter_error(Malformed::Other(format!(
+                "general.type is {other:?}, expected \"adapter\" (is this a model rather than a LoRA adapter?)"
+            ))))
+        }
+    }
+    match text("adapter.type").as_deref() {
+        Some("lora") => {}
+        other => {
+            return Err(adapter_error(Malformed::Other(format!("adapter.type is {other:?}, expected \"lora\""))))
+        }
+    }
+    let alpha = match header.get("adapter.lora.alpha") {
+        None => 0.0,
+        Some(Value::F32(a)) => *a,
+        Some(other) => {
+            return Err(adapter_error(Malformed::Other(format!(
+                "adapter.lora.alpha has type {}, expected FLOAT32",
+                other.value_type()
+            ))))
+        }
+    };
+    if !alpha.is_finite() {
+        return Err(adapter_error(Malformed::Other(format!("adapter.lora.alpha is {alpha}"))));
+    }
+
+    let mut halves: Vec<(String, Option<usize>, Option<usize>)> = Vec::new();
+    let mut skipped = Vec::new();
+    for (i, t) in file.tensors().iter().enumerate() {
+        let (base, is_a) = if let Some(b) = t.name.strip_suffix(".lora_a") {
+            (b, true)
+        } else if let Some(b) = t.name.strip_suffix(".lora_b") {
+            (b, false)
+        } else if t.dims.len() == 1 && t.name.contains("_norm") {
+            skipped.push(t.name.clone());
+            continue;
+        } else {
+            return Err(adapter_error(Malformed::Other(format!(
+                "tensor {:?} has an unexpected suffix (expected .lora_a or .lora_b)",
+                t.name
+            ))));
+        };
+        let slot = match halves.iter().position(|(n, _, _)| n == base) {
+            Some(p) => p,
+            None => {
+                halves.push((base.to_owned(), None, None));
+                halves.len() - 1
+            }
+        };
+        if is_a {
+            halves[slot].1 = Some(i);
+        } else {
+            halves[slot].2 = Some(i);
+        }
+    }
+
+    let mut pairs = Vec::with_capacity(halves.len());
+    for (target, a, b) in halves {
+        let (a, b) = match (a, b) {
+            (Some(a), Some(b)) => (a, b),
+            (Some(_), None) => {
+                return Err(adapter_error(Malformed::Other(format!("{target}.lora_a has no matching {target}.lora_b"))))
+            }
+            (None, _) => {
+                return Err(adapter_error(Malformed::Other(format!("{target}.lora_b has no matching {target}.lora_a"))))
+            }
+        };
+        let (ta, tb) = (&file.tensors()[a], &file.tensors()[b]);
+        let load = |i: usize, t: &TensorInfo| to_f32(t.ty, file.tensor_data(i), &t.dims, &t.name);
+        pairs.push(gguf_pair(&target, ta, tb, load(a, ta)?, load(b, tb)?)?);
+    }
+    Ok(LoraAdapter {
+        source: file.path().display().to_string(),
+        architecture: text("general.architecture"),
+        alpha,
+        pairs,
+        skipped,
+    })
+}
+
+fn two_dims(t: &TensorInfo) -> Result<(usize, usize)> {
+    match t.dims[..] {
+        [d0, d1] => Ok((d0 as usize, d1 as usize)),
+        [d0, d1, 1] | [d0, d1, 1, 1] => Ok((d0 as usize, d1 as usize)),
+        _ => Err(adapter_error(Malformed::Other(format!("tensor {:?} has dims {:?}, expected 2-D", t.name, t.dims)))),
+    }
+}
+
+/// Builds a pair from llama.cpp's layout: linear `lora_a` ne [n_in, r], `lora_b` ne [r, n_out]; token_embd
+/// (flipped, PR #11131) `lora_a` ne [r, n_vocab], `lora_b` ne [r, n_embd].
+fn gguf_pair(target: &str, ta: &TensorInfo, tb: &TensorInfo, a: Vec<f32>, b: Vec<f32>) -> Result<LoraPair> {
+    let (a0, a1) = two_dims(ta)?;
+    let (b0, b1) = two_dims(tb)?;
+    let rank_error = |ra: usize, rb: usize| {
+        adapter_error(Malformed::Other(format!(
+            "{target}: rank mismatch, lora_a dims {:?} give rank {ra}, lora_b dims {:?} give rank {rb}",
+            ta.dims, tb.dims
+        )))
+    };
+    if target.starts_with("token_embd") {
+        // delta (n_vocab x n_embd) = A_np (n_vocab x r) @ B_np^T (r x n_embd)
+        if a0 != b0 {
+            return Err(rank_error(a0, b0));
+        }
+        Ok(LoraPair {
+            target: target.to_owned(),
+            scale_rank: b0,
+            rows: a1,
+            cols: b1,
+            rank: a0,
+            left: a,
+            right: transpose(&b, b1, b0),
+        })
+    } else {
+        // delta (n_out x n_in) = B_np (n_out x r) @ A_np (r x n_in)
+        if a1 != b0 {
+            return Err(rank_error(a1, b0));
+        }
+        Ok(LoraPair { target: target.to_owned(), scale_rank: b0, rows: b1, cols: a0, rank: b0, left: b, right: a })
+    }
+}
+
+/// Loads a legacy ggla adapter from its bytes. Pairs are matched by the `.loraA` / `.loraB` suffixes and
+/// named by their GGUF targets. The product is applied as llama.cpp applied it (no q/k row permutation:
+/// the historical converter never permuted lora_B, FORMATS.md §3).
+pub fn from_ggla(bytes: &[u8], source: &str) -> Result<LoraAdapter> {
+    let file = GglaFile::parse(bytes)?;
+    let mut halves: Vec<(String, Option<usize>, Option<usize>)> = Vec::new();
+    let mut skipped = Vec::new();
+    for (i, t) in file.tensors.iter().enumerate() {
+        let (base, is_a) = match (t.name.strip_suffix(".loraA"), t.name.strip_suffix(".loraB")) {
+            (Some(b), _) => (b, true),
+            (_, Some(b)) => (b, false),
+            _ => {
+                return Err(adapter_error(Malformed::Other(format!(
+                    "ggla tensor {:?} has an unexpected suffix (expected .loraA or .loraB)",
+                    t.name
+                ))))
+            }
+        };
+        if t.dims.len() == 1 {
+            skipped.push(t.name.clone());
+            continue;
+        }
+        let target = gguf_target_name(base).ok_or_else(|| {
+            adapter_error(Malformed::Other(format!("ggla tensor {:?}: unknown tensor name {base:?}", t.name)))
+        })?;
+        let slot = match halves.iter().position(|(n, _, _)| *n == target) {
+            Some(p) => p,
+            None => {
+                halves.push((target, None, None));
+                halves.len() - 1
+            }
+        };
+        if is_a {
+            halves[slot].1 = Some(i);
+        } else {
+            halves[slot].2 = Some(i);
+        }
+    }
+    let mut pairs = Vec::with_capacity(halves.len());
+    for (target, a, b) in halves {
+        let (Some(a), Some(b)) = (a, b) else {
+            return Err(adapter_error(Malformed::Other(format!("{target}: loraA and loraB must both be present"))));
+        };
+        let (ta, tb) = (&file.tensors[a], &file.tensors[b]);
+        // loraA ne [r, n_in] (numpy n_in x r), loraB ne [r, n_out] (numpy n_out x r);
+        // llama.cpp: BA = mul_mat(loraA, loraB) → ne [n_in, n_out] = B_np @ A_np^T.
+        let (ra, n_in) = (ta.dims[0] as usize, ta.dims[1] as usize);
+        let (rb, n_out) = (tb.dims[0] as usize, tb.dims[1] as usize);
+        if ra != rb {
+            return Err(adapter_error(Malformed::Other(format!(
+                "{target}: rank mismatch, loraA dims {:?}, loraB dims {:?}",
+                ta.dims, tb.dims
+            ))));
+        }
+        let a_data = to_f32(ta.ty, &bytes[ta.data.clone()], &ta.dims, &ta.name)?;
+        let b_data = to_f32(tb.ty, &bytes[tb.data.clone()], &tb.dims, &tb.name)?;
+        pairs.push(LoraPair {
+            target,
+            scale_rank: file.rank as usize,
+            rows: n_out,
+            cols: n_in,
+            rank: ra,
+            left: b_data,
+            right: transpose(&a_data, n_in, ra),
+        });
+    }
+    Ok(LoraAdapter {
+        source: source.to_owned(),
+        architecture: None,
+        alpha: file.alpha as f32,
+        pairs,
+        skipped,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_follows_llama_cpp() {
+        let pair = LoraPair {
+            target: "t".into(),
+            scale_rank: 8,
+            rows: 1,
+            cols: 1,
+            rank: 8,
+            left: vec![],
+            right: vec![],
+        };
+        let mut adapter =
+            LoraAdapter { source: "x".into(), architecture: None, alpha: 16.0, pairs: vec![], skipped: vec![] };
+        assert_eq!(adapter.pair_scale(&pair, 1.0), 2.0);
+        assert_eq!(adapter.pair_scale(&pair, 0.5), 1.0);
+        adapter.alpha = 0.0;
+        assert_eq!(adapter.pair_scale(&pair, 0.5), 0.5);
+    }
+
+    #[test]
+    fn ggla_product_matches_llama_cpp_layout() {
+        // rank 1: loraA ne [1, 2] holds A^T = [1, 2]; loraB ne [1, 3] holds B = [1, 10, 100].
+        let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let bytes = crate::ggla::tests::ggla_bytes(
+            1,
+            2,
+            &[
+                ("layers.0.attention.wv.weight.loraA", &[1, 2], 0, f32s(&[1.0, 2.0])),
+                ("layers.0.attention.wv.weight.loraB", &[1, 3], 0, f32s(&[1.0, 10.0, 100.0])),
+            ],
+        );
+        let adapter = from_ggla(&bytes, "mem").unwrap();
+        let p = &adapter.pairs[0];
+        assert_eq!(p.target, "blk.0.attn_v.weight");
+        assert_eq!((p.rows, p.cols, p.rank), (3, 2, 1));
+        assert_eq!(p.left, vec![1.0, 10.0, 100.0]);
+        assert_eq!(p.right, vec![1.0, 2.0]);
+        assert_eq!(adapter.pair_scale(p, 1.0), 2.0);
+    }
+}

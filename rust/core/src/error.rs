@@ -1,0 +1,385 @@
+//! The one error type of the core. Every failure has its own variant with the facts a user needs
+//! (what, where, expected vs found); the Python binding maps variants to exceptions in one place.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::types::GgmlType;
+
+
+/// Result alias used throughout the core.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the core.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system error on `path` (open, map, write, rename, ...).
+    #[error("{path}: {source}")]
+    Io {
+        /// The file the operation was about.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// An error that happened while handling `path`; `source` says what.
+    #[error("{path}: {source}")]
+    InFile {
+        /// The file being read or written.
+        path: PathBuf,
+        /// What went wrong.
+        source: Box<Error>,
+    },
+
+    /// A file's bytes break the format at byte `offset` (absolute, from the start of the file).
+    #[error("malformed {format} file at byte {offset}: {kind}")]
+    Malformed {
+        /// "GGUF", "ggla", ...
+        format: &'static str,
+        /// Absolute byte offset of the offending field.
+        offset: u64,
+        /// What is wrong.
+        kind: Malformed,
+    },
+
+    /// Quantization input holds NaN or ±inf, which ggml would turn into garbage blocks.
+    #[error("cannot quantize to {ty}: element {index} is {value} (non-finite input)")]
+    NonFinite {
+        /// Target type.
+        ty: GgmlType,
+        /// Flat element index of the first non-finite value.
+        index: usize,
+        /// The value itself.
+        value: f32,
+    },
+
+    /// A row length that is not a multiple of the type's block size.
+    #[error("row length {row_len} is not a multiple of the {ty} block size {block}")]
+    RowLength {
+        /// The type.
+        ty: GgmlType,
+        /// Elements per row.
+        row_len: usize,
+        /// The type's block size.
+        block: usize,
+    },
+
+    /// A buffer whose size does not fit the operation.
+    #[error("{what}: expected {expected} bytes/elements, found {found}")]
+    BufferSize {
+        /// Which buffer.
+        what: &'static str,
+        /// Required size.
+        expected: usize,
+        /// Actual size.
+        found: usize,
+    },
+
+    /// An operation this project does not implement for a type (e.g. quantizing to q6_k).
+    #[error("{op} is not supported for type {ty} (supported: f32, f16, bf16, q8_0, q4_0)")]
+    UnsupportedType {
+        /// "quantize" or "dequantize".
+        op: &'static str,
+        /// The type.
+        ty: GgmlType,
+    },
+
+    /// Metadata handed to the writer that a ggml reader would refuse.
+    #[error("metadata key {key:?}: {reason}")]
+    InvalidMetadata {
+        /// The key.
+        key: String,
+        /// Why it cannot be written.
+        reason: String,
+    },
+
+    /// A tensor handed to the writer that a ggml reader would refuse, or whose data does not match its info.
+    #[error("tensor {name:?}: {reason}")]
+    InvalidTensor {
+        /// The tensor name.
+        name: String,
+        /// Why it cannot be written.
+        reason: String,
+    },
+
+    /// Inputs that do not belong together (architecture, shapes, missing tensors, types): a patch refused
+    /// before anything is written.
+    #[error("{0}")]
+    Incompatible(Incompatible),
+
+    /// An error while processing one tensor.
+    #[error("tensor {name:?}: {source}")]
+    InTensor {
+        /// The tensor.
+        name: String,
+        /// What went wrong.
+        source: Box<Error>,
+    },
+
+    /// The operation was cancelled (e.g. Ctrl-C from a progress callback); nothing was written.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+
+    /// The writer was driven out of order (e.g. data for tensor 2 before tensor 1 was complete).
+    #[error("GGUF writer used out of order: {0}")]
+    WriterState(String),
+}
+
+/// The ways a file can break its format. Each names the field and the values involved.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Malformed {
+    /// The first four bytes are not the format's magic.
+    #[error("bad magic {found:02x?}, expected {expected:?}")]
+    BadMagic {
+        /// The bytes found.
+        found: [u8; 4],
+        /// The magic expected, as text.
+        expected: &'static str,
+    },
+    /// The version field reads as a byte-swapped small number: the file was written big-endian.
+    #[error("the file is big-endian (version field {raw:#010x}); only little-endian GGUF is supported")]
+    BigEndian {
+        /// The raw little-endian reading of the version field.
+        raw: u32,
+    },
+    /// A version this reader does not support.
+    #[error("unsupported version {version} ({hint})")]
+    UnsupportedVersion {
+        /// The version found.
+        version: u32,
+        /// What is supported.
+        hint: &'static str,
+    },
+    /// The file ends before a field does.
+    #[error("file ends inside {what}: needs {needed} more bytes, {available} left")]
+    Truncated {
+        /// The field being read.
+        what: String,
+        /// Bytes the field needs.
+        needed: u64,
+        /// Bytes left in the file.
+        available: u64,
+    },
+    /// A count beyond what the file can hold or what ggml accepts.
+    #[error("{what} is {count}, more than the limit {limit}")]
+    TooMany {
+        /// What is counted.
+        what: String,
+        /// The count found.
+        count: u64,
+        /// The largest accepted.
+        limit: u64,
+    },
+    /// A key or tensor name that is not UTF-8.
+    #[error("{what} is not valid UTF-8")]
+    InvalidUtf8 {
+        /// Which string.
+        what: String,
+    },
+    /// A metadata key of length zero.
+    #[error("empty metadata key")]
+    EmptyKey,
+    /// A metadata key that appears twice.
+    #[error("duplicate metadata key {key:?}")]
+    DuplicateKey {
+        /// The key.
+        key: String,
+    },
+    /// A metadata value type id outside 0..=12.
+    #[error("unknown metadata value type {id} for key {key:?}")]
+    UnknownValueType {
+        /// The key.
+        key: String,
+        /// The id found.
+        id: u32,
+    },
+    /// A bool that is neither 0 nor 1.
+    #[error("bool value {value} for key {key:?} (must be 0 or 1)")]
+    InvalidBool {
+        /// The key.
+        key: String,
+        /// The byte found.
+        value: u8,
+    },
+    /// `general.alignment` with the wrong type or a value that is not a power of two.
+    #[error("general.alignment {reason}")]
+    BadAlignment {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A tensor with more than 4 dimensions or none.
+    #[error("tensor {name:?} has {n_dims} dimensions (1 to 4 allowed)")]
+    BadDimCount {
+        /// The tensor.
+        name: String,
+        /// Dimensions found.
+        n_dims: u32,
+    },
+    /// A tensor with a zero-sized dimension.
+    #[error("tensor {name:?} has dimension {index} of size 0")]
+    ZeroDim {
+        /// The tensor.
+        name: String,
+        /// Which dimension (ggml order).
+        index: usize,
+    },
+    /// A tensor whose element count or byte size overflows.
+    #[error("tensor {name:?} with dims {dims:?} is too large (element count overflows)")]
+    SizeOverflow {
+        /// The tensor.
+        name: String,
+        /// Its dims (ggml order).
+        dims: Vec<u64>,
+    },
+    /// A tensor type id that ggml does not define.
+    #[error("tensor {name:?} has unknown ggml type id {id}")]
+    UnknownTensorType {
+        /// The tensor.
+        name: String,
+        /// The id found.
+        id: u32,
+    },
+    /// A tensor whose row length is not a multiple of its type's block size.
+    #[error("tensor {name:?}: row length {row_len} is not a multiple of the {ty} block size {block}")]
+    RowNotBlockMultiple {
+        /// The tensor.
+        name: String,
+        /// Its type.
+        ty: GgmlType,
+        /// ne[0].
+        row_len: u64,
+        /// Block size of the type.
+        block: usize,
+    },
+    /// A tensor name of 64 bytes or more (`GGML_MAX_NAME`).
+    #[error("tensor name {name:?} is {len} bytes long (ggml allows at most 63)")]
+    NameTooLong {
+        /// The name.
+        name: String,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// Two tensors with the same name.
+    #[error("duplicate tensor name {name:?}")]
+    DuplicateTensor {
+        /// The name.
+        name: String,
+    },
+    /// A tensor whose data offset is not where ggml requires it (dense, in info order, each padded).
+    #[error("tensor {name:?} has data offset {found}, expected {expected} (tensors must be stored densely in order)")]
+    TensorOffset {
+        /// The tensor.
+        name: String,
+        /// Offset required by the layout.
+        expected: u64,
+        /// Offset in the file.
+        found: u64,
+    },
+    /// A tensor whose data runs past the end of the file.
+    #[error("tensor {name:?} data [{start}, {end}) lies beyond the end of the file ({file_len} bytes)")]
+    TensorOutOfFile {
+        /// The tensor.
+        name: String,
+        /// Absolute start of its data.
+        start: u64,
+        /// Absolute end of its data.
+        end: u64,
+        /// File length.
+        file_len: u64,
+    },
+    /// Anything else, described in words.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Error {
+    /// Attaches the file path to an error, unless it already names one.
+    pub fn in_file(self, path: impl Into<PathBuf>) -> Error {
+        match self {
+            Error::Io { .. } | Error::InFile { .. } => self,
+            other => Error::InFile { path: path.into(), source: Box::new(other) },
+        }
+    }
+
+    /// The innermost error, past any [`Error::InFile`] wrappers (used to choose a Python exception class).
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::InFile { source, .. } | Error::InTensor { source, .. } => source.root(),
+            other => other,
+        }
+    }
+
+    /// Shorthand for an I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: io::Error) -> Error {
+        Error::Io { path: path.into(), source }
+    }
+}
+
+/// Why a model, a base and adapters cannot be patched together. Each names the files and tensors involved.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Incompatible {
+    /// `general.architecture` differs between two inputs.
+    #[error("architecture mismatch: {model_file} is {model:?} but {other_file} is {other:?}")]
+    Architecture {
+        /// The model file.
+        model_file: String,
+        /// Its architecture.
+        model: String,
+        /// The other file (base or adapter).
+        other_file: String,
+        /// Its architecture.
+        other: String,
+    },
+    /// A tensor needed from a file is not in it.
+    #[error("{file} has no tensor {name:?} ({needed_by})")]
+    MissingTensor {
+        /// The file that lacks it.
+        file: String,
+        /// The tensor name.
+        name: String,
+        /// Why it is needed.
+        needed_by: String,
+    },
+    /// Two tensors that must have the same shape do not.
+    #[error("shape mismatch for {name:?}: {expected_what} is {expected:?} but {found_what} is {found:?} (numpy order)")]
+    Shape {
+        /// The tensor.
+        name: String,
+        /// What the expected shape comes from.
+        expected_what: String,
+        /// Expected shape.
+        expected: Vec<u64>,
+        /// What the found shape comes from.
+        found_what: String,
+        /// Found shape.
+        found: Vec<u64>,
+    },
+    /// Patched tensors whose output type this project cannot quantize.
+    #[error("cannot write patched tensors as {ty} (quantizing to {ty} is not supported): {tensors}; choose another output type, e.g. out_type=\"q8_0\" (CLI: --out-type q8_0)")]
+    CannotQuantize {
+        /// The type.
+        ty: GgmlType,
+        /// The tensor names, comma-separated.
+        tensors: String,
+    },
+    /// A patched tensor whose source type this project cannot dequantize.
+    #[error("cannot read tensor {name:?} of {file}: dequantizing {ty} is not supported; give a base model in f16/f32/bf16/q8_0/q4_0 (base=..., CLI: --lora-base)")]
+    CannotDequantize {
+        /// The file.
+        file: String,
+        /// The tensor.
+        name: String,
+        /// Its type.
+        ty: GgmlType,
+    },
+    /// The output path is one of the inputs.
+    #[error("refusing to write the output onto an input file: {path}")]
+    OutputIsInput {
+        /// The path.
+        path: String,
+    },
+    /// Anything else, in words.
+    #[error("{0}")]
+    Other(String),
+}

@@ -1,0 +1,19 @@
+//! ggml-lora-core: the pure-Rust core of ggml-lora (no PyO3 here).
+//!
+//! - [`types`]: ggml tensor types, block sizes.
+//! - [`quant`]: f32/f16/bf16/q8_0/q4_0 kernels, bit-exact with ggml's reference quantizers.
+//! - [`gguf`]: memory-mapped GGUF reader and streaming, atomic GGUF writer.
+//! - [`atomic`]: temporary-file-then-rename output files.
+#![deny(missing_docs)]
+
+pub mod adapter;
+pub mod atomic;
+pub mod error;
+pub mod ggla;
+pub mod gguf;
+pub mod patch;
+pub mod quant;
+pub mod types;
+
+pub use error::{Error, Malformed, Result};
+pub use types::GgmlType;

@@ -1,0 +1,603 @@
+//! The patch engine: merge LoRA adapters into a (quantized) GGUF model in one streaming pass.
+//!
+//! [`PatchPlan::new`] validates everything (architectures, names, shapes, types, output path) before a byte
+//! is written. [`PatchPlan::run`] then streams the model in tensor order: untouched tensors are copied by the
+//! kernel from the model file; patched tensors are processed chunk by chunk of rows (dequantize the source,
+//! add the scaled products, requantize; rows in parallel) while a writer thread writes the previous chunk.
+//! Memory stays bounded by a few chunks plus the adapters, whatever the model's size.
+
+mod compute;
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::time::Instant;
+
+pub use compute::{Sums, Term, ROW_GROUP};
+
+use crate::adapter::LoraAdapter;
+use crate::error::{Error, Incompatible, Result};
+use crate::gguf::{Array, GgufFile, GgufWriter, TensorSpec, Value, ValueType, WriteOptions};
+use crate::quant;
+use crate::types::GgmlType;
+
+/// Namespace of the metadata keys this project adds to its outputs.
+pub const METADATA_PREFIX: &str = "ggml_lora.";
+/// f32 values per chunk of rows (about 4 MiB of f32 work per chunk).
+const CHUNK_ELEMENTS: usize = 1 << 20;
+/// Chunks in flight between the compute and the writer thread.
+const PIPELINE_DEPTH: usize = 3;
+
+/// An adapter with the user's scale for it (llama.cpp's `--lora-scaled FILE SCALE`).
+pub struct AdapterInput {
+    /// The adapter.
+    pub adapter: LoraAdapter,
+    /// The user's scale (1.0 for `--lora`).
+    pub scale: f32,
+}
+
+/// Settings of a patch.
+#[derive(Clone, Debug, Default)]
+pub struct PatchOptions {
+    /// Type of every patched tensor; `None` keeps each tensor's type in the model.
+    pub out_type: Option<GgmlType>,
+    /// Round W' to this type (F16 or BF16) before quantizing, as the PEFT merge → convert → quantize pipeline
+    /// does; `None` quantizes from f32 (most accurate).
+    pub intermediate: Option<GgmlType>,
+    /// Worker threads; `None` uses all cores.
+    pub threads: Option<usize>,
+    /// fsync the output before renaming it into place.
+    pub sync: bool,
+    /// Metadata added to (or replacing in) the model's metadata, e.g. what was merged.
+    pub extra_metadata: Vec<(String, Value)>,
+}
+
+/// Progress of a running patch, reported after each tensor and each chunk of a patched tensor.
+#[derive(Clone, Debug)]
+pub struct Progress<'a> {
+    /// Tensors completed.
+    pub tensors_done: usize,
+    /// Tensors in the model.
+    pub tensors_total: usize,
+    /// The tensor being processed.
+    pub tensor: &'a str,
+    /// Output bytes produced so far.
+    pub bytes_done: u64,
+    /// Output bytes in all.
+    pub bytes_total: u64,
+}
+
+/// The quality of one patched tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorReport {
+    /// Tensor name.
+    pub name: String,
+    /// Its type in the model.
+    pub model_type: GgmlType,
+    /// Its type in the output.
+    pub out_type: GgmlType,
+    /// Whether its values came from the base file (`--lora-base`) rather than the model.
+    pub from_base: bool,
+    /// Number of adapters that patched it.
+    pub n_adapters: usize,
+    /// The raw sums (see [`Sums`]).
+    pub sums: Sums,
+}
+
+impl TensorReport {
+    /// ‖ΔW‖ / ‖W_src‖: how big the intended change is.
+    pub fn relative_change(&self) -> f64 {
+        ratio(self.sums.delta_sq.sqrt(), self.sums.src_sq.sqrt())
+    }
+
+    /// ⟨Q − W_model, ΔW⟩ / ‖ΔW‖²: the share of the intended change present in the output compared with the
+    /// model the user had (1 = all of it, 0 = lost in quantization noise).
+    pub fn retained(&self) -> f64 {
+        ratio(self.sums.vs_model_dot_delta, self.sums.delta_sq)
+    }
+
+    /// cos(Q − W_src, ΔW): whether what changed points the way the adapter wanted.
+    pub fn cosine(&self) -> f64 {
+        ratio(self.sums.applied_dot_delta, (self.sums.applied_sq * self.sums.delta_sq).sqrt())
+    }
+
+    /// ‖Q − W'‖ / ‖ΔW‖: the requantization error measured against the size of the change.
+    pub fn error_ratio(&self) -> f64 {
+        ratio(self.sums.error_sq.sqrt(), self.sums.delta_sq.sqrt())
+    }
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b == 0.0 {
+        if a == 0.0 {
+            0.0
+        } else {
+            f64::INFINITY
+        }
+    } else {
+        a / b
+    }
+}
+
+/// What a finished patch reports.
+#[derive(Clone, Debug)]
+pub struct PatchReport {
+    /// The output file.
+    pub out: PathBuf,
+    /// One entry per patched tensor, in file order.
+    pub tensors: Vec<TensorReport>,
+    /// Tensors copied untouched.
+    pub copied: usize,
+    /// Bytes of the output file.
+    pub bytes_written: u64,
+    /// Wall time of the run, in seconds.
+    pub seconds: f64,
+}
+
+struct PatchedTensor {
+    /// (adapter index, pair index) of every term.
+    terms: Vec<(usize, usize)>,
+    /// Index of the source tensor in the base (if any).
+    base_index: Option<usize>,
+}
+
+struct TensorPlan {
+    model_index: usize,
+    out_type: GgmlType,
+    patch: Option<PatchedTensor>,
+}
+
+/// A validated patch, ready to run.
+pub struct PatchPlan<'a> {
+    model: &'a GgufFile,
+    base: Option<&'a GgufFile>,
+    adapters: &'a [AdapterInput],
+    options: PatchOptions,
+    tensors: Vec<TensorPlan>,
+    metadata: Vec<(String, Value)>,
+}
+
+fn architecture(file: &GgufFile) -> Option<String> {
+    file.header().get("general.architecture").and_then(Value::as_str).map(str::to_owned)
+}
+
+fn incompatible(i: Incompatible) -> Error {
+    Error::Incompatible(i)
+}
+
+/// The llama.cpp `general.file_type` (`enum llama_ftype`) of a file whose tensors are mostly `ty`.
+fn llama_file_type(ty: GgmlType) -> Option<u32> {
+    Some(match ty {
+        GgmlType::F32 => 0,
+        GgmlType::F16 => 1,
+        GgmlType::Q4_0 => 2,
+        GgmlType::Q4_1 => 3,
+        GgmlType::Q8_0 => 7,
+        GgmlType::Q5_0 => 8,
+        GgmlType::Q5_1 => 9,
+        GgmlType::BF16 => 32,
+        _ => return None,
+    })
+}
+
+impl<'a> PatchPlan<'a> {
+    /// Checks that `model`, `base` and `adapters` belong together and decides every tensor's fate.
+    pub fn new(
+        model: &'a GgufFile,
+        base: Option<&'a GgufFile>,
+        adapters: &'a [AdapterInput],
+        options: PatchOptions,
+    ) -> Result<PatchPlan<'a>> {
+        let model_name = model.path().display().to_string();
+        let model_arch = architecture(model);
+        let check_arch = |other: Option<String>, other_file: String| -> Result<()> {
+            match (&model_arch, other) {
+                (Some(m), Some(o)) if *m != o => Err(incompatible(Incompatible::Architecture {
+                    model_file: model_name.clone(),
+                    model: m.clone(),
+                    other_file,
+                    other: o,
+                })),
+                _ => Ok(()),
+            }
+        };
+        if let Some(base) = base {
+            check_arch(architecture(base), base.path().display().to_string())?;
+        }
+        for input in adapters {
+            check_arch(input.adapter.architecture.clone(), input.adapter.source.clone())?;
+            if !input.scale.is_finite() {
+                return Err(incompatible(Incompatible::Other(format!(
+                    "scale {} for adapter {} is not finite",
+                    input.scale, input.adapter.source
+                ))));
+            }
+        }
+        if let Some(t) = options.intermediate {
+            if !matches!(t, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+                return Err(incompatible(Incompatible::Other(format!(
+                    "intermediate type must be f32, f16 or bf16, not {t}"
+                ))));
+            }
+        }
+
+        let mut tensors: Vec<TensorPlan> = model
+            .tensors()
+            .iter()
+            .enumerate()
+            .map(|(i, t)| TensorPlan { model_index: i, out_type: t.ty, patch: None })
+            .collect();
+        for (a, input) in adapters.iter().enumerate() {
+            for (p, pair) in input.adapter.pairs.iter().enumerate() {
+                let Some((index, info)) = model.tensor(&pair.target) else {
+                    return Err(incompatible(Incompatible::MissingTensor {
+                        file: model_name.clone(),
+                        name: pair.target.clone(),
+                        needed_by: format!("targeted by adapter {}", input.adapter.source),
+                    }));
+                };
+                let shape = info.shape();
+                let rows_cols = (info.n_rows(), info.row_len());
+                if info.dims.len() < 2 || rows_cols != (pair.rows as u64, pair.cols as u64) {
+                    return Err(incompatible(Incompatible::Shape {
+                        name: pair.target.clone(),
+                        expected_what: format!("the LoRA product of adapter {} (rank {})", input.adapter.source, pair.rank),
+                        expected: vec![pair.rows as u64, pair.cols as u64],
+                        found_what: format!("the tensor in {model_name}"),
+                        found: shape,
+                    }));
+                }
+                tensors[index]
+                    .patch
+                    .get_or_insert_with(|| PatchedTensor { terms: Vec::new(), base_index: None })
+                    .terms
+                    .push((a, p));
+            }
+        }
+
+        let mut cannot_quantize: Vec<(GgmlType, String)> = Vec::new();
+        for plan in tensors.iter_mut() {
+            let info = &model.tensors()[plan.model_index];
+            let Some(patch) = plan.patch.as_mut() else { continue };
+            if let Some(base) = base {
+                let Some((bi, binfo)) = base.tensor(&info.name) else {
+                    return Err(incompatible(Incompatible::MissingTensor {
+                        file: base.path().display().to_string(),
+                        name: info.name.clone(),
+                        needed_by: "the base must hold every patched tensor".into(),
+                    }));
+                };
+                if binfo.dims != info.dims {
+                    return Err(incompatible(Incompatible::Shape {
+                        name: info.name.clone(),
+                        expected_what: format!("the tensor in {model_name}"),
+                        expected: info.shape(),
+                        found_what: format!("the tensor in base {}", base.path().display()),
+                        found: binfo.shape(),
+                    }));
+                }
+                if !quant::can_dequantize(binfo.ty) {
+                    return Err(incompatible(Incompatible::CannotDequantize {
+                        file: base.path().display().to_string(),
+                        name: info.name.clone(),
+                        ty: binfo.ty,
+                    }));
+                }
+                patch.base_index = Some(bi);
+            }
+            if !quant::can_dequantize(info.ty) {
+                // Without a base the model's values are the source; with one they feed the quality report.
+                return Err(incompatible(Incompatible::CannotDequantize {
+                    file: model_name.clone(),
+                    name: info.name.clone(),
+                    ty: info.ty,
+                }));
+            }
+            let out_type = options.out_type.unwrap_or(info.ty);
+            if !quant::can_quantize(out_type) {
+                cannot_quantize.push((out_type, info.name.clone()));
+            } else if out_type.row_bytes(info.row_len()).is_none() {
+                return Err(incompatible(Incompatible::Other(format!(
+                    "tensor {:?}: row length {} is not a multiple of the {out_type} block size {}",
+                    info.name,
+                    info.row_len(),
+                    out_type.block_size()
+                ))));
+            }
+            plan.out_type = out_type;
+        }
+        if let Some((ty, _)) = cannot_quantize.first() {
+            let ty = *ty;
+            let names: Vec<&str> =
+                cannot_quantize.iter().filter(|(t, _)| *t == ty).map(|(_, n)| n.as_str()).collect();
+            return Err(incompatible(Incompatible::CannotQuantize { ty, tensors: names.join(", ") }));
+        }
+
+        let metadata = Self::output_metadata(model, &tensors, &options);
+        Ok(PatchPlan { model, base, adapters, options, tensors, metadata })
+    }
+
+    fn output_metadata(model: &GgufFile, tensors: &[TensorPlan], options: &PatchOptions) -> Vec<(String, Value)> {
+        let mut metadata = model.header().metadata.clone();
+        if options.out_type.is_some() {
+            // llama.cpp guesses a file's type from its most common tensor type; keep general.file_type in step.
+            let mut counts: Vec<(GgmlType, usize)> = Vec::new();
+            for t in tensors.iter().filter(|t| model.tensors()[t.model_index].dims.len() >= 2) {
+                match counts.iter_mut().find(|(ty, _)| *ty == t.out_type) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((t.out_type, 1)),
+                }
+            }
+            let dominant = counts.iter().max_by_key(|(_, n)| *n).map(|(t, _)| *t);
+            if let Some(file_type) = dominant.and_then(llama_file_type) {
+                match metadata.iter_mut().find(|(k, _)| k == "general.file_type") {
+                    Some((_, v)) => *v = Value::U32(file_type),
+                    None => metadata.push(("general.file_type".into(), Value::U32(file_type))),
+                }
+            }
+        }
+        for (key, value) in &options.extra_metadata {
+            // A model patched before keeps its history: list values are appended to.
+            match metadata.iter_mut().find(|(k, _)| k == key) {
+                Some((_, Value::Array(old))) => {
+                    if let Value::Array(new) = value {
+                        if old.elem_type == new.elem_type {
+                            old.items.extend(new.items.iter().cloned());
+                            continue;
+                        }
+                    }
+                    *old = match value {
+                        Value::Array(a) => a.clone(),
+                        _ => Array { elem_type: ValueType::String, items: vec![] },
+                    };
+                }
+                Some((_, v)) => *v = value.clone(),
+                None => metadata.push((key.clone(), value.clone())),
+            }
+        }
+        metadata
+    }
+
+    /// Names of the tensors that will be patched, in file order.
+    pub fn patched_tensors(&self) -> Vec<&str> {
+        self.tensors
+            .iter()
+            .filter(|t| t.patch.is_some())
+            .map(|t| self.model.tensors()[t.model_index].name.as_str())
+            .collect()
+    }
+
+    /// The metadata the output will carry.
+    pub fn metadata(&self) -> &[(String, Value)] {
+        &self.metadata
+    }
+
+    fn check_output_path(&self, out: &Path) -> Result<()> {
+        let mut inputs: Vec<PathBuf> = vec![self.model.path().to_path_buf()];
+        inputs.extend(self.base.map(|b| b.path().to_path_buf()));
+        inputs.extend(self.adapters.iter().map(|a| PathBuf::from(&a.adapter.source)));
+        for input in inputs {
+            if same_file(&input, out) {
+                return Err(incompatible(Incompatible::OutputIsInput { path: out.display().to_string() }));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the patch, writing `out` atomically. `progress` is called after each tensor and chunk; an error
+    /// from it cancels the run (nothing is written).
+    pub fn run(&self, out: &Path, progress: &mut dyn FnMut(&Progress<'_>) -> Result<()>) -> Result<PatchReport> {
+        self.check_output_path(out)?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(self.options.threads.unwrap_or(0))
+            .build()
+            .map_err(|e| incompatible(Incompatible::Other(format!("cannot start worker threads: {e}"))))?;
+        self.run_in_pool(&pool, out, progress)
+    }
+
+    fn run_in_pool(&self, pool: &rayon::ThreadPool, out: &Path, progress: &mut dyn FnMut(&Progress<'_>) -> Result<()>) -> Result<PatchReport> {
+        let start = Instant::now();
+        let specs: Vec<TensorSpec> = self
+            .tensors
+            .iter()
+            .map(|t| {
+                let info = &self.model.tensors()[t.model_index];
+                TensorSpec { name: info.name.clone(), dims: info.dims.clone(), ty: t.out_type }
+            })
+            .collect();
+        let writer = GgufWriter::create(out, &self.metadata, specs, WriteOptions { sync: self.options.sync })?;
+        let sizes: Vec<u64> = writer.tensors().map(|(_, n)| n).collect();
+        let bytes_total: u64 = sizes.iter().sum();
+
+        let (to_writer, from_compute) = mpsc::sync_channel::<Message>(PIPELINE_DEPTH);
+        let (recycle_tx, recycle_rx) = mpsc::channel::<Vec<u8>>();
+        let model_file = self.model.file();
+        std::thread::scope(|scope| {
+            let writer_thread = scope.spawn(move || write_loop(writer, from_compute, recycle_tx, model_file));
+            let computed = self.compute_loop(pool, &to_writer, &recycle_rx, &sizes, bytes_total, progress);
+            let finish = match &computed {
+                Ok(_) => to_writer.send(Message::Finish).is_ok(),
+                Err(_) => false,
+            };
+            drop(to_writer);
+            let written = writer_thread.join().unwrap_or_else(|_| Err(Error::WriterState("writer thread panicked".into())));
+            match (computed, written) {
+                // The writer's own error explains a failed send best (e.g. disk full).
+                (_, Err(e)) if finish || matches!(e, Error::Io { .. }) => Err(e),
+                (Err(e), _) => Err(e),
+                (Ok(reports), Ok(Some(path))) => Ok(PatchReport {
+                    out: path,
+                    copied: self.tensors.len() - reports.len(),
+                    tensors: reports,
+                    bytes_written: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0),
+                    seconds: start.elapsed().as_secs_f64(),
+                }),
+                (Ok(_), _) => Err(Error::WriterState("writer stopped before the output was complete".into())),
+            }
+        })
+    }
+
+    fn compute_loop(
+        &self,
+        pool: &rayon::ThreadPool,
+        to_writer: &SyncSender<Message>,
+        recycled: &Receiver<Vec<u8>>,
+        sizes: &[u64],
+        bytes_total: u64,
+        progress: &mut dyn FnMut(&Progress<'_>) -> Result<()>,
+    ) -> Result<Vec<TensorReport>> {
+        let send = |m: Message| {
+            to_writer.send(m).map_err(|_| Error::WriterState("the writer stopped early".into()))
+        };
+        let mut reports = Vec::new();
+        let mut bytes_done = 0u64;
+        let n = self.tensors.len();
+        for (i, plan) in self.tensors.iter().enumerate() {
+            let info = &self.model.tensors()[plan.model_index];
+            match &plan.patch {
+                None => {
+                    let range = self.model.header().tensor_range(plan.model_index);
+                    send(Message::Copy { offset: range.start, len: range.end - range.start })?;
+                    bytes_done += sizes[i];
+                }
+                Some(patch) => {
+                    let sums = self
+                        .patch_tensor(pool, plan, patch, to_writer, recycled, &mut |rows_bytes| {
+                            bytes_done += rows_bytes;
+                            progress(&Progress {
+                                tensors_done: i,
+                                tensors_total: n,
+                                tensor: &info.name,
+                                bytes_done,
+                                bytes_total,
+                            })
+                        })
+                        .map_err(|e| Error::InTensor { name: info.name.clone(), source: Box::new(e) })?;
+                    reports.push(TensorReport {
+                        name: info.name.clone(),
+                        model_type: info.ty,
+                        out_type: plan.out_type,
+                        from_base: patch.base_index.is_some(),
+                        n_adapters: patch.terms.len(),
+                        sums,
+                    });
+                }
+            }
+            progress(&Progress { tensors_done: i + 1, tensors_total: n, tensor: &info.name, bytes_done, bytes_total })?;
+        }
+        Ok(reports)
+    }
+
+    fn patch_tensor(
+        &self,
+        pool: &rayon::ThreadPool,
+        plan: &TensorPlan,
+        patch: &PatchedTensor,
+        to_writer: &SyncSender<Message>,
+        recycled: &Receiver<Vec<u8>>,
+        on_chunk: &mut dyn FnMut(u64) -> Result<()>,
+    ) -> Result<Sums> {
+        let info = &self.model.tensors()[plan.model_index];
+        let (src_file, src_index) = match (self.base, patch.base_index) {
+            (Some(base), Some(bi)) => (base, bi),
+            _ => (self.model, plan.model_index),
+        };
+        let src_info = &src_file.tensors()[src_index];
+        let src = src_file.tensor_data(src_index);
+        let src_start = src_file.header().tensor_range(src_index).start as usize;
+        let model_data = self.model.tensor_data(plan.model_index);
+        let model_start = self.model.header().tensor_range(plan.model_index).start as usize;
+        let cols = info.row_len() as usize;
+        let rows = info.n_rows() as usize;
+        let src_row_bytes = src_info.ty.row_bytes(cols as u64).unwrap_or(0) as usize;
+        let model_row_bytes = info.ty.row_bytes(cols as u64).unwrap_or(0) as usize;
+        let out_row_bytes = plan.out_type.row_bytes(cols as u64).unwrap_or(0) as usize;
+        let terms: Vec<Term<'_>> = patch
+            .terms
+            .iter()
+            .map(|&(a, p)| {
+                let input = &self.adapters[a];
+                let pair = &input.adapter.pairs[p];
+                Term {
+                    left: &pair.left,
+                    right: &pair.right,
+                    rank: pair.rank,
+                    scale: input.adapter.pair_scale(pair, input.scale),
+                }
+            })
+            .collect();
+
+        let chunk_rows = (CHUNK_ELEMENTS / cols.max(1)).max(ROW_GROUP) / ROW_GROUP * ROW_GROUP;
+        let mut sums = Sums::default();
+        let mut row = 0;
+        while row < rows {
+            let n = chunk_rows.min(rows - row);
+            let mut out = recycled.try_recv().unwrap_or_default();
+            out.resize(n * out_row_bytes, 0);
+            let src_range = row * src_row_bytes..(row + n) * src_row_bytes;
+            let model_range = row * model_row_bytes..(row + n) * model_row_bytes;
+            let job = compute::ChunkJob {
+                src: &src[src_range.clone()],
+                src_ty: src_info.ty,
+                model: patch.base_index.map(|_| (&model_data[model_range.clone()], info.ty)),
+                first_row: row,
+                cols,
+                terms: &terms,
+                out_ty: plan.out_type,
+                intermediate: self.options.intermediate,
+            };
+            let chunk_sums = pool.install(|| compute::process_chunk(&job, &mut out))?;
+            sums = sums.add(chunk_sums);
+            let out_len = out.len() as u64;
+            to_writer.send(Message::Data(out)).map_err(|_| Error::WriterState("the writer stopped early".into()))?;
+            src_file.release_pages(src_start + src_range.start..src_start + src_range.end);
+            if patch.base_index.is_some() {
+                self.model.release_pages(model_start + model_range.start..model_start + model_range.end);
+            }
+            on_chunk(out_len)?;
+            row += n;
+        }
+        Ok(sums)
+    }
+}
+
+enum Message {
+    Data(Vec<u8>),
+    Copy { offset: u64, len: u64 },
+    Finish,
+}
+
+/// The writer thread: writes chunks in order, returns buffers for reuse, and commits on `Finish`. If the
+/// compute side stops without `Finish`, the writer is dropped and its temporary file removed.
+fn write_loop(
+    mut writer: GgufWriter,
+    messages: Receiver<Message>,
+    recycle: mpsc::Sender<Vec<u8>>,
+    model_file: &std::fs::File,
+) -> Result<Option<PathBuf>> {
+    for message in messages {
+        match message {
+            Message::Data(buf) => {
+                writer.write_data(&buf)?;
+                let _ = recycle.send(buf);
+            }
+            Message::Copy { offset, len } => writer.copy_from_file(model_file, offset, len)?,
+            Message::Finish => return writer.finish().map(Some),
+        }
+    }
+    Ok(None)
+}
+
+/// True when `a` and `b` name the same existing file (same device and inode), or the same path.
+fn same_file(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(ma), Ok(mb)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+            return ma.dev() == mb.dev() && ma.ino() == mb.ino();
+        }
+    }
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(ca), Ok(cb)) => ca == cb,
+        _ => false,
+    }
+}

@@ -1,0 +1,269 @@
+//! Explicit x86-64 SIMD kernels (AVX2, F16C), selected at run time. This is the only file of the crate's
+//! quantization code that uses `unsafe`.
+//!
+//! Each safe wrapper returns `None`/`false` when the CPU lacks the feature, so the caller falls back to the portable
+//! scalar code, which gives the same bytes (the unit tests compare the two on the same inputs). The kernels do
+//! exactly the C reference's f32 operations in the same order: a multiply and a separate add (never an FMA), the
+//! same division and reciprocal computed in scalar code per block.
+
+use std::arch::x86_64::*;
+
+use super::float::{f16_bits_to_f32, f32_to_f16_bits};
+use super::q4_0::{BlockQ4_0, QK4_0};
+use super::q8_0::{BlockQ8_0, QK8_0};
+
+fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2")
+}
+
+fn has_avx2_f16c() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")
+}
+
+/// q4_0 quantize of whole blocks with AVX2; `None` without AVX2. See [`BlockQ4_0::quantize`].
+pub(super) fn q4_0_quantize(src: &[f32], dst: &mut [u8]) -> Option<bool> {
+    if !has_avx2() {
+        return None;
+    }
+    assert!(src.len() % QK4_0 == 0 && dst.len() == src.len() / QK4_0 * 18, "q4_0 quantize: buffer sizes");
+    // SAFETY: AVX2 is available (checked above); the kernel only touches memory through in-bounds slice chunks.
+    Some(unsafe { q4_0_quantize_avx2(src, dst) })
+}
+
+/// q4_0 dequantize of whole blocks with AVX2; false without AVX2. See [`BlockQ4_0::dequantize`].
+pub(super) fn q4_0_dequantize(src: &[u8], dst: &mut [f32]) -> bool {
+    if !has_avx2() {
+        return false;
+    }
+    assert!(dst.len() % QK4_0 == 0 && src.len() == dst.len() / QK4_0 * 18, "q4_0 dequantize: buffer sizes");
+    // SAFETY: AVX2 is available (checked above); the kernel only touches memory through in-bounds slice chunks.
+    unsafe { q4_0_dequantize_avx2(src, dst) };
+    true
+}
+
+/// q8_0 quantize of whole blocks with AVX2; `None` without AVX2. See [`BlockQ8_0::quantize`].
+pub(super) fn q8_0_quantize(src: &[f32], dst: &mut [u8]) -> Option<bool> {
+    if !has_avx2() {
+        return None;
+    }
+    assert!(src.len() % QK8_0 == 0 && dst.len() == src.len() / QK8_0 * 34, "q8_0 quantize: buffer sizes");
+    // SAFETY: AVX2 is available (checked above); the kernel only touches memory through in-bounds slice chunks.
+    Some(unsafe { q8_0_quantize_avx2(src, dst) })
+}
+
+/// q8_0 dequantize of whole blocks with AVX2; false without AVX2. See [`BlockQ8_0::dequantize`].
+pub(super) fn q8_0_dequantize(src: &[u8], dst: &mut [f32]) -> bool {
+    if !has_avx2() {
+        return false;
+    }
+    assert!(dst.len() % QK8_0 == 0 && src.len() == dst.len() / QK8_0 * 34, "q8_0 dequantize: buffer sizes");
+    // SAFETY: AVX2 is available (checked above); the kernel only touches memory through in-bounds slice chunks.
+    unsafe { q8_0_dequantize_avx2(src, dst) };
+    true
+}
+
+/// f32 -> f16 (little-endian bytes) with F16C, round to nearest even; `None` without F16C/AVX2, else whether every
+/// input was finite (the output is then unspecified).
+pub(super) fn f32_to_f16_row(src: &[f32], dst: &mut [u8]) -> Option<bool> {
+    if !has_avx2_f16c() {
+        return None;
+    }
+    assert_eq!(dst.len(), src.len() * 2, "f16 quantize: buffer sizes");
+    // SAFETY: AVX2 and F16C are available (checked above); the kernel only touches memory through in-bounds
+    // slice chunks.
+    Some(unsafe { f32_to_f16_f16c(src, dst) })
+}
+
+/// f16 (little-endian bytes) -> f32 with F16C; false without F16C/AVX2.
+pub(super) fn f16_to_f32_row(src: &[u8], dst: &mut [f32]) -> bool {
+    if !has_avx2_f16c() {
+        return false;
+    }
+    assert_eq!(src.len(), dst.len() * 2, "f16 dequantize: buffer sizes");
+    // SAFETY: AVX2 and F16C are available (checked above); the kernel only touches memory through in-bounds
+    // slice chunks.
+    unsafe { f16_to_f32_f16c(src, dst) };
+    true
+}
+
+// ---- kernels: every pointer below comes from a slice chunk of exactly the length the loads/stores cover ----
+
+/// Loads the 32 floats of a block (4 unaligned loads).
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn load_block(x: &[f32]) -> [__m256; 4] {
+    debug_assert!(x.len() >= 32);
+    let p = x.as_ptr();
+    [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))]
+}
+
+/// `|x|` bit patterns of the 4 vectors, and their largest one across all 32 lanes (integer order equals float
+/// order for non-negative floats; inf/NaN patterns are the largest).
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn abs_bits_and_max(v: &[__m256; 4]) -> ([__m256i; 4], u32) {
+    let mask = _mm256_set1_epi32(0x7FFF_FFFF);
+    let a = [
+        _mm256_and_si256(_mm256_castps_si256(v[0]), mask),
+        _mm256_and_si256(_mm256_castps_si256(v[1]), mask),
+        _mm256_and_si256(_mm256_castps_si256(v[2]), mask),
+        _mm256_and_si256(_mm256_castps_si256(v[3]), mask),
+    ];
+    let m = _mm256_max_epi32(_mm256_max_epi32(a[0], a[1]), _mm256_max_epi32(a[2], a[3]));
+    let m = _mm_max_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256::<1>(m));
+    let m = _mm_max_epi32(m, _mm_shuffle_epi32::<0b01_00_11_10>(m));
+    let m = _mm_max_epi32(m, _mm_shuffle_epi32::<0b10_11_00_01>(m));
+    (a, _mm_cvtsi128_si32(m) as u32)
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn q4_0_quantize_avx2(src: &[f32], dst: &mut [u8]) -> bool {
+    let half8 = _mm256_set1_ps(8.5);
+    let fifteen = _mm256_set1_epi32(15);
+    for (x, y) in src.chunks_exact(QK4_0).zip(dst.chunks_exact_mut(18)) {
+        let v = load_block(x);
+        let (a, amax_bits) = abs_bits_and_max(&v);
+        if amax_bits >= 0x7F80_0000 {
+            return false;
+        }
+        // The first element whose magnitude is the maximum, sign kept; +0.0 when the block is all zeros (C starts
+        // from max = 0.0f and only replaces it on a strictly larger magnitude).
+        let max = if amax_bits == 0 {
+            0.0f32
+        } else {
+            let t = _mm256_set1_epi32(amax_bits as i32);
+            let mut mask = 0u32;
+            for (k, ak) in a.iter().enumerate() {
+                mask |= (_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(*ak, t))) as u32) << (8 * k);
+            }
+            x[mask.trailing_zeros() as usize]
+        };
+        let d = max / -8.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        if !id.is_finite() {
+            // Tiny block (see BlockQ4_0::quantize): leave it to the scalar definition.
+            let block = BlockQ4_0::quantize(x.try_into().expect("whole block"));
+            y.copy_from_slice(&block.to_bytes());
+            continue;
+        }
+        y[..2].copy_from_slice(&f32_to_f16_bits(d).to_le_bytes());
+        let idv = _mm256_set1_ps(id);
+        // x*id, then + 8.5: two roundings as in C (mul and add, never fused); truncate; min(15). Finite id keeps
+        // every value in [0, 16.5], so the int32 truncation equals C's (int8_t).
+        let q =
+            |k: usize| _mm256_min_epi32(_mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v[k], idv), half8)), fifteen);
+        let (q0, q1, q2, q3) = (q(0), q(1), q(2), q(3));
+        // Byte j = q[j] | q[j+16] << 4: elements 0..8 pair with 16..24, 8..16 with 24..32.
+        let r0 = _mm256_or_si256(q0, _mm256_slli_epi32::<4>(q2));
+        let r1 = _mm256_or_si256(q1, _mm256_slli_epi32::<4>(q3));
+        let w0 = _mm_packs_epi32(_mm256_castsi256_si128(r0), _mm256_extracti128_si256::<1>(r0));
+        let w1 = _mm_packs_epi32(_mm256_castsi256_si128(r1), _mm256_extracti128_si256::<1>(r1));
+        let bytes = _mm_packus_epi16(w0, w1);
+        _mm_storeu_si128(y[2..18].as_mut_ptr().cast(), bytes);
+    }
+    true
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn q8_0_quantize_avx2(src: &[f32], dst: &mut [u8]) -> bool {
+    // roundf(v) for |v| < 2^23 is trunc(v + copysign(0.5 - 2^-25, v)) with one f32 addition: the largest float
+    // below 0.5 rounds down, exact halves round away (see the tests, which compare against f32::round).
+    let almost_half = _mm256_set1_ps(f32::from_bits(0x3EFF_FFFF));
+    let sign = _mm256_set1_ps(-0.0);
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (x, y) in src.chunks_exact(QK8_0).zip(dst.chunks_exact_mut(34)) {
+        let v = load_block(x);
+        let (_, amax_bits) = abs_bits_and_max(&v);
+        if amax_bits >= 0x7F80_0000 {
+            return false;
+        }
+        let d = f32::from_bits(amax_bits) / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        if !id.is_finite() {
+            // Tiny block (see BlockQ8_0::quantize): leave it to the scalar definition.
+            let block = BlockQ8_0::quantize(x.try_into().expect("whole block"));
+            y.copy_from_slice(&block.to_bytes());
+            continue;
+        }
+        y[..2].copy_from_slice(&f32_to_f16_bits(d).to_le_bytes());
+        let idv = _mm256_set1_ps(id);
+        // |x*id| <= 127.00002 for finite id: the codes fit in int8 and the saturating packs never saturate.
+        let q = |k: usize| {
+            let p = _mm256_mul_ps(v[k], idv);
+            _mm256_cvttps_epi32(_mm256_add_ps(p, _mm256_or_ps(_mm256_and_ps(p, sign), almost_half)))
+        };
+        let (q0, q1, q2, q3) = (q(0), q(1), q(2), q(3));
+        // packs work per 128-bit lane: dword k of the result holds 4 codes of q(k%4), low half for k < 4.
+        let b = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
+        let b = _mm256_permutevar8x32_epi32(b, order);
+        _mm256_storeu_si256(y[2..34].as_mut_ptr().cast(), b);
+    }
+    true
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn q4_0_dequantize_avx2(src: &[u8], dst: &mut [f32]) {
+    let low = _mm_set1_epi8(0x0F);
+    let eight = _mm256_set1_epi32(8);
+    for (x, y) in src.chunks_exact(18).zip(dst.chunks_exact_mut(QK4_0)) {
+        let d = _mm256_set1_ps(f16_bits_to_f32(u16::from_le_bytes([x[0], x[1]])));
+        let qs = _mm_loadu_si128(x[2..18].as_ptr().cast());
+        let lo = _mm_and_si128(qs, low);
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), low);
+        // (q - 8) as f32 * d, 8 codes at a time.
+        let f = |b: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(b), eight)), d);
+        let p = y.as_mut_ptr();
+        _mm256_storeu_ps(p, f(lo));
+        _mm256_storeu_ps(p.add(8), f(_mm_srli_si128::<8>(lo)));
+        _mm256_storeu_ps(p.add(16), f(hi));
+        _mm256_storeu_ps(p.add(24), f(_mm_srli_si128::<8>(hi)));
+    }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn q8_0_dequantize_avx2(src: &[u8], dst: &mut [f32]) {
+    for (x, y) in src.chunks_exact(34).zip(dst.chunks_exact_mut(QK8_0)) {
+        let d = _mm256_set1_ps(f16_bits_to_f32(u16::from_le_bytes([x[0], x[1]])));
+        let qs = &x[2..34];
+        let p = y.as_mut_ptr();
+        for k in 0..4 {
+            let q = _mm_loadl_epi64(qs[8 * k..8 * k + 8].as_ptr().cast());
+            _mm256_storeu_ps(p.add(8 * k), _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d));
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f32_to_f16_f16c(src: &[f32], dst: &mut [u8]) -> bool {
+    let mask = _mm256_set1_epi32(0x7FFF_FFFF);
+    let mut acc = _mm256_setzero_si256();
+    let mut s = src.chunks_exact(8);
+    let mut d = dst.chunks_exact_mut(16);
+    for (x, y) in (&mut s).zip(&mut d) {
+        let v = _mm256_loadu_ps(x.as_ptr());
+        acc = _mm256_max_epi32(acc, _mm256_and_si256(_mm256_castps_si256(v), mask));
+        _mm_storeu_si128(y.as_mut_ptr().cast(), _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v));
+    }
+    let mut ok = true;
+    for (&x, y) in s.remainder().iter().zip(d.into_remainder().chunks_exact_mut(2)) {
+        ok &= x.is_finite();
+        y.copy_from_slice(&f32_to_f16_bits(x).to_le_bytes());
+    }
+    let limit = _mm256_set1_epi32(0x7F7F_FFFF);
+    ok && _mm256_movemask_epi8(_mm256_cmpgt_epi32(acc, limit)) == 0
+}
+
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f16_to_f32_f16c(src: &[u8], dst: &mut [f32]) {
+    let mut s = src.chunks_exact(32);
+    let mut d = dst.chunks_exact_mut(16);
+    for (x, y) in (&mut s).zip(&mut d) {
+        let h0 = _mm_loadu_si128(x[..16].as_ptr().cast());
+        let h1 = _mm_loadu_si128(x[16..].as_ptr().cast());
+        _mm256_storeu_ps(y[..8].as_mut_ptr(), _mm256_cvtph_ps(h0));
+        _mm256_storeu_ps(y[8..].as_mut_ptr(), _mm256_cvtph_ps(h1));
+    }
+    for (x, y) in s.remainder().chunks_exact(2).zip(d.into_remainder()) {
+        *y = f16_bits_to_f32(u16::from_le_bytes([x[0], x[1]]));
+    }
+}

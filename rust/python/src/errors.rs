@@ -1,0 +1,74 @@
+//! The one place where core errors become Python exceptions.
+//!
+//! - malformed files → `GGUFError` (a `ValueError`)
+//! - missing files → `FileNotFoundError`, other OS errors → `OSError` (with errno)
+//! - bad arguments (non-finite input, row length, unsupported type, invalid metadata/tensors) → `ValueError`
+//! - inputs that cannot be patched together → `PatchError` (a `ValueError`)
+//! - writer misuse, cancellation → `RuntimeError`
+
+use std::io::ErrorKind;
+
+use ggml_lora_core::Error;
+use pyo3::exceptions::{PyFileExistsError, PyFileNotFoundError, PyOSError, PyPermissionError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+
+pyo3::create_exception!(
+    ggml_lora,
+    GGUFError,
+    PyValueError,
+    "A GGUF (or other model/adapter) file is malformed. The message names the file, the byte offset and the problem."
+);
+
+pyo3::create_exception!(
+    ggml_lora,
+    PatchError,
+    PyValueError,
+    "A model, base and adapters that cannot be patched together (architecture, missing tensor, shape, type, \
+     output path). Raised before anything is written."
+);
+
+/// Adds the exception classes to the module.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("GGUFError", m.py().get_type::<GGUFError>())?;
+    m.add("PatchError", m.py().get_type::<PatchError>())?;
+    Ok(())
+}
+
+/// Converts a core error into the matching Python exception; the message is the error's full `Display`.
+pub fn to_py(err: Error) -> PyErr {
+    let message = err.to_string();
+    match err.root() {
+        Error::Io { source, .. } => {
+            let errno = source.raw_os_error().unwrap_or(0);
+            match source.kind() {
+                ErrorKind::NotFound => PyFileNotFoundError::new_err((errno, message)),
+                ErrorKind::PermissionDenied => PyPermissionError::new_err((errno, message)),
+                ErrorKind::AlreadyExists => PyFileExistsError::new_err((errno, message)),
+                _ => PyOSError::new_err((errno, message)),
+            }
+        }
+        Error::Malformed { .. } => GGUFError::new_err(message),
+        Error::Incompatible(_) => PatchError::new_err(message),
+        Error::WriterState(_) | Error::Cancelled(_) => PyRuntimeError::new_err(message),
+        Error::InFile { .. }
+        | Error::InTensor { .. }
+        | Error::NonFinite { .. }
+        | Error::RowLength { .. }
+        | Error::BufferSize { .. }
+        | Error::UnsupportedType { .. }
+        | Error::InvalidMetadata { .. }
+        | Error::InvalidTensor { .. } => PyValueError::new_err(message),
+    }
+}
+
+/// `.map_err(to_py)` in short.
+pub trait IntoPyResult<T> {
+    /// Converts the error, if any.
+    fn py_err(self) -> PyResult<T>;
+}
+
+impl<T> IntoPyResult<T> for Result<T, Error> {
+    fn py_err(self) -> PyResult<T> {
+        self.map_err(to_py)
+    }
+}

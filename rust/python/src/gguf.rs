@@ -1,0 +1,168 @@
+//! GGUF reading and writing for Python.
+
+use std::path::PathBuf;
+
+use ggml_lora_core::gguf::{GgufFile, GgufWriter, TensorSpec, Value, WriteOptions};
+use ggml_lora_core::{quant, GgmlType};
+use numpy::ndarray::ArrayView1;
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyIndexError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::errors::IntoPyResult;
+use crate::values::{element_type_name, value_from_py, value_to_py, value_type};
+
+/// Adds the GGUF functions and classes to the module.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<NativeGgufFile>()?;
+    m.add_function(wrap_pyfunction!(write_gguf, m)?)?;
+    Ok(())
+}
+
+/// Parses a ggml type name ("q4_0", "F16", ...).
+pub fn ggml_type(name: &str) -> PyResult<GgmlType> {
+    GgmlType::from_name(name).ok_or_else(|| PyValueError::new_err(format!("unknown ggml type {name:?}")))
+}
+
+/// An open, memory-mapped GGUF file.
+#[pyclass(name = "GgufFile", module = "ggml_lora._native", frozen)]
+pub struct NativeGgufFile {
+    file: GgufFile,
+}
+
+impl NativeGgufFile {
+    fn index(&self, index: usize) -> PyResult<usize> {
+        if index < self.file.tensors().len() {
+            Ok(index)
+        } else {
+            Err(PyIndexError::new_err(format!("tensor index {index} out of range")))
+        }
+    }
+}
+
+#[pymethods]
+impl NativeGgufFile {
+    /// Opens and validates `path` (the GIL is released while the header is parsed).
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let file = py.detach(|| GgufFile::open(&path)).py_err()?;
+        Ok(NativeGgufFile { file })
+    }
+
+    /// GGUF version (2 or 3).
+    #[getter]
+    fn version(&self) -> u32 {
+        self.file.header().version
+    }
+
+    /// Data alignment in bytes.
+    #[getter]
+    fn alignment(&self) -> u64 {
+        self.file.header().alignment
+    }
+
+    /// Absolute offset of the data section.
+    #[getter]
+    fn data_offset(&self) -> u64 {
+        self.file.header().data_offset
+    }
+
+    /// File size in bytes.
+    #[getter]
+    fn file_size(&self) -> usize {
+        self.file.bytes().len()
+    }
+
+    /// Metadata as `(key, type name, element type name or None, value)` tuples in file order.
+    #[allow(clippy::type_complexity)]
+    fn metadata<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<Vec<(&str, &'static str, Option<&'static str>, Bound<'py, PyAny>)>> {
+        self.file
+            .header()
+            .metadata
+            .iter()
+            .map(|(k, v)| Ok((k.as_str(), v.value_type().name(), element_type_name(v), value_to_py(py, v)?)))
+            .collect()
+    }
+
+    /// Tensor infos as `(name, dims in ggml order, type name, absolute data offset, nbytes)` in file order.
+    fn tensors(&self) -> Vec<(&str, Vec<u64>, &'static str, u64, u64)> {
+        let data_offset = self.file.header().data_offset;
+        self.file
+            .tensors()
+            .iter()
+            .map(|t| (t.name.as_str(), t.dims.clone(), t.ty.name(), data_offset + t.offset, t.nbytes))
+            .collect()
+    }
+
+    /// The raw bytes of tensor `index` as a read-only uint8 array viewing the memory map (no copy).
+    fn raw<'py>(slf: Bound<'py, Self>, index: usize) -> PyResult<Bound<'py, PyArray1<u8>>> {
+        let this = slf.get();
+        let index = this.index(index)?;
+        let view = ArrayView1::from(this.file.tensor_data(index));
+        // SAFETY: the view points into the read-only memory map owned by `slf`, which numpy keeps alive as the
+        // array's base object; the map is never remapped or unmapped while the object lives. The array is made
+        // non-writeable below, before Python can see it, because the pages are mapped read-only.
+        let array = unsafe { PyArray1::borrow_from_array(&view, slf.clone().into_any()) };
+        array.readwrite().make_nonwriteable();
+        Ok(array)
+    }
+
+    /// Tensor `index` dequantized to a flat float32 array (the GIL is released while converting).
+    fn to_numpy<'py>(&self, py: Python<'py>, index: usize) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let index = self.index(index)?;
+        let info = &self.file.tensors()[index];
+        let data = self.file.tensor_data(index);
+        let row_len = info.row_len() as usize;
+        let n = info.n_elements() as usize;
+        let ty = info.ty;
+        let values = py
+            .detach(|| {
+                let mut out = vec![0f32; n];
+                quant::dequantize_rows_par(ty, data, row_len, &mut out).map(|_| out)
+            })
+            .map_err(|e| e.in_file(self.file.path()))
+            .py_err()?;
+        Ok(PyArray1::from_vec(py, values))
+    }
+}
+
+/// Writes a GGUF file atomically. `metadata`: `(key, type name, element type name or None, value)`;
+/// `tensors`: `(name, dims in ggml order, type name, C-contiguous uint8 array of the exact data)`.
+#[pyfunction]
+#[pyo3(signature = (path, metadata, tensors, sync = true))]
+#[allow(clippy::type_complexity)]
+fn write_gguf(
+    py: Python<'_>,
+    path: PathBuf,
+    metadata: Vec<(String, String, Option<String>, Bound<'_, PyAny>)>,
+    tensors: Vec<(String, Vec<u64>, String, PyReadonlyArrayDyn<'_, u8>)>,
+    sync: bool,
+) -> PyResult<PathBuf> {
+    let mut values: Vec<(String, Value)> = Vec::with_capacity(metadata.len());
+    for (key, ty, elem, obj) in metadata {
+        let elem = elem.as_deref().map(value_type).transpose()?;
+        let value = value_from_py(&obj, value_type(&ty)?, elem)
+            .map_err(|e| PyValueError::new_err(format!("metadata key {key:?} ({ty}): {e}")))?;
+        values.push((key, value));
+    }
+    let mut specs = Vec::with_capacity(tensors.len());
+    let mut data: Vec<&[u8]> = Vec::with_capacity(tensors.len());
+    for (name, dims, ty, array) in &tensors {
+        specs.push(TensorSpec { name: name.clone(), dims: dims.clone(), ty: ggml_type(ty)? });
+        if !array.is_c_contiguous() {
+            return Err(PyValueError::new_err(format!("tensor {name:?}: data must be C-contiguous")));
+        }
+        data.push(array.as_slice().map_err(|e| PyValueError::new_err(format!("tensor {name:?}: {e}")))?);
+    }
+    py.detach(|| {
+        let mut writer = GgufWriter::create(&path, &values, specs.clone(), WriteOptions { sync })?;
+        for (spec, bytes) in specs.iter().zip(&data) {
+            writer.write_tensor(&spec.name, bytes)?;
+        }
+        writer.finish()
+    })
+    .py_err()
+}

@@ -1,0 +1,21 @@
+//! `ggml_lora._native`: the PyO3 binding of `ggml-lora-core`. No logic lives here: each function converts
+//! arguments, releases the GIL around the core call, and converts the result. Errors become Python
+//! exceptions in one place, [`errors`].
+#![deny(missing_docs)]
+
+mod errors;
+mod gguf;
+mod quant;
+mod values;
+
+use pyo3::prelude::*;
+
+/// The native module.
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    errors::register(m)?;
+    gguf::register(m)?;
+    quant::register(m)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
