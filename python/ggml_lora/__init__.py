@@ -12,13 +12,19 @@ Bit-exact ggml quantization of numpy arrays::
 
     q = ggml_lora.quantize(w, "q4_0")                # same bytes as llama-quantize
     w2 = ggml_lora.dequantize(q, "q4_0", w.shape)
+
+Merging a LoRA adapter into a quantized model (requantized from an f16 base)::
+
+    result = ggml_lora.patch("model-q4_0.gguf", "adapter.gguf", base="model-f16.gguf", out="merged-q4_0.gguf")
+    print(result.summary())
 """
 
 from __future__ import annotations
 
-from ._native import GGUFError, __version__
+from ._native import GGUFError, PatchError, __version__
 from ._types import GGML_QUANT_SIZES, GGML_TYPES, TypeInfo, type_info
 from .gguf import GGUFFile, GGUFValueType, MetadataValue, TensorInfo, open, write
+from .patch import PatchProgress, PatchResult, TensorQuality, load_adapter, patch
 from .quants import dequantize, quantize
 
 __all__ = [
@@ -28,11 +34,17 @@ __all__ = [
     "GGUFFile",
     "GGUFValueType",
     "MetadataValue",
+    "PatchError",
+    "PatchProgress",
+    "PatchResult",
     "TensorInfo",
+    "TensorQuality",
     "TypeInfo",
     "__version__",
     "dequantize",
+    "load_adapter",
     "open",
+    "patch",
     "quantize",
     "type_info",
     "write",

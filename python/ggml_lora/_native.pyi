@@ -1,7 +1,7 @@
 """Type stubs of the Rust extension ``ggml_lora._native`` (checked against it by the tests)."""
 
 from os import PathLike
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -10,6 +10,9 @@ __version__: str
 
 class GGUFError(ValueError):
     """A malformed GGUF (or other model/adapter) file; the message names the file, byte offset and problem."""
+
+class PatchError(ValueError):
+    """Inputs that cannot be patched together; raised before anything is written."""
 
 class GgufFile:
     def __init__(self, path: str | PathLike[str]) -> None: ...
@@ -35,3 +38,37 @@ def write_gguf(
 def quantize_rows(x: npt.NDArray[np.float32], type_name: str, row_len: int) -> npt.NDArray[np.uint8]: ...
 def dequantize_rows(data: npt.NDArray[np.uint8], type_name: str, row_len: int) -> npt.NDArray[np.float32]: ...
 def type_table() -> list[tuple[str, int, int, int, bool, bool]]: ...
+
+class Adapter:
+    @staticmethod
+    def open(path: str | PathLike[str]) -> Adapter: ...
+    @staticmethod
+    def from_tensors(
+        source: str,
+        architecture: str | None,
+        alpha: float,
+        tensors: list[tuple[str, list[int], str, npt.NDArray[np.uint8]]],
+    ) -> Adapter: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def architecture(self) -> str | None: ...
+    @property
+    def alpha(self) -> float: ...
+    @property
+    def skipped(self) -> list[str]: ...
+    def pairs(self) -> list[tuple[str, int, int, int, float]]: ...
+
+def patch(
+    model: str | PathLike[str],
+    adapters: list[tuple[Adapter, float]],
+    base: str | PathLike[str] | None,
+    out: str | PathLike[str],
+    *,
+    out_type: str | None = None,
+    intermediate: str | None = None,
+    threads: int | None = None,
+    sync: bool = True,
+    extra_metadata: list[tuple[str, str, str | None, Any]] = ...,
+    progress: Callable[[int, int, str, int, int], object] | None = None,
+) -> tuple[str, list[tuple[str, str, str, bool, int, float, float, float, float]], int, int, float]: ...

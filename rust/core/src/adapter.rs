@@ -69,7 +69,11 @@ impl LoraAdapter {
                 return Err(Error::Malformed {
                     format: "adapter",
                     offset: 0,
-                    kind: Malformed::Truncated { what: "magic".into(), needed: 4, available: n as u64 },
+                    kind: Malformed::Truncated {
+                        what: "magic".into(),
+                        needed: 4,
+                        available: n as u64,
+                    },
                 }
                 .in_file(path));
             }
@@ -85,7 +89,11 @@ impl LoraAdapter {
 }
 
 fn adapter_error(kind: Malformed) -> Error {
-    Error::Malformed { format: "LoRA adapter", offset: 0, kind }
+    Error::Malformed {
+        format: "LoRA adapter",
+        offset: 0,
+        kind,
+    }
 }
 
 fn to_f32(ty: GgmlType, data: &[u8], dims: &[u64], name: &str) -> Result<Vec<f32>> {
@@ -126,7 +134,9 @@ pub fn from_gguf(file: &GgufFile) -> Result<LoraAdapter> {
     match text("adapter.type").as_deref() {
         Some("lora") => {}
         other => {
-            return Err(adapter_error(Malformed::Other(format!("adapter.type is {other:?}, expected \"lora\""))))
+            return Err(adapter_error(Malformed::Other(format!(
+                "adapter.type is {other:?}, expected \"lora\""
+            ))))
         }
     }
     let alpha = match header.get("adapter.lora.alpha") {
@@ -139,13 +149,36 @@ pub fn from_gguf(file: &GgufFile) -> Result<LoraAdapter> {
             ))))
         }
     };
-    if !alpha.is_finite() {
-        return Err(adapter_error(Malformed::Other(format!("adapter.lora.alpha is {alpha}"))));
-    }
+    let tensors: Vec<(&TensorInfo, &[u8])> = file
+        .tensors()
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t, file.tensor_data(i)))
+        .collect();
+    from_tensors(
+        file.path().display().to_string(),
+        text("general.architecture"),
+        alpha,
+        &tensors,
+    )
+}
 
+/// Builds an adapter from tensors in llama.cpp's adapter layout and naming (`<target>.lora_a`,
+/// `<target>.lora_b`, 1-D `*_norm` tensors skipped), whatever file or converter they come from.
+pub fn from_tensors(
+    source: String,
+    architecture: Option<String>,
+    alpha: f32,
+    tensors: &[(&TensorInfo, &[u8])],
+) -> Result<LoraAdapter> {
+    if !alpha.is_finite() {
+        return Err(adapter_error(Malformed::Other(format!(
+            "adapter.lora.alpha is {alpha}"
+        ))));
+    }
     let mut halves: Vec<(String, Option<usize>, Option<usize>)> = Vec::new();
     let mut skipped = Vec::new();
-    for (i, t) in file.tensors().iter().enumerate() {
+    for (i, (t, _)) in tensors.iter().enumerate() {
         let (base, is_a) = if let Some(b) = t.name.strip_suffix(".lora_a") {
             (b, true)
         } else if let Some(b) = t.name.strip_suffix(".lora_b") {
@@ -178,19 +211,24 @@ pub fn from_gguf(file: &GgufFile) -> Result<LoraAdapter> {
         let (a, b) = match (a, b) {
             (Some(a), Some(b)) => (a, b),
             (Some(_), None) => {
-                return Err(adapter_error(Malformed::Other(format!("{target}.lora_a has no matching {target}.lora_b"))))
+                return Err(adapter_error(Malformed::Other(format!(
+                    "{target}.lora_a has no matching {target}.lora_b"
+                ))))
             }
             (None, _) => {
-                return Err(adapter_error(Malformed::Other(format!("{target}.lora_b has no matching {target}.lora_a"))))
+                return Err(adapter_error(Malformed::Other(format!(
+                    "{target}.lora_b has no matching {target}.lora_a"
+                ))))
             }
         };
-        let (ta, tb) = (&file.tensors()[a], &file.tensors()[b]);
-        let load = |i: usize, t: &TensorInfo| to_f32(t.ty, file.tensor_data(i), &t.dims, &t.name);
-        pairs.push(gguf_pair(&target, ta, tb, load(a, ta)?, load(b, tb)?)?);
+        let ((ta, da), (tb, db)) = (tensors[a], tensors[b]);
+        let a_values = to_f32(ta.ty, da, &ta.dims, &ta.name)?;
+        let b_values = to_f32(tb.ty, db, &tb.dims, &tb.name)?;
+        pairs.push(gguf_pair(&target, ta, tb, a_values, b_values)?);
     }
     Ok(LoraAdapter {
-        source: file.path().display().to_string(),
-        architecture: text("general.architecture"),
+        source,
+        architecture,
         alpha,
         pairs,
         skipped,
@@ -201,13 +239,22 @@ fn two_dims(t: &TensorInfo) -> Result<(usize, usize)> {
     match t.dims[..] {
         [d0, d1] => Ok((d0 as usize, d1 as usize)),
         [d0, d1, 1] | [d0, d1, 1, 1] => Ok((d0 as usize, d1 as usize)),
-        _ => Err(adapter_error(Malformed::Other(format!("tensor {:?} has dims {:?}, expected 2-D", t.name, t.dims)))),
+        _ => Err(adapter_error(Malformed::Other(format!(
+            "tensor {:?} has dims {:?}, expected 2-D",
+            t.name, t.dims
+        )))),
     }
 }
 
 /// Builds a pair from llama.cpp's layout: linear `lora_a` ne [n_in, r], `lora_b` ne [r, n_out]; token_embd
 /// (flipped, PR #11131) `lora_a` ne [r, n_vocab], `lora_b` ne [r, n_embd].
-fn gguf_pair(target: &str, ta: &TensorInfo, tb: &TensorInfo, a: Vec<f32>, b: Vec<f32>) -> Result<LoraPair> {
+fn gguf_pair(
+    target: &str,
+    ta: &TensorInfo,
+    tb: &TensorInfo,
+    a: Vec<f32>,
+    b: Vec<f32>,
+) -> Result<LoraPair> {
     let (a0, a1) = two_dims(ta)?;
     let (b0, b1) = two_dims(tb)?;
     let rank_error = |ra: usize, rb: usize| {
@@ -235,7 +282,15 @@ fn gguf_pair(target: &str, ta: &TensorInfo, tb: &TensorInfo, a: Vec<f32>, b: Vec
         if a1 != b0 {
             return Err(rank_error(a1, b0));
         }
-        Ok(LoraPair { target: target.to_owned(), scale_rank: b0, rows: b1, cols: a0, rank: b0, left: b, right: a })
+        Ok(LoraPair {
+            target: target.to_owned(),
+            scale_rank: b0,
+            rows: b1,
+            cols: a0,
+            rank: b0,
+            left: b,
+            right: a,
+        })
     }
 }
 
@@ -262,7 +317,10 @@ pub fn from_ggla(bytes: &[u8], source: &str) -> Result<LoraAdapter> {
             continue;
         }
         let target = gguf_target_name(base).ok_or_else(|| {
-            adapter_error(Malformed::Other(format!("ggla tensor {:?}: unknown tensor name {base:?}", t.name)))
+            adapter_error(Malformed::Other(format!(
+                "ggla tensor {:?}: unknown tensor name {base:?}",
+                t.name
+            )))
         })?;
         let slot = match halves.iter().position(|(n, _, _)| *n == target) {
             Some(p) => p,
@@ -280,7 +338,9 @@ pub fn from_ggla(bytes: &[u8], source: &str) -> Result<LoraAdapter> {
     let mut pairs = Vec::with_capacity(halves.len());
     for (target, a, b) in halves {
         let (Some(a), Some(b)) = (a, b) else {
-            return Err(adapter_error(Malformed::Other(format!("{target}: loraA and loraB must both be present"))));
+            return Err(adapter_error(Malformed::Other(format!(
+                "{target}: loraA and loraB must both be present"
+            ))));
         };
         let (ta, tb) = (&file.tensors[a], &file.tensors[b]);
         // loraA ne [r, n_in] (numpy n_in x r), loraB ne [r, n_out] (numpy n_out x r);
@@ -329,8 +389,13 @@ mod tests {
             left: vec![],
             right: vec![],
         };
-        let mut adapter =
-            LoraAdapter { source: "x".into(), architecture: None, alpha: 16.0, pairs: vec![], skipped: vec![] };
+        let mut adapter = LoraAdapter {
+            source: "x".into(),
+            architecture: None,
+            alpha: 16.0,
+            pairs: vec![],
+            skipped: vec![],
+        };
         assert_eq!(adapter.pair_scale(&pair, 1.0), 2.0);
         assert_eq!(adapter.pair_scale(&pair, 0.5), 1.0);
         adapter.alpha = 0.0;
@@ -345,8 +410,18 @@ mod tests {
             1,
             2,
             &[
-                ("layers.0.attention.wv.weight.loraA", &[1, 2], 0, f32s(&[1.0, 2.0])),
-                ("layers.0.attention.wv.weight.loraB", &[1, 3], 0, f32s(&[1.0, 10.0, 100.0])),
+                (
+                    "layers.0.attention.wv.weight.loraA",
+                    &[1, 2],
+                    0,
+                    f32s(&[1.0, 2.0]),
+                ),
+                (
+                    "layers.0.attention.wv.weight.loraB",
+                    &[1, 3],
+                    0,
+                    f32s(&[1.0, 10.0, 100.0]),
+                ),
             ],
         );
         let adapter = from_ggla(&bytes, "mem").unwrap();

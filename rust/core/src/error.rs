@@ -6,7 +6,6 @@ use std::path::PathBuf;
 
 use crate::types::GgmlType;
 
-
 /// Result alias used throughout the core.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -138,7 +137,9 @@ pub enum Malformed {
         expected: &'static str,
     },
     /// The version field reads as a byte-swapped small number: the file was written big-endian.
-    #[error("the file is big-endian (version field {raw:#010x}); only little-endian GGUF is supported")]
+    #[error(
+        "the file is big-endian (version field {raw:#010x}); only little-endian GGUF is supported"
+    )]
     BigEndian {
         /// The raw little-endian reading of the version field.
         raw: u32,
@@ -241,7 +242,9 @@ pub enum Malformed {
         id: u32,
     },
     /// A tensor whose row length is not a multiple of its type's block size.
-    #[error("tensor {name:?}: row length {row_len} is not a multiple of the {ty} block size {block}")]
+    #[error(
+        "tensor {name:?}: row length {row_len} is not a multiple of the {ty} block size {block}"
+    )]
     RowNotBlockMultiple {
         /// The tensor.
         name: String,
@@ -277,7 +280,9 @@ pub enum Malformed {
         found: u64,
     },
     /// A tensor whose data runs past the end of the file.
-    #[error("tensor {name:?} data [{start}, {end}) lies beyond the end of the file ({file_len} bytes)")]
+    #[error(
+        "tensor {name:?} data [{start}, {end}) lies beyond the end of the file ({file_len} bytes)"
+    )]
     TensorOutOfFile {
         /// The tensor.
         name: String,
@@ -298,7 +303,10 @@ impl Error {
     pub fn in_file(self, path: impl Into<PathBuf>) -> Error {
         match self {
             Error::Io { .. } | Error::InFile { .. } => self,
-            other => Error::InFile { path: path.into(), source: Box::new(other) },
+            other => Error::InFile {
+                path: path.into(),
+                source: Box::new(other),
+            },
         }
     }
 
@@ -312,7 +320,10 @@ impl Error {
 
     /// Shorthand for an I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: io::Error) -> Error {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 

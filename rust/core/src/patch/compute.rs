@@ -105,11 +105,19 @@ pub fn process_chunk(job: &ChunkJob<'_>, out: &mut [u8]) -> Result<Sums> {
     let src_row_bytes = job.src_ty.row_bytes(cols as u64).unwrap_or(0) as usize;
     let out_row_bytes = job.out_ty.row_bytes(cols as u64).unwrap_or(0) as usize;
     if src_row_bytes == 0 || out_row_bytes == 0 {
-        return Err(Error::RowLength { ty: job.out_ty, row_len: cols, block: job.out_ty.block_size() });
+        return Err(Error::RowLength {
+            ty: job.out_ty,
+            row_len: cols,
+            block: job.out_ty.block_size(),
+        });
     }
     let n_rows = job.src.len() / src_row_bytes;
     if out.len() != n_rows * out_row_bytes {
-        return Err(Error::BufferSize { what: "patch output chunk", expected: n_rows * out_row_bytes, found: out.len() });
+        return Err(Error::BufferSize {
+            what: "patch output chunk",
+            expected: n_rows * out_row_bytes,
+            found: out.len(),
+        });
     }
     out.par_chunks_mut(ROW_GROUP * out_row_bytes)
         .enumerate()
@@ -121,12 +129,23 @@ pub fn process_chunk(job: &ChunkJob<'_>, out: &mut [u8]) -> Result<Sums> {
         .try_reduce(Sums::default, |a, b| Ok(a.add(b)))
 }
 
-fn process_group(job: &ChunkJob<'_>, s: &mut Scratch, row0: usize, rows: usize, out: &mut [u8]) -> Result<Sums> {
+fn process_group(
+    job: &ChunkJob<'_>,
+    s: &mut Scratch,
+    row0: usize,
+    rows: usize,
+    out: &mut [u8],
+) -> Result<Sums> {
     let cols = job.cols;
     let n = rows * cols;
     let src_row_bytes = job.src_ty.row_bytes(cols as u64).unwrap_or(0) as usize;
     let src = resize(&mut s.src, n);
-    quant::dequantize_rows(job.src_ty, &job.src[row0 * src_row_bytes..(row0 + rows) * src_row_bytes], cols, src)?;
+    quant::dequantize_rows(
+        job.src_ty,
+        &job.src[row0 * src_row_bytes..(row0 + rows) * src_row_bytes],
+        cols,
+        src,
+    )?;
 
     // ΔW = Σ_t scale_t · (left_t @ right_t); W' = W_src + ΔW, summed term by term in f32 like llama.cpp
     // (each term: the rank-r product first, then the scale, then the add).
@@ -168,7 +187,11 @@ fn process_group(job: &ChunkJob<'_>, s: &mut Scratch, row0: usize, rows: usize, 
     let first_element = (job.first_row + row0) * cols;
     quant::quantize_rows(job.out_ty, patched, cols, out).map_err(|e| match e {
         // Report the element's index in the whole tensor, not in this group of rows.
-        Error::NonFinite { ty, index, value } => Error::NonFinite { ty, index: first_element + index, value },
+        Error::NonFinite { ty, index, value } => Error::NonFinite {
+            ty,
+            index: first_element + index,
+            value,
+        },
         other => other,
     })?;
     let requant = resize(&mut s.requant, n);
@@ -185,7 +208,12 @@ fn process_group(job: &ChunkJob<'_>, s: &mut Scratch, row0: usize, rows: usize, 
     };
     let mut sums = Sums::default();
     for i in 0..n {
-        let (w, d, q, m) = (src[i] as f64, delta[i] as f64, requant[i] as f64, model[i] as f64);
+        let (w, d, q, m) = (
+            src[i] as f64,
+            delta[i] as f64,
+            requant[i] as f64,
+            model[i] as f64,
+        );
         let applied = q - w;
         sums.delta_sq += d * d;
         sums.src_sq += w * w;

@@ -1,0 +1,253 @@
+"""Merging LoRA adapters into a GGUF model: ``ggml_lora.patch``.
+
+The work happens in the Rust engine in one streaming pass; this module turns the user's arguments into the
+engine's (adapter loading, PEFT directories converted in memory, output naming, provenance metadata) and its
+results into a :class:`PatchResult` with a per-tensor quality table.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence, Union
+
+import numpy as np
+
+from . import _native
+from .gguf import GGUFValueType, MetadataValue, PathLike, _typed
+
+AdapterSpec = Union[PathLike, "tuple[PathLike, float]", _native.Adapter, "tuple[_native.Adapter, float]"]
+
+#: Below this share of the intended change surviving requantization, a tensor's LoRA counts as lost.
+LOST_THRESHOLD = 0.5
+
+
+class PatchProgress(NamedTuple):
+    """Where a running patch is: tensors and output bytes done out of the totals."""
+
+    tensors_done: int
+    tensors_total: int
+    tensor: str
+    bytes_done: int
+    bytes_total: int
+
+
+@dataclass(frozen=True)
+class TensorQuality:
+    """How one patched tensor came out.
+
+    - ``relative_change``: ‖ΔW‖ / ‖W‖, the size of the intended change.
+    - ``retained``: ⟨Q − W_model, ΔW⟩ / ‖ΔW‖², the share of the change present in the output Q compared with
+      the model you had (1.0 = all of it; near 0 = lost in quantization noise).
+    - ``cosine``: cos(Q − W_src, ΔW), whether the change points where the adapter wanted.
+    - ``error_ratio``: ‖Q − W'‖ / ‖ΔW‖, requantization error relative to the change.
+    """
+
+    name: str
+    model_type: str
+    out_type: str
+    from_base: bool
+    n_adapters: int
+    relative_change: float
+    retained: float
+    cosine: float
+    error_ratio: float
+
+    @property
+    def lost(self) -> bool:
+        """True when most of the intended change did not survive requantization."""
+        return self.retained < LOST_THRESHOLD or self.cosine < LOST_THRESHOLD
+
+
+@dataclass
+class PatchResult:
+    """What :func:`patch` produced: the output path, a quality row per patched tensor, and figures."""
+
+    out: Path
+    tensors: list[TensorQuality]
+    copied: int
+    bytes_written: int
+    seconds: float
+    used_base: bool = False
+    suggestions: list[str] = field(default_factory=list)
+
+    @property
+    def lost(self) -> list[TensorQuality]:
+        """The tensors whose change was mostly lost."""
+        return [t for t in self.tensors if t.lost]
+
+    def table(self) -> str:
+        """The quality table as aligned text."""
+        header = ("tensor", "type", "change", "retained", "cos", "err/change")
+        rows = [
+            (
+                t.name,
+                t.out_type if t.out_type == t.model_type else f"{t.model_type}->{t.out_type}",
+                f"{t.relative_change:.2%}",
+                f"{t.retained:.1%}",
+                f"{t.cosine:.3f}",
+                f"{t.error_ratio:.2f}",
+            )
+            for t in self.tensors
+        ]
+        widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        """A few lines: what was written, how much of the LoRA survived, and what to do if it did not."""
+        n = len(self.tensors)
+        retained = np.array([t.retained for t in self.tensors]) if n else np.zeros(0)
+        lines = [
+            f"wrote {self.out} ({self.bytes_written / 2**20:.1f} MiB) in {self.seconds:.2f} s: "
+            f"{n} tensors patched, {self.copied} copied untouched"
+        ]
+        if n:
+            lines.append(
+                f"LoRA change retained after requantization: median {np.median(retained):.1%}, "
+                f"min {retained.min():.1%} ({self.tensors[int(retained.argmin())].name})"
+            )
+        lost = self.lost
+        if lost:
+            lines.append(
+                f"warning: most of the LoRA change was lost in {len(lost)} of {n} tensors "
+                f"(e.g. {lost[0].name}: {lost[0].retained:.1%} retained, cos {lost[0].cosine:.2f})"
+            )
+            lines += [f"  suggestion: {s}" for s in self.suggestions]
+        return "\n".join(lines)
+
+
+def load_adapter(adapter: PathLike | _native.Adapter, *, model: PathLike | None = None) -> _native.Adapter:
+    """Load a LoRA adapter: a llama.cpp GGUF adapter, a legacy ggla file, or a PEFT directory (converted in
+    memory; ``model`` supplies the architecture and naming)."""
+    if isinstance(adapter, _native.Adapter):
+        return adapter
+    path = Path(adapter)
+    if path.is_dir():
+        if model is None:
+            raise ValueError(f"{path}: converting a PEFT adapter directory needs the model it applies to")
+        from .convert import peft_to_lora
+
+        lora = peft_to_lora(path, base=model)
+        tensors = []
+        for name, array in lora.tensors.items():
+            data = np.ascontiguousarray(array, dtype=np.float32)
+            tensors.append((name, [int(d) for d in reversed(data.shape)], "f32", data.reshape(-1).view(np.uint8)))
+        return _native.Adapter.from_tensors(str(path), lora.architecture, float(lora.alpha), tensors)
+    return _native.Adapter.open(os.fspath(path))
+
+
+def _adapter_list(adapter: AdapterSpec | Sequence[AdapterSpec], scale: float) -> list[tuple[object, float]]:
+    if isinstance(adapter, (str, os.PathLike, _native.Adapter)):
+        return [(adapter, scale)]
+    if isinstance(adapter, tuple) and len(adapter) == 2 and isinstance(adapter[1], (int, float)):
+        return [(adapter[0], float(adapter[1]))]
+    items: list[tuple[object, float]] = []
+    for item in adapter:  # type: ignore[union-attr]
+        if isinstance(item, tuple):
+            if len(item) != 2:
+                raise ValueError(f"adapter entries are paths or (path, scale) pairs, got {item!r}")
+            items.append((item[0], float(item[1])))
+        else:
+            items.append((item, scale))
+    if not items:
+        raise ValueError("no adapter given")
+    return items
+
+
+def default_output_path(model: PathLike) -> Path:
+    """``<folder>/<model stem>-lora.gguf``, next to the model."""
+    model = Path(model)
+    return model.with_name(f"{model.stem}-lora.gguf")
+
+
+def _suggestions(result: PatchResult, base: PathLike | None, out_type: str | None) -> list[str]:
+    if not result.lost:
+        return []
+    tips = []
+    if base is None:
+        tips.append(
+            "give the unquantized model as base (Python: base='model-f16.gguf'; CLI: --lora-base model-f16.gguf): "
+            "patched tensors then start from full precision"
+        )
+    if all(t.out_type in ("q4_0", "q4_1", "q5_0", "q5_1") for t in result.lost) and out_type is None:
+        tips.append("write the patched tensors at higher precision (out_type='q8_0'; CLI: --out-type q8_0)")
+    if not tips:
+        tips.append("use a larger scale or a higher-precision output type (out_type='f16')")
+    return tips
+
+
+def patch(
+    model: PathLike,
+    adapter: AdapterSpec | Sequence[AdapterSpec],
+    base: PathLike | None = None,
+    out: PathLike | None = None,
+    *,
+    scale: float = 1.0,
+    threads: int | None = None,
+    out_type: str | None = None,
+    intermediate: str | None = None,
+    progress: Callable[[PatchProgress], object] | None = None,
+    sync: bool = True,
+) -> PatchResult:
+    """Merge LoRA adapters into a GGUF model and write one GGUF of the same quantization.
+
+    ``adapter``: a path (llama.cpp GGUF adapter, legacy ggla file, or PEFT directory), or a list of paths and
+    ``(path, scale)`` pairs; ``scale`` applies to entries without their own. Each tensor becomes
+    W' = W + Σ s·(B @ A) with llama.cpp's s = scale·alpha/rank (scale alone when alpha is 0).
+
+    ``base``: a higher-precision GGUF of the same model (llama.cpp's ``--lora-base``): patched tensors start
+    from it and are requantized to the model's type; all other tensors are copied from ``model`` byte for byte.
+    ``out_type`` overrides the type of every patched tensor ("q8_0", "f16", ...). ``intermediate="f16"``
+    rounds W' to f16 before quantizing, reproducing PEFT merge → convert_hf_to_gguf → llama-quantize exactly.
+    ``out`` defaults to ``<model stem>-lora.gguf`` next to the model; it appears only when complete and is never
+    one of the inputs. ``progress`` is called with a :class:`PatchProgress` as the work advances; an exception
+    from it (or Ctrl-C) cancels the patch and writes nothing.
+    """
+    entries = _adapter_list(adapter, scale)
+    loaded = [(load_adapter(a, model=model), s) for a, s in entries]
+    out_path = Path(out) if out is not None else default_output_path(model)
+
+    names = [Path(a.source).name for a, _ in loaded]
+    from . import __version__
+
+    extra = {
+        "ggml_lora.version": __version__,
+        "ggml_lora.adapters": MetadataValue(names, GGUFValueType.ARRAY, GGUFValueType.STRING),
+        "ggml_lora.adapter_scales": MetadataValue([s for _, s in loaded], GGUFValueType.ARRAY, GGUFValueType.FLOAT32),
+    }
+    if base is not None:
+        extra["ggml_lora.base"] = Path(base).name
+    if intermediate is not None:
+        extra["ggml_lora.intermediate"] = intermediate
+    callback = None
+    if progress is not None:
+        user_progress = progress
+
+        def callback(done: int, total: int, tensor: str, bytes_done: int, bytes_total: int) -> None:
+            user_progress(PatchProgress(done, total, tensor, bytes_done, bytes_total))
+
+    path, rows, copied, bytes_written, seconds = _native.patch(
+        os.fspath(model),
+        loaded,
+        os.fspath(base) if base is not None else None,
+        os.fspath(out_path),
+        out_type=out_type,
+        intermediate=intermediate,
+        threads=threads,
+        sync=sync,
+        extra_metadata=[_typed(k, v) for k, v in extra.items()],
+        progress=callback,
+    )
+    result = PatchResult(
+        out=Path(path),
+        tensors=[TensorQuality(*row) for row in rows],
+        copied=copied,
+        bytes_written=bytes_written,
+        seconds=seconds,
+        used_base=base is not None,
+    )
+    result.suggestions = _suggestions(result, base, out_type)
+    return result

@@ -1,0 +1,239 @@
+//! LoRA adapters and the patch engine for Python.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ggml_lora_core::adapter::{self, LoraAdapter};
+use ggml_lora_core::gguf::{tensor_nbytes, TensorInfo, Value};
+use ggml_lora_core::patch::{AdapterInput, PatchOptions, PatchPlan};
+use ggml_lora_core::{gguf::GgufFile, Error};
+use numpy::PyReadonlyArrayDyn;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::errors::IntoPyResult;
+use crate::gguf::ggml_type;
+use crate::values::{value_from_py, value_type};
+
+/// Adds the adapter class and the patch function to the module.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<NativeAdapter>()?;
+    m.add_function(wrap_pyfunction!(patch, m)?)?;
+    Ok(())
+}
+
+/// A loaded LoRA adapter (GGUF, ggla, or tensors from the PEFT converter).
+#[pyclass(name = "Adapter", module = "ggml_lora._native", frozen)]
+pub struct NativeAdapter {
+    inner: Arc<LoraAdapter>,
+}
+
+#[pymethods]
+impl NativeAdapter {
+    /// Loads a llama.cpp GGUF LoRA adapter or a legacy ggla file (chosen by its magic).
+    #[staticmethod]
+    fn open(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let inner = py.detach(|| LoraAdapter::open(&path)).py_err()?;
+        Ok(NativeAdapter {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Builds an adapter from `(name, dims in ggml order, type name, raw uint8 data)` tensors in llama.cpp's
+    /// adapter naming and layout.
+    #[staticmethod]
+    #[pyo3(signature = (source, architecture, alpha, tensors))]
+    fn from_tensors(
+        py: Python<'_>,
+        source: String,
+        architecture: Option<String>,
+        alpha: f32,
+        tensors: Vec<(String, Vec<u64>, String, PyReadonlyArrayDyn<'_, u8>)>,
+    ) -> PyResult<Self> {
+        let mut infos = Vec::with_capacity(tensors.len());
+        let mut data = Vec::with_capacity(tensors.len());
+        for (name, dims, ty, array) in &tensors {
+            let ty = ggml_type(ty)?;
+            let nbytes =
+                tensor_nbytes(name, dims, ty).map_err(|e| PyValueError::new_err(e.to_string()))?;
+            let bytes = array
+                .as_slice()
+                .map_err(|e| PyValueError::new_err(format!("tensor {name:?}: {e}")))?;
+            if bytes.len() as u64 != nbytes {
+                return Err(PyValueError::new_err(format!(
+                    "tensor {name:?}: {} bytes given, its dims and type need {nbytes}",
+                    bytes.len()
+                )));
+            }
+            infos.push(TensorInfo {
+                name: name.clone(),
+                dims: dims.clone(),
+                ty,
+                offset: 0,
+                nbytes,
+            });
+            data.push(bytes);
+        }
+        let inner = py
+            .detach(|| {
+                let refs: Vec<(&TensorInfo, &[u8])> =
+                    infos.iter().zip(data.iter().copied()).collect();
+                adapter::from_tensors(source, architecture, alpha, &refs)
+            })
+            .py_err()?;
+        Ok(NativeAdapter {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Where the adapter came from.
+    #[getter]
+    fn source(&self) -> &str {
+        &self.inner.source
+    }
+
+    /// `general.architecture` of the adapter, if it says.
+    #[getter]
+    fn architecture(&self) -> Option<&str> {
+        self.inner.architecture.as_deref()
+    }
+
+    /// LoRA alpha (0 = absent).
+    #[getter]
+    fn alpha(&self) -> f32 {
+        self.inner.alpha
+    }
+
+    /// Tensors ignored as llama.cpp ignores them (1-D norm vectors).
+    #[getter]
+    fn skipped(&self) -> Vec<String> {
+        self.inner.skipped.clone()
+    }
+
+    /// `(target tensor, rows, cols, rank, scale at user scale 1)` per pair.
+    fn pairs(&self) -> Vec<(String, usize, usize, usize, f32)> {
+        self.inner
+            .pairs
+            .iter()
+            .map(|p| {
+                (
+                    p.target.clone(),
+                    p.rows,
+                    p.cols,
+                    p.rank,
+                    self.inner.pair_scale(p, 1.0),
+                )
+            })
+            .collect()
+    }
+}
+
+type TensorRow = (
+    String,
+    &'static str,
+    &'static str,
+    bool,
+    usize,
+    f64,
+    f64,
+    f64,
+    f64,
+);
+
+/// Runs a patch; returns `(out path, per-tensor rows, tensors copied, bytes written, seconds)` where a row is
+/// `(name, model type, out type, from base, n adapters, relative change, retained, cosine, error ratio)`.
+#[pyfunction]
+#[pyo3(signature = (model, adapters, base, out, *, out_type = None, intermediate = None, threads = None,
+                    sync = true, extra_metadata = Vec::new(), progress = None))]
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn patch(
+    py: Python<'_>,
+    model: PathBuf,
+    adapters: Vec<(PyRef<'_, NativeAdapter>, f32)>,
+    base: Option<PathBuf>,
+    out: PathBuf,
+    out_type: Option<&str>,
+    intermediate: Option<&str>,
+    threads: Option<usize>,
+    sync: bool,
+    extra_metadata: Vec<(String, String, Option<String>, Bound<'_, PyAny>)>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<(PathBuf, Vec<TensorRow>, usize, u64, f64)> {
+    let mut metadata: Vec<(String, Value)> = Vec::with_capacity(extra_metadata.len());
+    for (key, ty, elem, obj) in extra_metadata {
+        let elem = elem.as_deref().map(value_type).transpose()?;
+        metadata.push((key, value_from_py(&obj, value_type(&ty)?, elem)?));
+    }
+    let options = PatchOptions {
+        out_type: out_type.map(ggml_type).transpose()?,
+        intermediate: intermediate.map(ggml_type).transpose()?,
+        threads,
+        sync,
+        extra_metadata: metadata,
+    };
+    let inputs: Vec<AdapterInput> = adapters
+        .iter()
+        .map(|(a, scale)| AdapterInput {
+            adapter: Arc::clone(&a.inner),
+            scale: *scale,
+        })
+        .collect();
+    let mut callback_error: Option<PyErr> = None;
+    let result = py.detach(|| {
+        let model = GgufFile::open(&model)?;
+        let base = base.as_ref().map(GgufFile::open).transpose()?;
+        let plan = PatchPlan::new(&model, base.as_ref(), &inputs, options)?;
+        let mut on_progress = |p: &ggml_lora_core::patch::Progress<'_>| -> Result<(), Error> {
+            Python::attach(|py| {
+                let outcome = py.check_signals().and_then(|_| match &progress {
+                    Some(cb) => cb
+                        .call1(
+                            py,
+                            (
+                                p.tensors_done,
+                                p.tensors_total,
+                                p.tensor,
+                                p.bytes_done,
+                                p.bytes_total,
+                            ),
+                        )
+                        .map(|_| ()),
+                    None => Ok(()),
+                });
+                outcome.map_err(|e| {
+                    callback_error = Some(e);
+                    Error::Cancelled("interrupted during the patch; no output was written".into())
+                })
+            })
+        };
+        plan.run(&out, &mut on_progress)
+    });
+    if let Some(err) = callback_error {
+        return Err(err);
+    }
+    let report = result.py_err()?;
+    let rows = report
+        .tensors
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                t.model_type.name(),
+                t.out_type.name(),
+                t.from_base,
+                t.n_adapters,
+                t.relative_change(),
+                t.retained(),
+                t.cosine(),
+                t.error_ratio(),
+            )
+        })
+        .collect();
+    Ok((
+        report.out,
+        rows,
+        report.copied,
+        report.bytes_written,
+        report.seconds,
+    ))
+}
