@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -34,6 +35,79 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ProgressBar:
+    """A one-line progress bar on a terminal (tensors, bytes, rate, ETA); silent elsewhere."""
+
+    def __init__(self, stream=None) -> None:  # type: ignore[no-untyped-def]
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start = time.monotonic()
+        self.last_draw = 0.0
+
+    def __call__(self, p) -> None:  # type: ignore[no-untyped-def]
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        finished = p.tensors_done == p.tensors_total
+        if now - self.last_draw < 0.1 and not finished:
+            return
+        self.last_draw = now
+        elapsed = max(now - self.start, 1e-9)
+        fraction = p.bytes_done / p.bytes_total if p.bytes_total else 1.0
+        rate = p.bytes_done / elapsed
+        eta = (p.bytes_total - p.bytes_done) / rate if rate > 0 else 0.0
+        width = 24
+        filled = int(width * fraction)
+        bar = "#" * filled + "." * (width - filled)
+        line = (
+            f"\r[{bar}] {p.tensors_done}/{p.tensors_total} tensors  {human_bytes(p.bytes_done)}/"
+            f"{human_bytes(p.bytes_total)}  {human_bytes(rate)}/s  ETA {eta:4.1f}s  {p.tensor[:40]:<40}"
+        )
+        self.stream.write(line)
+        if finished:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _parse_scaled(values: list[str]) -> tuple[str, float]:
+    """``--lora-scaled FILE:SCALE`` or llama.cpp's ``--lora-scaled FILE SCALE``."""
+    if len(values) == 2:
+        path, scale = values
+    elif len(values) == 1 and ":" in values[0]:
+        path, scale = values[0].rsplit(":", 1)
+    else:
+        raise ValueError(f"--lora-scaled expects ADAPTER:SCALE (or ADAPTER SCALE), got {' '.join(values)!r}")
+    try:
+        return path, float(scale)
+    except ValueError:
+        raise ValueError(f"--lora-scaled {' '.join(values)}: scale {scale!r} is not a number") from None
+
+
+def _cmd_patch(args: argparse.Namespace) -> int:
+    from .patch import patch
+
+    adapters: list[tuple[str, float]] = [(a, 1.0) for a in args.lora or []]
+    adapters += [_parse_scaled(v) for v in args.lora_scaled or []]
+    if not adapters:
+        raise ValueError("give at least one adapter with --lora ADAPTER or --lora-scaled ADAPTER:SCALE")
+    bar = _ProgressBar() if not args.quiet else None
+    result = patch(
+        args.model,
+        adapters,
+        base=args.lora_base,
+        out=args.output,
+        threads=args.threads,
+        out_type=args.out_type,
+        intermediate=args.intermediate,
+        progress=bar,
+    )
+    if args.table:
+        print(result.table())
+        print()
+    print(result.summary())
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .example import write_example_model
 
@@ -56,6 +130,31 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("file", help="GGUF file")
     info.add_argument("--max-items", type=int, default=8, help="array items shown per metadata value (default 8)")
     info.set_defaults(func=_cmd_info)
+
+    patch = sub.add_parser(
+        "patch",
+        help="merge LoRA adapters into a (quantized) GGUF model",
+        description="Merge LoRA adapters into a GGUF model, keeping its quantization. Patched tensors are "
+        "requantized bit-exactly as ggml would; untouched tensors are copied byte for byte. The output appears "
+        "only when complete.",
+    )
+    patch.add_argument("-m", "--model", required=True, help="the model to patch (GGUF, any quantization)")
+    patch.add_argument("--lora", action="append", metavar="ADAPTER",
+                       help="adapter (llama.cpp GGUF, legacy ggla, or PEFT directory), scale 1; repeatable")
+    patch.add_argument("--lora-scaled", action="append", nargs="+", metavar="ADAPTER:SCALE",
+                       help="adapter with a scale (ADAPTER:SCALE or ADAPTER SCALE); repeatable")
+    patch.add_argument("--lora-base", metavar="BASE",
+                       help="higher-precision GGUF of the same model (f16/f32/bf16): patched tensors start from it")
+    patch.add_argument("-o", "--output", metavar="OUT", help="output GGUF (default: <model>-lora.gguf beside the model)")
+    patch.add_argument("-t", "--threads", type=int, help="worker threads (default: all cores)")
+    patch.add_argument("--out-type", metavar="TYPE",
+                       help="type of every patched tensor (q4_0, q8_0, f16, bf16, f32; default: as in the model)")
+    patch.add_argument("--intermediate", choices=["f16", "bf16"],
+                       help="round W' to this type before quantizing, exactly like PEFT merge -> "
+                       "convert_hf_to_gguf -> llama-quantize (default: quantize from f32, most accurate)")
+    patch.add_argument("--table", action="store_true", help="print the per-tensor quality table")
+    patch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    patch.set_defaults(func=_cmd_patch)
 
     demo = sub.add_parser("demo", help="write a small built-in example model and show it")
     demo.add_argument("--dir", help="folder for the example files (default: a new temporary folder)")

@@ -28,23 +28,15 @@ fn time(iters: usize, mut f: impl FnMut()) -> f64 {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     // ROWS=n shrinks the matrix, e.g. to see in-cache compute speed apart from memory bandwidth.
-    let rows: usize = std::env::var("ROWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4096);
-    let iters: usize = std::env::var("ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(15);
+    let rows: usize = std::env::var("ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(4096);
+    let iters: usize = std::env::var("ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(15);
     // Weight-like data: a deterministic pseudo-random normal-ish distribution with a spread of magnitudes.
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let src: Vec<f32> = (0..rows * COLS)
         .map(|_| {
             let mut s = 0.0f32;
             for _ in 0..3 {
-                state = state
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
+                state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
                 s += (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
             }
             s * 0.05
@@ -54,17 +46,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let pool1 = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
     let pool2 = rayon::ThreadPoolBuilder::new().num_threads(2).build()?;
     println!("{rows}x{COLS} f32 ({mb:.1} MB), median of {iters} runs, MB/s of f32");
-    println!(
-        "{:<18} {:>10} {:>10} {:>8}",
-        "kernel", "1 thread", "2 threads", "scaling"
-    );
-    for ty in [
-        GgmlType::Q4_0,
-        GgmlType::Q8_0,
-        GgmlType::F16,
-        GgmlType::BF16,
-        GgmlType::F32,
-    ] {
+    println!("{:<18} {:>10} {:>10} {:>8}", "kernel", "1 thread", "2 threads", "scaling");
+    for ty in [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::F16, GgmlType::BF16, GgmlType::F32] {
         let bytes = rows * ty.row_bytes(COLS as u64).unwrap() as usize;
         let mut q = vec![0u8; bytes];
         quantize_rows_par(ty, &src, COLS, &mut q)?;
@@ -80,20 +63,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         if op == "quantize" {
                             quantize_rows_par(ty, black_box(&src), COLS, black_box(&mut q)).unwrap()
                         } else {
-                            dequantize_rows_par(ty, black_box(&q), COLS, black_box(&mut back))
-                                .unwrap()
+                            dequantize_rows_par(ty, black_box(&q), COLS, black_box(&mut back)).unwrap()
                         }
                     })
                 })
             };
             let t1 = run(&pool1);
             let t2 = run(&pool2);
-            println!(
-                "{name:<18} {:>10.0} {:>10.0} {:>7.2}x",
-                mb / t1,
-                mb / t2,
-                t1 / t2
-            );
+            println!("{name:<18} {:>10.0} {:>10.0} {:>7.2}x", mb / t1, mb / t2, t1 / t2);
         }
     }
     Ok(())

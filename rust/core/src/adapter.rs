@@ -69,11 +69,7 @@ impl LoraAdapter {
                 return Err(Error::Malformed {
                     format: "adapter",
                     offset: 0,
-                    kind: Malformed::Truncated {
-                        what: "magic".into(),
-                        needed: 4,
-                        available: n as u64,
-                    },
+                    kind: Malformed::Truncated { what: "magic".into(), needed: 4, available: n as u64 },
                 }
                 .in_file(path));
             }
@@ -89,11 +85,7 @@ impl LoraAdapter {
 }
 
 fn adapter_error(kind: Malformed) -> Error {
-    Error::Malformed {
-        format: "LoRA adapter",
-        offset: 0,
-        kind,
-    }
+    Error::Malformed { format: "LoRA adapter", offset: 0, kind }
 }
 
 fn to_f32(ty: GgmlType, data: &[u8], dims: &[u64], name: &str) -> Result<Vec<f32>> {
@@ -133,11 +125,7 @@ pub fn from_gguf(file: &GgufFile) -> Result<LoraAdapter> {
     }
     match text("adapter.type").as_deref() {
         Some("lora") => {}
-        other => {
-            return Err(adapter_error(Malformed::Other(format!(
-                "adapter.type is {other:?}, expected \"lora\""
-            ))))
-        }
+        other => return Err(adapter_error(Malformed::Other(format!("adapter.type is {other:?}, expected \"lora\"")))),
     }
     let alpha = match header.get("adapter.lora.alpha") {
         None => 0.0,
@@ -149,18 +137,9 @@ pub fn from_gguf(file: &GgufFile) -> Result<LoraAdapter> {
             ))))
         }
     };
-    let tensors: Vec<(&TensorInfo, &[u8])> = file
-        .tensors()
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t, file.tensor_data(i)))
-        .collect();
-    from_tensors(
-        file.path().display().to_string(),
-        text("general.architecture"),
-        alpha,
-        &tensors,
-    )
+    let tensors: Vec<(&TensorInfo, &[u8])> =
+        file.tensors().iter().enumerate().map(|(i, t)| (t, file.tensor_data(i))).collect();
+    from_tensors(file.path().display().to_string(), text("general.architecture"), alpha, &tensors)
 }
 
 /// Builds an adapter from tensors in llama.cpp's adapter layout and naming (`<target>.lora_a`,
@@ -172,9 +151,7 @@ pub fn from_tensors(
     tensors: &[(&TensorInfo, &[u8])],
 ) -> Result<LoraAdapter> {
     if !alpha.is_finite() {
-        return Err(adapter_error(Malformed::Other(format!(
-            "adapter.lora.alpha is {alpha}"
-        ))));
+        return Err(adapter_error(Malformed::Other(format!("adapter.lora.alpha is {alpha}"))));
     }
     let mut halves: Vec<(String, Option<usize>, Option<usize>)> = Vec::new();
     let mut skipped = Vec::new();
@@ -211,14 +188,10 @@ pub fn from_tensors(
         let (a, b) = match (a, b) {
             (Some(a), Some(b)) => (a, b),
             (Some(_), None) => {
-                return Err(adapter_error(Malformed::Other(format!(
-                    "{target}.lora_a has no matching {target}.lora_b"
-                ))))
+                return Err(adapter_error(Malformed::Other(format!("{target}.lora_a has no matching {target}.lora_b"))))
             }
             (None, _) => {
-                return Err(adapter_error(Malformed::Other(format!(
-                    "{target}.lora_b has no matching {target}.lora_a"
-                ))))
+                return Err(adapter_error(Malformed::Other(format!("{target}.lora_b has no matching {target}.lora_a"))))
             }
         };
         let ((ta, da), (tb, db)) = (tensors[a], tensors[b]);
@@ -226,35 +199,20 @@ pub fn from_tensors(
         let b_values = to_f32(tb.ty, db, &tb.dims, &tb.name)?;
         pairs.push(gguf_pair(&target, ta, tb, a_values, b_values)?);
     }
-    Ok(LoraAdapter {
-        source,
-        architecture,
-        alpha,
-        pairs,
-        skipped,
-    })
+    Ok(LoraAdapter { source, architecture, alpha, pairs, skipped })
 }
 
 fn two_dims(t: &TensorInfo) -> Result<(usize, usize)> {
     match t.dims[..] {
         [d0, d1] => Ok((d0 as usize, d1 as usize)),
         [d0, d1, 1] | [d0, d1, 1, 1] => Ok((d0 as usize, d1 as usize)),
-        _ => Err(adapter_error(Malformed::Other(format!(
-            "tensor {:?} has dims {:?}, expected 2-D",
-            t.name, t.dims
-        )))),
+        _ => Err(adapter_error(Malformed::Other(format!("tensor {:?} has dims {:?}, expected 2-D", t.name, t.dims)))),
     }
 }
 
 /// Builds a pair from llama.cpp's layout: linear `lora_a` ne [n_in, r], `lora_b` ne [r, n_out]; token_embd
 /// (flipped, PR #11131) `lora_a` ne [r, n_vocab], `lora_b` ne [r, n_embd].
-fn gguf_pair(
-    target: &str,
-    ta: &TensorInfo,
-    tb: &TensorInfo,
-    a: Vec<f32>,
-    b: Vec<f32>,
-) -> Result<LoraPair> {
+fn gguf_pair(target: &str, ta: &TensorInfo, tb: &TensorInfo, a: Vec<f32>, b: Vec<f32>) -> Result<LoraPair> {
     let (a0, a1) = two_dims(ta)?;
     let (b0, b1) = two_dims(tb)?;
     let rank_error = |ra: usize, rb: usize| {
@@ -282,15 +240,7 @@ fn gguf_pair(
         if a1 != b0 {
             return Err(rank_error(a1, b0));
         }
-        Ok(LoraPair {
-            target: target.to_owned(),
-            scale_rank: b0,
-            rows: b1,
-            cols: a0,
-            rank: b0,
-            left: b,
-            right: a,
-        })
+        Ok(LoraPair { target: target.to_owned(), scale_rank: b0, rows: b1, cols: a0, rank: b0, left: b, right: a })
     }
 }
 
@@ -317,10 +267,7 @@ pub fn from_ggla(bytes: &[u8], source: &str) -> Result<LoraAdapter> {
             continue;
         }
         let target = gguf_target_name(base).ok_or_else(|| {
-            adapter_error(Malformed::Other(format!(
-                "ggla tensor {:?}: unknown tensor name {base:?}",
-                t.name
-            )))
+            adapter_error(Malformed::Other(format!("ggla tensor {:?}: unknown tensor name {base:?}", t.name)))
         })?;
         let slot = match halves.iter().position(|(n, _, _)| *n == target) {
             Some(p) => p,
@@ -338,9 +285,7 @@ pub fn from_ggla(bytes: &[u8], source: &str) -> Result<LoraAdapter> {
     let mut pairs = Vec::with_capacity(halves.len());
     for (target, a, b) in halves {
         let (Some(a), Some(b)) = (a, b) else {
-            return Err(adapter_error(Malformed::Other(format!(
-                "{target}: loraA and loraB must both be present"
-            ))));
+            return Err(adapter_error(Malformed::Other(format!("{target}: loraA and loraB must both be present"))));
         };
         let (ta, tb) = (&file.tensors[a], &file.tensors[b]);
         // loraA ne [r, n_in] (numpy n_in x r), loraB ne [r, n_out] (numpy n_out x r);
@@ -365,13 +310,7 @@ pub fn from_ggla(bytes: &[u8], source: &str) -> Result<LoraAdapter> {
             right: transpose(&a_data, n_in, ra),
         });
     }
-    Ok(LoraAdapter {
-        source: source.to_owned(),
-        architecture: None,
-        alpha: file.alpha as f32,
-        pairs,
-        skipped,
-    })
+    Ok(LoraAdapter { source: source.to_owned(), architecture: None, alpha: file.alpha as f32, pairs, skipped })
 }
 
 #[cfg(test)]
@@ -380,22 +319,10 @@ mod tests {
 
     #[test]
     fn scale_follows_llama_cpp() {
-        let pair = LoraPair {
-            target: "t".into(),
-            scale_rank: 8,
-            rows: 1,
-            cols: 1,
-            rank: 8,
-            left: vec![],
-            right: vec![],
-        };
-        let mut adapter = LoraAdapter {
-            source: "x".into(),
-            architecture: None,
-            alpha: 16.0,
-            pairs: vec![],
-            skipped: vec![],
-        };
+        let pair =
+            LoraPair { target: "t".into(), scale_rank: 8, rows: 1, cols: 1, rank: 8, left: vec![], right: vec![] };
+        let mut adapter =
+            LoraAdapter { source: "x".into(), architecture: None, alpha: 16.0, pairs: vec![], skipped: vec![] };
         assert_eq!(adapter.pair_scale(&pair, 1.0), 2.0);
         assert_eq!(adapter.pair_scale(&pair, 0.5), 1.0);
         adapter.alpha = 0.0;
@@ -410,18 +337,8 @@ mod tests {
             1,
             2,
             &[
-                (
-                    "layers.0.attention.wv.weight.loraA",
-                    &[1, 2],
-                    0,
-                    f32s(&[1.0, 2.0]),
-                ),
-                (
-                    "layers.0.attention.wv.weight.loraB",
-                    &[1, 3],
-                    0,
-                    f32s(&[1.0, 10.0, 100.0]),
-                ),
+                ("layers.0.attention.wv.weight.loraA", &[1, 2], 0, f32s(&[1.0, 2.0])),
+                ("layers.0.attention.wv.weight.loraB", &[1, 3], 0, f32s(&[1.0, 10.0, 100.0])),
             ],
         );
         let adapter = from_ggla(&bytes, "mem").unwrap();

@@ -28,41 +28,21 @@ impl AtomicFile {
     /// Creates the temporary file next to `target`. Fails if the folder does not exist or is not writable.
     pub fn create(target: impl AsRef<Path>) -> Result<AtomicFile> {
         let target = target.as_ref().to_path_buf();
-        let file_name = target.file_name().ok_or_else(|| {
-            Error::io(
-                &target,
-                io::Error::new(io::ErrorKind::InvalidInput, "not a file path"),
-            )
-        })?;
+        let file_name = target
+            .file_name()
+            .ok_or_else(|| Error::io(&target, io::Error::new(io::ErrorKind::InvalidInput, "not a file path")))?;
         let dir = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
         if target.is_dir() {
-            return Err(Error::io(
-                &target,
-                io::Error::new(io::ErrorKind::IsADirectory, "output path is a directory"),
-            ));
+            return Err(Error::io(&target, io::Error::new(io::ErrorKind::IsADirectory, "output path is a directory")));
         }
         let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let temp_name = format!(
-            ".{}{}{}.{}",
-            file_name.to_string_lossy(),
-            TEMP_MARKER,
-            std::process::id(),
-            n
-        );
+        let temp_name = format!(".{}{}{}.{}", file_name.to_string_lossy(), TEMP_MARKER, std::process::id(), n);
         let temp = dir.join(temp_name);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&temp)
-            .map_err(|e| Error::io(&temp, e))?;
-        Ok(AtomicFile {
-            target,
-            temp,
-            file: Some(file),
-        })
+        let file = OpenOptions::new().write(true).create_new(true).open(&temp).map_err(|e| Error::io(&temp, e))?;
+        Ok(AtomicFile { target, temp, file: Some(file) })
     }
 
     /// The final path.
@@ -113,8 +93,7 @@ mod tests {
     use super::*;
 
     fn scratch_dir(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("ggml-lora-atomic-{name}-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("ggml-lora-atomic-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
@@ -148,12 +127,7 @@ mod tests {
 
     #[test]
     fn missing_folder_is_an_io_error_naming_the_path() {
-        let err = AtomicFile::create("/nonexistent-ggml-lora-dir/out.gguf")
-            .err()
-            .unwrap();
-        assert!(
-            err.to_string().contains("nonexistent-ggml-lora-dir"),
-            "{err}"
-        );
+        let err = AtomicFile::create("/nonexistent-ggml-lora-dir/out.gguf").err().unwrap();
+        assert!(err.to_string().contains("nonexistent-ggml-lora-dir"), "{err}");
     }
 }

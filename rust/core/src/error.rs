@@ -137,9 +137,7 @@ pub enum Malformed {
         expected: &'static str,
     },
     /// The version field reads as a byte-swapped small number: the file was written big-endian.
-    #[error(
-        "the file is big-endian (version field {raw:#010x}); only little-endian GGUF is supported"
-    )]
+    #[error("the file is big-endian (version field {raw:#010x}); only little-endian GGUF is supported")]
     BigEndian {
         /// The raw little-endian reading of the version field.
         raw: u32,
@@ -242,9 +240,7 @@ pub enum Malformed {
         id: u32,
     },
     /// A tensor whose row length is not a multiple of its type's block size.
-    #[error(
-        "tensor {name:?}: row length {row_len} is not a multiple of the {ty} block size {block}"
-    )]
+    #[error("tensor {name:?}: row length {row_len} is not a multiple of the {ty} block size {block}")]
     RowNotBlockMultiple {
         /// The tensor.
         name: String,
@@ -280,9 +276,7 @@ pub enum Malformed {
         found: u64,
     },
     /// A tensor whose data runs past the end of the file.
-    #[error(
-        "tensor {name:?} data [{start}, {end}) lies beyond the end of the file ({file_len} bytes)"
-    )]
+    #[error("tensor {name:?} data [{start}, {end}) lies beyond the end of the file ({file_len} bytes)")]
     TensorOutOfFile {
         /// The tensor.
         name: String,
@@ -303,10 +297,7 @@ impl Error {
     pub fn in_file(self, path: impl Into<PathBuf>) -> Error {
         match self {
             Error::Io { .. } | Error::InFile { .. } => self,
-            other => Error::InFile {
-                path: path.into(),
-                source: Box::new(other),
-            },
+            other => Error::InFile { path: path.into(), source: Box::new(other) },
         }
     }
 
@@ -320,10 +311,7 @@ impl Error {
 
     /// Shorthand for an I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: io::Error) -> Error {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 }
 
@@ -353,7 +341,9 @@ pub enum Incompatible {
         needed_by: String,
     },
     /// Two tensors that must have the same shape do not.
-    #[error("shape mismatch for {name:?}: {expected_what} is {expected:?} but {found_what} is {found:?} (numpy order)")]
+    #[error(
+        "shape mismatch for {name:?}: {expected_what} is {expected:?} but {found_what} is {found:?} (numpy order)"
+    )]
     Shape {
         /// The tensor.
         name: String,

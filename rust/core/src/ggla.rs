@@ -40,11 +40,7 @@ pub struct GglaFile {
 }
 
 fn malformed(offset: usize, kind: Malformed) -> Error {
-    Error::Malformed {
-        format: "ggla",
-        offset: offset as u64,
-        kind,
-    }
+    Error::Malformed { format: "ggla", offset: offset as u64, kind }
 }
 
 /// True when `bytes` starts with the ggla magic.
@@ -61,11 +57,7 @@ impl GglaFile {
             let field = bytes.get(*pos..end).ok_or_else(|| {
                 malformed(
                     *pos,
-                    Malformed::Truncated {
-                        what: what.to_owned(),
-                        needed: 4,
-                        available: (bytes.len() - *pos) as u64,
-                    },
+                    Malformed::Truncated { what: what.to_owned(), needed: 4, available: (bytes.len() - *pos) as u64 },
                 )
             })?;
             *pos = end;
@@ -75,30 +67,18 @@ impl GglaFile {
         if magic != GGLA_MAGIC {
             let mut found = [0u8; 4];
             found.copy_from_slice(&bytes[..4]);
-            return Err(malformed(
-                0,
-                Malformed::BadMagic {
-                    found,
-                    expected: "algg ('ggla')",
-                },
-            ));
+            return Err(malformed(0, Malformed::BadMagic { found, expected: "algg ('ggla')" }));
         }
         let version = read_i32(&mut pos, "version")?;
         if version != 1 {
             return Err(malformed(
                 4,
-                Malformed::UnsupportedVersion {
-                    version: version as u32,
-                    hint: "only ggla version 1 exists",
-                },
+                Malformed::UnsupportedVersion { version: version as u32, hint: "only ggla version 1 exists" },
             ));
         }
         let rank = read_i32(&mut pos, "lora rank")?;
         if rank <= 0 {
-            return Err(malformed(
-                8,
-                Malformed::Other(format!("LoRA rank {rank} in the header must be positive")),
-            ));
+            return Err(malformed(8, Malformed::Other(format!("LoRA rank {rank} in the header must be positive"))));
         }
         let alpha = read_i32(&mut pos, "lora alpha")?;
 
@@ -111,17 +91,13 @@ impl GglaFile {
             if !(1..=2).contains(&n_dims) {
                 return Err(malformed(
                     start,
-                    Malformed::Other(format!(
-                        "tensor at byte {start} has {n_dims} dimensions (1 or 2 allowed)"
-                    )),
+                    Malformed::Other(format!("tensor at byte {start} has {n_dims} dimensions (1 or 2 allowed)")),
                 ));
             }
             if name_len <= 0 || name_len as usize > MAX_NAME_LENGTH {
                 return Err(malformed(
                     start + 4,
-                    Malformed::Other(format!(
-                        "tensor name length {name_len} (1 to {MAX_NAME_LENGTH} allowed)"
-                    )),
+                    Malformed::Other(format!("tensor name length {name_len} (1 to {MAX_NAME_LENGTH} allowed)")),
                 ));
             }
             let ty = match ftype {
@@ -130,9 +106,7 @@ impl GglaFile {
                 other => {
                     return Err(malformed(
                         start + 8,
-                        Malformed::Other(format!(
-                            "tensor type {other} (ggla holds only 0 = f32 and 1 = f16)"
-                        )),
+                        Malformed::Other(format!("tensor type {other} (ggla holds only 0 = f32 and 1 = f16)")),
                     ))
                 }
             };
@@ -141,10 +115,7 @@ impl GglaFile {
                 let at = pos;
                 let d = read_i32(&mut pos, "tensor dimension")?;
                 if d <= 0 {
-                    return Err(malformed(
-                        at,
-                        Malformed::Other(format!("tensor dimension {j} is {d}")),
-                    ));
+                    return Err(malformed(at, Malformed::Other(format!("tensor dimension {j} is {d}"))));
                 }
                 dims.push(d as u64);
             }
@@ -159,14 +130,8 @@ impl GglaFile {
                     },
                 )
             })?;
-            let name = String::from_utf8(name_bytes.to_vec()).map_err(|_| {
-                malformed(
-                    name_at,
-                    Malformed::InvalidUtf8 {
-                        what: "tensor name".into(),
-                    },
-                )
-            })?;
+            let name = String::from_utf8(name_bytes.to_vec())
+                .map_err(|_| malformed(name_at, Malformed::InvalidUtf8 { what: "tensor name".into() }))?;
             pos += name_len as usize;
             pos = pos.div_ceil(32) * 32;
             let nbytes = dims.iter().product::<u64>() * ty.block_bytes() as u64;
@@ -174,11 +139,7 @@ impl GglaFile {
             if nbytes > available {
                 return Err(malformed(
                     pos.min(bytes.len()),
-                    Malformed::Truncated {
-                        what: format!("data of tensor {name:?}"),
-                        needed: nbytes,
-                        available,
-                    },
+                    Malformed::Truncated { what: format!("data of tensor {name:?}"), needed: nbytes, available },
                 ));
             }
             let data = pos..pos + nbytes as usize;
@@ -186,18 +147,9 @@ impl GglaFile {
             if tensors.iter().any(|t: &GglaTensor| t.name == name) {
                 return Err(malformed(name_at, Malformed::DuplicateTensor { name }));
             }
-            tensors.push(GglaTensor {
-                name,
-                dims,
-                ty,
-                data,
-            });
+            tensors.push(GglaTensor { name, dims, ty, data });
         }
-        Ok(GglaFile {
-            rank,
-            alpha,
-            tensors,
-        })
+        Ok(GglaFile { rank, alpha, tensors })
     }
 }
 
@@ -231,14 +183,9 @@ pub fn gguf_target_name(name: &str) -> Option<String> {
     if let Some((_, gguf)) = GLOBAL.iter().find(|(old, _)| *old == name) {
         return Some((*gguf).to_owned());
     }
-    name.starts_with("blk.")
-        .then(|| name.to_owned())
-        .or_else(|| {
-            ["token_embd.", "output.", "output_norm."]
-                .iter()
-                .any(|p| name.starts_with(p))
-                .then(|| name.to_owned())
-        })
+    name.starts_with("blk.").then(|| name.to_owned()).or_else(|| {
+        ["token_embd.", "output.", "output_norm."].iter().any(|p| name.starts_with(p)).then(|| name.to_owned())
+    })
 }
 
 #[cfg(test)]
@@ -246,11 +193,7 @@ pub(crate) mod tests {
     use super::*;
 
     /// Writes a ggla file the way convert-lora-to-ggml.py did.
-    pub(crate) fn ggla_bytes(
-        rank: i32,
-        alpha: i32,
-        tensors: &[(&str, &[i32], i32, Vec<u8>)],
-    ) -> Vec<u8> {
+    pub(crate) fn ggla_bytes(rank: i32, alpha: i32, tensors: &[(&str, &[i32], i32, Vec<u8>)]) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(b"algg");
         for v in [1, rank, alpha] {
@@ -276,12 +219,7 @@ pub(crate) mod tests {
             2,
             4,
             &[
-                (
-                    "layers.0.attention.wq.weight.loraA",
-                    &[2, 3],
-                    0,
-                    vec![0; 24],
-                ),
+                ("layers.0.attention.wq.weight.loraA", &[2, 3], 0, vec![0; 24]),
                 ("blk.0.attn_q.weight.loraB", &[2, 5], 1, vec![0; 20]),
             ],
         );
@@ -291,62 +229,34 @@ pub(crate) mod tests {
         assert_eq!(f.tensors[0].dims, vec![2, 3]);
         assert_eq!(f.tensors[1].ty, GgmlType::F16);
         assert_eq!(f.tensors[0].data.start % 32, 0);
-        assert_eq!(
-            gguf_target_name("layers.0.attention.wq.weight").as_deref(),
-            Some("blk.0.attn_q.weight")
-        );
-        assert_eq!(
-            gguf_target_name("layers.12.feed_forward.w2.weight").as_deref(),
-            Some("blk.12.ffn_down.weight")
-        );
-        assert_eq!(
-            gguf_target_name("blk.1.attn_v.weight").as_deref(),
-            Some("blk.1.attn_v.weight")
-        );
+        assert_eq!(gguf_target_name("layers.0.attention.wq.weight").as_deref(), Some("blk.0.attn_q.weight"));
+        assert_eq!(gguf_target_name("layers.12.feed_forward.w2.weight").as_deref(), Some("blk.12.ffn_down.weight"));
+        assert_eq!(gguf_target_name("blk.1.attn_v.weight").as_deref(), Some("blk.1.attn_v.weight"));
         assert_eq!(gguf_target_name("layers.x.attention.wq.weight"), None);
         assert_eq!(gguf_target_name("something.else"), None);
     }
 
     #[test]
     fn every_truncation_and_bad_field_is_an_error() {
-        let good = ggla_bytes(
-            2,
-            4,
-            &[("blk.0.attn_q.weight.loraA", &[2, 3], 0, vec![1; 24])],
-        );
+        let good = ggla_bytes(2, 4, &[("blk.0.attn_q.weight.loraA", &[2, 3], 0, vec![1; 24])]);
         for cut in 1..good.len() {
             // Cutting inside the padding still leaves a whole header; all other cuts must fail.
             if let Ok(f) = GglaFile::parse(&good[..cut]) {
-                assert!(
-                    f.tensors.is_empty() && cut == 16,
-                    "truncation at {cut} accepted"
-                );
+                assert!(f.tensors.is_empty() && cut == 16, "truncation at {cut} accepted");
             }
         }
         let mut bad_type = good.clone();
         bad_type[24..28].copy_from_slice(&7i32.to_le_bytes());
-        assert!(GglaFile::parse(&bad_type)
-            .unwrap_err()
-            .to_string()
-            .contains("type 7"));
+        assert!(GglaFile::parse(&bad_type).unwrap_err().to_string().contains("type 7"));
         let mut bad_dims = good.clone();
         bad_dims[16..20].copy_from_slice(&3i32.to_le_bytes());
-        assert!(GglaFile::parse(&bad_dims)
-            .unwrap_err()
-            .to_string()
-            .contains("3 dimensions"));
+        assert!(GglaFile::parse(&bad_dims).unwrap_err().to_string().contains("3 dimensions"));
         let mut huge_name = good.clone();
         huge_name[20..24].copy_from_slice(&i32::MAX.to_le_bytes());
-        assert!(GglaFile::parse(&huge_name)
-            .unwrap_err()
-            .to_string()
-            .contains("name length"));
+        assert!(GglaFile::parse(&huge_name).unwrap_err().to_string().contains("name length"));
         let mut bad_version = good;
         bad_version[4..8].copy_from_slice(&2i32.to_le_bytes());
         assert!(GglaFile::parse(&bad_version).is_err());
-        assert!(GglaFile::parse(b"GGUF\x03\0\0\0")
-            .unwrap_err()
-            .to_string()
-            .contains("bad magic"));
+        assert!(GglaFile::parse(b"GGUF\x03\0\0\0").unwrap_err().to_string().contains("bad magic"));
     }
 }

@@ -150,18 +150,9 @@ mod tests {
 
     #[test]
     fn sizes_of_the_types_this_project_quantizes() {
-        assert_eq!(
-            (GgmlType::Q4_0.block_size(), GgmlType::Q4_0.block_bytes()),
-            (32, 18)
-        );
-        assert_eq!(
-            (GgmlType::Q8_0.block_size(), GgmlType::Q8_0.block_bytes()),
-            (32, 34)
-        );
-        assert_eq!(
-            (GgmlType::Q6_K.block_size(), GgmlType::Q6_K.block_bytes()),
-            (256, 210)
-        );
+        assert_eq!((GgmlType::Q4_0.block_size(), GgmlType::Q4_0.block_bytes()), (32, 18));
+        assert_eq!((GgmlType::Q8_0.block_size(), GgmlType::Q8_0.block_bytes()), (32, 34));
+        assert_eq!((GgmlType::Q6_K.block_size(), GgmlType::Q6_K.block_bytes()), (256, 210));
         assert_eq!(GgmlType::Q4_0.row_bytes(64), Some(36));
         assert_eq!(GgmlType::Q4_0.row_bytes(48), None);
         assert_eq!(GgmlType::F16.row_bytes(3), Some(6));

@@ -7,11 +7,7 @@ use ggml_lora_core::{quant, GgmlType};
 
 fn fixtures() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures");
-    assert!(
-        dir.is_dir(),
-        "fixtures not found at {} (../shared must sit beside the repository)",
-        dir.display()
-    );
+    assert!(dir.is_dir(), "fixtures not found at {} (../shared must sit beside the repository)", dir.display());
     dir
 }
 
@@ -40,10 +36,7 @@ fn reads_every_fixture_model() {
     let mixed = open("llama-gqa/base-q4_0-mixed.gguf");
     assert_eq!(mixed.tensor("output.weight").unwrap().1.ty, GgmlType::Q6_K);
     assert_eq!(
-        open("llama-gqa/base-f16.gguf")
-            .header()
-            .get("general.architecture")
-            .and_then(Value::as_str),
+        open("llama-gqa/base-f16.gguf").header().get("general.architecture").and_then(Value::as_str),
         Some("llama")
     );
 }
@@ -53,11 +46,7 @@ fn reads_every_fixture_model() {
 fn requantizing_the_f16_model_reproduces_llama_quantize() {
     let f16 = open("llama-gqa/base-f16.gguf");
     let mut checked = 0;
-    for rel in [
-        "llama-gqa/base-q4_0.gguf",
-        "llama-gqa/base-q8_0.gguf",
-        "llama-gqa/base-q4_0-mixed.gguf",
-    ] {
+    for rel in ["llama-gqa/base-q4_0.gguf", "llama-gqa/base-q8_0.gguf", "llama-gqa/base-q4_0-mixed.gguf"] {
         let q = open(rel);
         for (i, t) in q.tensors().iter().enumerate() {
             if !matches!(t.ty, GgmlType::Q4_0 | GgmlType::Q8_0) {
@@ -83,30 +72,14 @@ fn copy_through_writer_preserves_everything() {
     let dir = std::env::temp_dir().join(format!("ggml-lora-fixture-copy-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("copy.gguf");
-    let specs: Vec<TensorSpec> = src
-        .tensors()
-        .iter()
-        .map(|t| TensorSpec {
-            name: t.name.clone(),
-            dims: t.dims.clone(),
-            ty: t.ty,
-        })
-        .collect();
-    let mut w = GgufWriter::create(
-        &out,
-        &src.header().metadata,
-        specs,
-        WriteOptions { sync: false },
-    )
-    .unwrap();
+    let specs: Vec<TensorSpec> =
+        src.tensors().iter().map(|t| TensorSpec { name: t.name.clone(), dims: t.dims.clone(), ty: t.ty }).collect();
+    let mut w = GgufWriter::create(&out, &src.header().metadata, specs, WriteOptions { sync: false }).unwrap();
     for (i, t) in src.tensors().iter().enumerate() {
         w.write_tensor(&t.name, src.tensor_data(i)).unwrap();
     }
     w.finish().unwrap();
     // Same header, same layout: the copy is byte-identical to llama.cpp's file.
-    assert!(
-        std::fs::read(&out).unwrap() == src.bytes(),
-        "copy differs from the source file"
-    );
+    assert!(std::fs::read(&out).unwrap() == src.bytes(), "copy differs from the source file");
     std::fs::remove_dir_all(&dir).unwrap();
 }

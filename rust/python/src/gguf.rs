@@ -21,8 +21,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 
 /// Parses a ggml type name ("q4_0", "F16", ...).
 pub fn ggml_type(name: &str) -> PyResult<GgmlType> {
-    GgmlType::from_name(name)
-        .ok_or_else(|| PyValueError::new_err(format!("unknown ggml type {name:?}")))
+    GgmlType::from_name(name).ok_or_else(|| PyValueError::new_err(format!("unknown ggml type {name:?}")))
 }
 
 /// An open, memory-mapped GGUF file.
@@ -36,9 +35,7 @@ impl NativeGgufFile {
         if index < self.file.tensors().len() {
             Ok(index)
         } else {
-            Err(PyIndexError::new_err(format!(
-                "tensor index {index} out of range"
-            )))
+            Err(PyIndexError::new_err(format!("tensor index {index} out of range")))
         }
     }
 }
@@ -86,14 +83,7 @@ impl NativeGgufFile {
             .header()
             .metadata
             .iter()
-            .map(|(k, v)| {
-                Ok((
-                    k.as_str(),
-                    v.value_type().name(),
-                    element_type_name(v),
-                    value_to_py(py, v)?,
-                ))
-            })
+            .map(|(k, v)| Ok((k.as_str(), v.value_type().name(), element_type_name(v), value_to_py(py, v)?)))
             .collect()
     }
 
@@ -103,15 +93,7 @@ impl NativeGgufFile {
         self.file
             .tensors()
             .iter()
-            .map(|t| {
-                (
-                    t.name.as_str(),
-                    t.dims.clone(),
-                    t.ty.name(),
-                    data_offset + t.offset,
-                    t.nbytes,
-                )
-            })
+            .map(|t| (t.name.as_str(), t.dims.clone(), t.ty.name(), data_offset + t.offset, t.nbytes))
             .collect()
     }
 
@@ -169,21 +151,11 @@ fn write_gguf(
     let mut specs = Vec::with_capacity(tensors.len());
     let mut data: Vec<&[u8]> = Vec::with_capacity(tensors.len());
     for (name, dims, ty, array) in &tensors {
-        specs.push(TensorSpec {
-            name: name.clone(),
-            dims: dims.clone(),
-            ty: ggml_type(ty)?,
-        });
+        specs.push(TensorSpec { name: name.clone(), dims: dims.clone(), ty: ggml_type(ty)? });
         if !array.is_c_contiguous() {
-            return Err(PyValueError::new_err(format!(
-                "tensor {name:?}: data must be C-contiguous"
-            )));
+            return Err(PyValueError::new_err(format!("tensor {name:?}: data must be C-contiguous")));
         }
-        data.push(
-            array
-                .as_slice()
-                .map_err(|e| PyValueError::new_err(format!("tensor {name:?}: {e}")))?,
-        );
+        data.push(array.as_slice().map_err(|e| PyValueError::new_err(format!("tensor {name:?}: {e}")))?);
     }
     py.detach(|| {
         let mut writer = GgufWriter::create(&path, &values, specs.clone(), WriteOptions { sync })?;

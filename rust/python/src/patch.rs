@@ -34,9 +34,7 @@ impl NativeAdapter {
     #[staticmethod]
     fn open(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
         let inner = py.detach(|| LoraAdapter::open(&path)).py_err()?;
-        Ok(NativeAdapter {
-            inner: Arc::new(inner),
-        })
+        Ok(NativeAdapter { inner: Arc::new(inner) })
     }
 
     /// Builds an adapter from `(name, dims in ggml order, type name, raw uint8 data)` tensors in llama.cpp's
@@ -54,36 +52,24 @@ impl NativeAdapter {
         let mut data = Vec::with_capacity(tensors.len());
         for (name, dims, ty, array) in &tensors {
             let ty = ggml_type(ty)?;
-            let nbytes =
-                tensor_nbytes(name, dims, ty).map_err(|e| PyValueError::new_err(e.to_string()))?;
-            let bytes = array
-                .as_slice()
-                .map_err(|e| PyValueError::new_err(format!("tensor {name:?}: {e}")))?;
+            let nbytes = tensor_nbytes(name, dims, ty).map_err(|e| PyValueError::new_err(e.to_string()))?;
+            let bytes = array.as_slice().map_err(|e| PyValueError::new_err(format!("tensor {name:?}: {e}")))?;
             if bytes.len() as u64 != nbytes {
                 return Err(PyValueError::new_err(format!(
                     "tensor {name:?}: {} bytes given, its dims and type need {nbytes}",
                     bytes.len()
                 )));
             }
-            infos.push(TensorInfo {
-                name: name.clone(),
-                dims: dims.clone(),
-                ty,
-                offset: 0,
-                nbytes,
-            });
+            infos.push(TensorInfo { name: name.clone(), dims: dims.clone(), ty, offset: 0, nbytes });
             data.push(bytes);
         }
         let inner = py
             .detach(|| {
-                let refs: Vec<(&TensorInfo, &[u8])> =
-                    infos.iter().zip(data.iter().copied()).collect();
+                let refs: Vec<(&TensorInfo, &[u8])> = infos.iter().zip(data.iter().copied()).collect();
                 adapter::from_tensors(source, architecture, alpha, &refs)
             })
             .py_err()?;
-        Ok(NativeAdapter {
-            inner: Arc::new(inner),
-        })
+        Ok(NativeAdapter { inner: Arc::new(inner) })
     }
 
     /// Where the adapter came from.
@@ -115,30 +101,12 @@ impl NativeAdapter {
         self.inner
             .pairs
             .iter()
-            .map(|p| {
-                (
-                    p.target.clone(),
-                    p.rows,
-                    p.cols,
-                    p.rank,
-                    self.inner.pair_scale(p, 1.0),
-                )
-            })
+            .map(|p| (p.target.clone(), p.rows, p.cols, p.rank, self.inner.pair_scale(p, 1.0)))
             .collect()
     }
 }
 
-type TensorRow = (
-    String,
-    &'static str,
-    &'static str,
-    bool,
-    usize,
-    f64,
-    f64,
-    f64,
-    f64,
-);
+type TensorRow = (String, &'static str, &'static str, bool, usize, f64, f64, f64, f64);
 
 /// Runs a patch; returns `(out path, per-tensor rows, tensors copied, bytes written, seconds)` where a row is
 /// `(name, model type, out type, from base, n adapters, relative change, retained, cosine, error ratio)`.
@@ -171,13 +139,8 @@ fn patch(
         sync,
         extra_metadata: metadata,
     };
-    let inputs: Vec<AdapterInput> = adapters
-        .iter()
-        .map(|(a, scale)| AdapterInput {
-            adapter: Arc::clone(&a.inner),
-            scale: *scale,
-        })
-        .collect();
+    let inputs: Vec<AdapterInput> =
+        adapters.iter().map(|(a, scale)| AdapterInput { adapter: Arc::clone(&a.inner), scale: *scale }).collect();
     let mut callback_error: Option<PyErr> = None;
     let result = py.detach(|| {
         let model = GgufFile::open(&model)?;
@@ -187,16 +150,7 @@ fn patch(
             Python::attach(|py| {
                 let outcome = py.check_signals().and_then(|_| match &progress {
                     Some(cb) => cb
-                        .call1(
-                            py,
-                            (
-                                p.tensors_done,
-                                p.tensors_total,
-                                p.tensor,
-                                p.bytes_done,
-                                p.bytes_total,
-                            ),
-                        )
+                        .call1(py, (p.tensors_done, p.tensors_total, p.tensor, p.bytes_done, p.bytes_total))
                         .map(|_| ()),
                     None => Ok(()),
                 });
@@ -229,11 +183,5 @@ fn patch(
             )
         })
         .collect();
-    Ok((
-        report.out,
-        rows,
-        report.copied,
-        report.bytes_written,
-        report.seconds,
-    ))
+    Ok((report.out, rows, report.copied, report.bytes_written, report.seconds))
 }

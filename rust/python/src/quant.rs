@@ -26,24 +26,17 @@ fn quantize_rows<'py>(
     row_len: usize,
 ) -> PyResult<Bound<'py, PyArray1<u8>>> {
     let ty = ggml_type(type_name)?;
-    let src = x
-        .as_slice()
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let src = x.as_slice().map_err(|e| PyValueError::new_err(e.to_string()))?;
     if row_len == 0 || src.len() % row_len != 0 {
-        return Err(PyValueError::new_err(format!(
-            "{} elements do not form rows of {row_len}",
-            src.len()
-        )));
+        return Err(PyValueError::new_err(format!("{} elements do not form rows of {row_len}", src.len())));
     }
     let out = py
         .detach(|| {
-            let row_bytes =
-                ty.row_bytes(row_len as u64)
-                    .ok_or(ggml_lora_core::Error::RowLength {
-                        ty,
-                        row_len,
-                        block: ty.block_size(),
-                    })?;
+            let row_bytes = ty.row_bytes(row_len as u64).ok_or(ggml_lora_core::Error::RowLength {
+                ty,
+                row_len,
+                block: ty.block_size(),
+            })?;
             let mut out = vec![0u8; src.len() / row_len * row_bytes as usize];
             quant::quantize_rows_par(ty, src, row_len, &mut out).map(|_| out)
         })
@@ -61,18 +54,14 @@ fn dequantize_rows<'py>(
     row_len: usize,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
     let ty = ggml_type(type_name)?;
-    let src = data
-        .as_slice()
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let src = data.as_slice().map_err(|e| PyValueError::new_err(e.to_string()))?;
     let out = py
         .detach(|| {
-            let row_bytes = ty.row_bytes(row_len as u64).filter(|&b| b > 0).ok_or(
-                ggml_lora_core::Error::RowLength {
-                    ty,
-                    row_len,
-                    block: ty.block_size(),
-                },
-            )? as usize;
+            let row_bytes = ty.row_bytes(row_len as u64).filter(|&b| b > 0).ok_or(ggml_lora_core::Error::RowLength {
+                ty,
+                row_len,
+                block: ty.block_size(),
+            })? as usize;
             if src.len() % row_bytes != 0 {
                 return Err(ggml_lora_core::Error::BufferSize {
                     what: "quantized data (a whole number of rows)",
@@ -92,15 +81,6 @@ fn dequantize_rows<'py>(
 fn type_table() -> Vec<(&'static str, u32, usize, usize, bool, bool)> {
     GgmlType::ALL
         .iter()
-        .map(|&t| {
-            (
-                t.name(),
-                t.id(),
-                t.block_size(),
-                t.block_bytes(),
-                quant::can_quantize(t),
-                quant::can_dequantize(t),
-            )
-        })
+        .map(|&t| (t.name(), t.id(), t.block_size(), t.block_bytes(), quant::can_quantize(t), quant::can_dequantize(t)))
         .collect()
 }

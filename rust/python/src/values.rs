@@ -27,11 +27,7 @@ pub fn value_to_py<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, P
             Err(_) => PyBytes::new(py, bytes).into_any(),
         },
         Value::Array(array) => {
-            let items = array
-                .items
-                .iter()
-                .map(|item| value_to_py(py, item))
-                .collect::<PyResult<Vec<_>>>()?;
+            let items = array.items.iter().map(|item| value_to_py(py, item)).collect::<PyResult<Vec<_>>>()?;
             PyList::new(py, items)?.into_any()
         }
     })
@@ -47,16 +43,11 @@ pub fn element_type_name(value: &Value) -> Option<&'static str> {
 
 /// Parses a value type name ("UINT32", "string", ...).
 pub fn value_type(name: &str) -> PyResult<ValueType> {
-    ValueType::from_name(name)
-        .ok_or_else(|| PyValueError::new_err(format!("unknown GGUF value type {name:?}")))
+    ValueType::from_name(name).ok_or_else(|| PyValueError::new_err(format!("unknown GGUF value type {name:?}")))
 }
 
 /// Converts a Python object to a value of type `ty` (arrays: of `element_type`), checking ranges.
-pub fn value_from_py(
-    obj: &Bound<'_, PyAny>,
-    ty: ValueType,
-    element_type: Option<ValueType>,
-) -> PyResult<Value> {
+pub fn value_from_py(obj: &Bound<'_, PyAny>, ty: ValueType, element_type: Option<ValueType>) -> PyResult<Value> {
     Ok(match ty {
         ValueType::U8 => Value::U8(obj.extract()?),
         ValueType::I8 => Value::I8(obj.extract()?),
@@ -74,13 +65,11 @@ pub fn value_from_py(
             Err(_) => Value::string(obj.extract::<String>()?),
         },
         ValueType::Array => {
-            let elem_type = element_type
-                .ok_or_else(|| PyValueError::new_err("an ARRAY value needs an element type"))?;
+            let elem_type =
+                element_type.ok_or_else(|| PyValueError::new_err("an ARRAY value needs an element type"))?;
             if elem_type == ValueType::Array {
                 // The writer refuses them too; Python gives no element type to convert them with.
-                return Err(PyValueError::new_err(
-                    "nested arrays cannot be written: ggml's loader refuses them",
-                ));
+                return Err(PyValueError::new_err("nested arrays cannot be written: ggml's loader refuses them"));
             }
             let mut items = Vec::new();
             for item in obj.try_iter()? {

@@ -30,19 +30,8 @@ impl GgufFile {
         // temporary file that is renamed into place).
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
         let header = GgufHeader::parse(&map).map_err(|e| e.in_file(&path))?;
-        let index = header
-            .tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.clone(), i))
-            .collect();
-        Ok(GgufFile {
-            path,
-            file,
-            map,
-            header,
-            index,
-        })
+        let index = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        Ok(GgufFile { path, file, map, header, index })
     }
 
     /// The path the file was opened from.
@@ -90,11 +79,7 @@ impl GgufFile {
         // page-table entries: later reads fault the same file contents back in, so no reference into the map
         // can observe a change. (It is only unsafe for private *writable* maps, where it discards changes.)
         let _ = unsafe {
-            self.map.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                range.start,
-                end - range.start,
-            )
+            self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, range.start, end - range.start)
         };
     }
 

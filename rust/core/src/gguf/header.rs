@@ -67,21 +67,12 @@ impl TensorInfo {
 /// Computes the byte size of a tensor from its dims and type, validating it the way ggml does.
 pub fn tensor_nbytes(name: &str, dims: &[u64], ty: GgmlType) -> Result<u64, Malformed> {
     if dims.is_empty() || dims.len() > MAX_DIMS as usize {
-        return Err(Malformed::BadDimCount {
-            name: name.to_owned(),
-            n_dims: dims.len() as u32,
-        });
+        return Err(Malformed::BadDimCount { name: name.to_owned(), n_dims: dims.len() as u32 });
     }
     if let Some(index) = dims.iter().position(|&d| d == 0) {
-        return Err(Malformed::ZeroDim {
-            name: name.to_owned(),
-            index,
-        });
+        return Err(Malformed::ZeroDim { name: name.to_owned(), index });
     }
-    let overflow = || Malformed::SizeOverflow {
-        name: name.to_owned(),
-        dims: dims.to_vec(),
-    };
+    let overflow = || Malformed::SizeOverflow { name: name.to_owned(), dims: dims.to_vec() };
     let mut n_elements: u64 = 1;
     for &d in dims {
         n_elements = n_elements.checked_mul(d).ok_or_else(overflow)?;
@@ -89,26 +80,19 @@ pub fn tensor_nbytes(name: &str, dims: &[u64], ty: GgmlType) -> Result<u64, Malf
     if n_elements > i64::MAX as u64 {
         return Err(overflow());
     }
-    let row_bytes = ty
-        .row_bytes(dims[0])
-        .ok_or_else(|| Malformed::RowNotBlockMultiple {
-            name: name.to_owned(),
-            ty,
-            row_len: dims[0],
-            block: ty.block_size(),
-        })?;
+    let row_bytes = ty.row_bytes(dims[0]).ok_or_else(|| Malformed::RowNotBlockMultiple {
+        name: name.to_owned(),
+        ty,
+        row_len: dims[0],
+        block: ty.block_size(),
+    })?;
     let n_rows = n_elements / dims[0];
-    row_bytes
-        .checked_mul(n_rows)
-        .filter(|&b| b <= i64::MAX as u64)
-        .ok_or_else(overflow)
+    row_bytes.checked_mul(n_rows).filter(|&b| b <= i64::MAX as u64).ok_or_else(overflow)
 }
 
 /// Rounds `offset` up to a multiple of `alignment` (a power of two), or `None` on overflow.
 pub fn align_up(offset: u64, alignment: u64) -> Option<u64> {
-    offset
-        .checked_add(alignment - 1)
-        .map(|o| o & !(alignment - 1))
+    offset.checked_add(alignment - 1).map(|o| o & !(alignment - 1))
 }
 
 /// A parsed and validated GGUF header.
@@ -154,11 +138,7 @@ struct Parser<'a> {
 
 impl<'a> Parser<'a> {
     fn error_at(&self, offset: usize, kind: Malformed) -> Error {
-        Error::Malformed {
-            format: "GGUF",
-            offset: offset as u64,
-            kind,
-        }
+        Error::Malformed { format: "GGUF", offset: offset as u64, kind }
     }
 
     fn remaining(&self) -> usize {
@@ -169,11 +149,7 @@ impl<'a> Parser<'a> {
         if n > self.remaining() {
             return Err(self.error_at(
                 self.pos,
-                Malformed::Truncated {
-                    what: what(),
-                    needed: n as u64,
-                    available: self.remaining() as u64,
-                },
+                Malformed::Truncated { what: what(), needed: n as u64, available: self.remaining() as u64 },
             ));
         }
         let slice = &self.bytes[self.pos..self.pos + n];
@@ -198,25 +174,13 @@ impl<'a> Parser<'a> {
 
     /// Reads a count and checks that `count` items of at least `min_item_size` bytes each fit in what is left
     /// of the file (and under `limit`), so that allocating `count` slots is safe.
-    fn count(
-        &mut self,
-        what: &dyn Fn() -> String,
-        min_item_size: usize,
-        limit: u64,
-    ) -> Result<usize> {
+    fn count(&mut self, what: &dyn Fn() -> String, min_item_size: usize, limit: u64) -> Result<usize> {
         let at = self.pos;
         let count = self.u64(what)?;
         let fits = (self.remaining() / min_item_size.max(1)) as u64;
         let bound = limit.min(fits);
         if count > bound {
-            return Err(self.error_at(
-                at,
-                Malformed::TooMany {
-                    what: what(),
-                    count,
-                    limit: bound,
-                },
-            ));
+            return Err(self.error_at(at, Malformed::TooMany { what: what(), count, limit: bound }));
         }
         Ok(count as usize)
     }
@@ -225,14 +189,7 @@ impl<'a> Parser<'a> {
         let at = self.pos;
         let len = self.u64(what)?;
         if len > MAX_STRING_LENGTH {
-            return Err(self.error_at(
-                at,
-                Malformed::TooMany {
-                    what: what(),
-                    count: len,
-                    limit: MAX_STRING_LENGTH,
-                },
-            ));
+            return Err(self.error_at(at, Malformed::TooMany { what: what(), count: len, limit: MAX_STRING_LENGTH }));
         }
         self.take(len as usize, what)
     }
@@ -240,27 +197,18 @@ impl<'a> Parser<'a> {
     fn utf8_string(&mut self, what: &dyn Fn() -> String) -> Result<String> {
         let at = self.pos;
         let bytes = self.string_bytes(what)?;
-        String::from_utf8(bytes.to_vec())
-            .map_err(|_| self.error_at(at, Malformed::InvalidUtf8 { what: what() }))
+        String::from_utf8(bytes.to_vec()).map_err(|_| self.error_at(at, Malformed::InvalidUtf8 { what: what() }))
     }
 
     fn header(mut self) -> Result<GgufHeader> {
         let magic: [u8; 4] = self.array(&|| "magic".into())?;
         if magic != GGUF_MAGIC {
-            return Err(self.error_at(
-                0,
-                Malformed::BadMagic {
-                    found: magic,
-                    expected: "GGUF",
-                },
-            ));
+            return Err(self.error_at(0, Malformed::BadMagic { found: magic, expected: "GGUF" }));
         }
         let version = self.u32(&|| "version".into())?;
         match version {
             2 | 3 => {}
-            0 => {
-                return Err(self.error_at(4, Malformed::UnsupportedVersion { version, hint: "only GGUF v2 and v3" }))
-            }
+            0 => return Err(self.error_at(4, Malformed::UnsupportedVersion { version, hint: "only GGUF v2 and v3" })),
             v if v & 0xFFFF == 0 => return Err(self.error_at(4, Malformed::BigEndian { raw: v })),
             1 => {
                 return Err(self.error_at(
@@ -305,9 +253,7 @@ impl<'a> Parser<'a> {
                     Value::U32(a) => {
                         return Err(self.error_at(
                             type_at,
-                            Malformed::BadAlignment {
-                                reason: format!("is {a}, not a power of two"),
-                            },
+                            Malformed::BadAlignment { reason: format!("is {a}, not a power of two") },
                         ))
                     }
                     ref other => {
@@ -331,13 +277,7 @@ impl<'a> Parser<'a> {
             let name_at = self.pos;
             let name = self.utf8_string(&|| format!("name of tensor {i}"))?;
             if name.len() >= MAX_NAME_LENGTH {
-                return Err(self.error_at(
-                    name_at,
-                    Malformed::NameTooLong {
-                        len: name.len(),
-                        name,
-                    },
-                ));
+                return Err(self.error_at(name_at, Malformed::NameTooLong { len: name.len(), name }));
             }
             if !names.insert(name.clone()) {
                 return Err(self.error_at(name_at, Malformed::DuplicateTensor { name }));
@@ -354,91 +294,44 @@ impl<'a> Parser<'a> {
             let type_at = self.pos;
             let type_id = self.u32(&|| format!("type of tensor {name:?}"))?;
             let ty = GgmlType::from_id(type_id).ok_or_else(|| {
-                self.error_at(
-                    type_at,
-                    Malformed::UnknownTensorType {
-                        name: name.clone(),
-                        id: type_id,
-                    },
-                )
+                self.error_at(type_at, Malformed::UnknownTensorType { name: name.clone(), id: type_id })
             })?;
-            let nbytes =
-                tensor_nbytes(&name, &dims, ty).map_err(|kind| self.error_at(dims_at, kind))?;
+            let nbytes = tensor_nbytes(&name, &dims, ty).map_err(|kind| self.error_at(dims_at, kind))?;
             offsets_at.push(self.pos);
             let offset = self.u64(&|| format!("data offset of tensor {name:?}"))?;
             if offset != expected_offset {
                 return Err(self.error_at(
                     self.pos - 8,
-                    Malformed::TensorOffset {
-                        name,
-                        expected: expected_offset,
-                        found: offset,
-                    },
+                    Malformed::TensorOffset { name, expected: expected_offset, found: offset },
                 ));
             }
-            expected_offset = align_up(offset.saturating_add(nbytes), alignment)
-                .filter(|&o| o <= i64::MAX as u64)
-                .ok_or_else(|| {
-                    self.error_at(
-                        dims_at,
-                        Malformed::SizeOverflow {
-                            name: name.clone(),
-                            dims: dims.clone(),
-                        },
-                    )
-                })?;
-            tensors.push(TensorInfo {
-                name,
-                dims,
-                ty,
-                offset,
-                nbytes,
-            });
+            expected_offset =
+                align_up(offset.saturating_add(nbytes), alignment).filter(|&o| o <= i64::MAX as u64).ok_or_else(
+                    || self.error_at(dims_at, Malformed::SizeOverflow { name: name.clone(), dims: dims.clone() }),
+                )?;
+            tensors.push(TensorInfo { name, dims, ty, offset, nbytes });
         }
 
         // ggml pads to the alignment only when there are tensors.
-        let data_offset = if tensors.is_empty() {
-            self.pos as u64
-        } else {
-            align_up(self.pos as u64, alignment).unwrap_or(u64::MAX)
-        };
+        let data_offset =
+            if tensors.is_empty() { self.pos as u64 } else { align_up(self.pos as u64, alignment).unwrap_or(u64::MAX) };
         let file_len = self.bytes.len() as u64;
         for (t, &at) in tensors.iter().zip(&offsets_at) {
             let start = data_offset.saturating_add(t.offset);
             let end = start.saturating_add(t.nbytes);
             if end > file_len {
-                return Err(self.error_at(
-                    at,
-                    Malformed::TensorOutOfFile {
-                        name: t.name.clone(),
-                        start,
-                        end,
-                        file_len,
-                    },
-                ));
+                return Err(
+                    self.error_at(at, Malformed::TensorOutOfFile { name: t.name.clone(), start, end, file_len })
+                );
             }
         }
-        Ok(GgufHeader {
-            version,
-            alignment,
-            metadata,
-            tensors,
-            data_offset,
-        })
+        Ok(GgufHeader { version, alignment, metadata, tensors, data_offset })
     }
 
     fn value_type(&mut self, key: &str) -> Result<ValueType> {
         let at = self.pos;
         let id = self.u32(&|| format!("value type of key {key:?}"))?;
-        ValueType::from_id(id).ok_or_else(|| {
-            self.error_at(
-                at,
-                Malformed::UnknownValueType {
-                    key: key.to_owned(),
-                    id,
-                },
-            )
-        })
+        ValueType::from_id(id).ok_or_else(|| self.error_at(at, Malformed::UnknownValueType { key: key.to_owned(), id }))
     }
 
     fn value(&mut self, ty: ValueType, key: &str, depth: usize) -> Result<Value> {
@@ -459,15 +352,7 @@ impl<'a> Parser<'a> {
                 match self.array::<1>(&what)?[0] {
                     0 => Value::Bool(false),
                     1 => Value::Bool(true),
-                    value => {
-                        return Err(self.error_at(
-                            at,
-                            Malformed::InvalidBool {
-                                key: key.to_owned(),
-                                value,
-                            },
-                        ))
-                    }
+                    value => return Err(self.error_at(at, Malformed::InvalidBool { key: key.to_owned(), value })),
                 }
             }
             ValueType::String => Value::String(self.string_bytes(&what)?.to_vec()),
@@ -524,11 +409,7 @@ mod tests {
             self.u64(s.len() as u64).raw(s.as_bytes())
         }
         fn header(n_tensors: u64, n_kv: u64) -> Self {
-            Bytes::default()
-                .raw(b"GGUF")
-                .u32(3)
-                .u64(n_tensors)
-                .u64(n_kv)
+            Bytes::default().raw(b"GGUF").u32(3).u64(n_tensors).u64(n_kv)
         }
         fn tensor(self, name: &str, dims: &[u64], ty: u32, offset: u64) -> Self {
             let mut b = self.str(name).u32(dims.len() as u32);
@@ -552,11 +433,7 @@ mod tests {
 
     #[test]
     fn minimal_file_with_one_tensor() {
-        let bytes = Bytes::header(1, 1)
-            .str("a.b")
-            .u32(4)
-            .u32(7)
-            .tensor("t", &[4, 2], 0, 0);
+        let bytes = Bytes::header(1, 1).str("a.b").u32(4).u32(7).tensor("t", &[4, 2], 0, 0);
         let len = bytes.0.len();
         let bytes = bytes.pad_to(len.div_ceil(32) * 32 + 32);
         let h = GgufHeader::parse(&bytes.0).unwrap();
@@ -568,29 +445,16 @@ mod tests {
 
     #[test]
     fn magic_version_and_endianness() {
-        assert!(matches!(
-            kind(b"GGML\x03\0\0\0").1,
-            Malformed::BadMagic { .. }
-        ));
-        let be = Bytes::default()
-            .raw(b"GGUF")
-            .raw(&3u32.to_be_bytes())
-            .u64(0)
-            .u64(0);
+        assert!(matches!(kind(b"GGML\x03\0\0\0").1, Malformed::BadMagic { .. }));
+        let be = Bytes::default().raw(b"GGUF").raw(&3u32.to_be_bytes()).u64(0).u64(0);
         let (offset, k) = kind(&be.0);
         assert_eq!(offset, 4);
         assert!(k.to_string().contains("big-endian"), "{k}");
         let v1 = Bytes::default().raw(b"GGUF").u32(1).u32(0).u32(0);
         assert!(kind(&v1.0).1.to_string().contains("v1"));
-        assert!(matches!(
-            kind(&Bytes::header(0, 0).0[..4]).1,
-            Malformed::Truncated { .. }
-        ));
+        assert!(matches!(kind(&Bytes::header(0, 0).0[..4]).1, Malformed::Truncated { .. }));
         let v4 = Bytes::default().raw(b"GGUF").u32(4).u64(0).u64(0);
-        assert!(matches!(
-            kind(&v4.0).1,
-            Malformed::UnsupportedVersion { version: 4, .. }
-        ));
+        assert!(matches!(kind(&v4.0).1, Malformed::UnsupportedVersion { version: 4, .. }));
         let v2 = Bytes::default().raw(b"GGUF").u32(2).u64(0).u64(0);
         assert_eq!(GgufHeader::parse(&v2.0).unwrap().version, 2);
     }
@@ -600,25 +464,12 @@ mod tests {
         let (offset, k) = kind(&Bytes::header(u64::MAX, 0).0);
         assert_eq!(offset, 8);
         assert!(matches!(k, Malformed::TooMany { .. }), "{k}");
-        assert!(matches!(
-            kind(&Bytes::header(0, 1 << 40).0).1,
-            Malformed::TooMany { .. }
-        ));
-        let long_key = Bytes::header(0, 1)
-            .u64(u64::MAX)
-            .raw(b"xxxxxxxxxxxxxxxxxxxxxxxxxxx");
+        assert!(matches!(kind(&Bytes::header(0, 1 << 40).0).1, Malformed::TooMany { .. }));
+        let long_key = Bytes::header(0, 1).u64(u64::MAX).raw(b"xxxxxxxxxxxxxxxxxxxxxxxxxxx");
         assert!(matches!(kind(&long_key.0).1, Malformed::TooMany { .. }));
         let long_string = Bytes::header(0, 1).str("k").u32(8).u64(1 << 20).raw(b"abc");
-        assert!(matches!(
-            kind(&long_string.0).1,
-            Malformed::Truncated { .. }
-        ));
-        let big_array = Bytes::header(0, 1)
-            .str("k")
-            .u32(9)
-            .u32(10)
-            .u64(1 << 40)
-            .raw(&[0; 64]);
+        assert!(matches!(kind(&long_string.0).1, Malformed::Truncated { .. }));
+        let big_array = Bytes::header(0, 1).str("k").u32(9).u32(10).u64(1 << 40).raw(&[0; 64]);
         let (offset, k) = kind(&big_array.0);
         assert_eq!(offset, 24 + 9 + 4 + 4);
         assert!(matches!(k, Malformed::TooMany { .. }), "{k}");
@@ -626,65 +477,30 @@ mod tests {
 
     #[test]
     fn metadata_errors_name_key_and_offset() {
-        let dup = Bytes::header(0, 2)
-            .str("k")
-            .u32(0)
-            .raw(&[1])
-            .str("k")
-            .u32(0)
-            .raw(&[2]);
-        assert_eq!(
-            kind(&dup.0),
-            (24 + 9 + 4 + 1, Malformed::DuplicateKey { key: "k".into() })
-        );
+        let dup = Bytes::header(0, 2).str("k").u32(0).raw(&[1]).str("k").u32(0).raw(&[2]);
+        assert_eq!(kind(&dup.0), (24 + 9 + 4 + 1, Malformed::DuplicateKey { key: "k".into() }));
         let empty = Bytes::header(0, 1).str("").u32(0).raw(&[1]);
         assert_eq!(kind(&empty.0).1, Malformed::EmptyKey);
         let bad_type = Bytes::header(0, 1).str("k").u32(13).raw(&[1]);
-        assert_eq!(
-            kind(&bad_type.0).1,
-            Malformed::UnknownValueType {
-                key: "k".into(),
-                id: 13
-            }
-        );
+        assert_eq!(kind(&bad_type.0).1, Malformed::UnknownValueType { key: "k".into(), id: 13 });
         let bad_bool = Bytes::header(0, 1).str("k").u32(7).raw(&[2]);
-        assert!(matches!(
-            kind(&bad_bool.0).1,
-            Malformed::InvalidBool { value: 2, .. }
-        ));
+        assert!(matches!(kind(&bad_bool.0).1, Malformed::InvalidBool { value: 2, .. }));
         let align_type = Bytes::header(0, 1).str(ALIGNMENT_KEY).u32(10).u64(32);
         assert!(kind(&align_type.0).1.to_string().contains("UINT32"));
         let align_value = Bytes::header(0, 1).str(ALIGNMENT_KEY).u32(4).u32(48);
         assert!(kind(&align_value.0).1.to_string().contains("power of two"));
-        let bad_utf8 = Bytes::header(0, 1)
-            .u64(2)
-            .raw(&[0xff, 0xfe])
-            .u32(0)
-            .raw(&[1]);
+        let bad_utf8 = Bytes::header(0, 1).u64(2).raw(&[0xff, 0xfe]).u32(0).raw(&[1]);
         assert!(matches!(kind(&bad_utf8.0).1, Malformed::InvalidUtf8 { .. }));
     }
 
     #[test]
     fn nested_arrays_are_read_but_depth_is_bounded() {
-        let nested = Bytes::header(0, 1)
-            .str("k")
-            .u32(9)
-            .u32(9)
-            .u64(1)
-            .u32(4)
-            .u64(2)
-            .u32(5)
-            .u32(6);
+        let nested = Bytes::header(0, 1).str("k").u32(9).u32(9).u64(1).u32(4).u64(2).u32(5).u32(6);
         let h = GgufHeader::parse(&nested.0).unwrap();
-        let Value::Array(outer) = &h.metadata[0].1 else {
-            panic!()
-        };
+        let Value::Array(outer) = &h.metadata[0].1 else { panic!() };
         assert_eq!(
             outer.items[0],
-            Value::Array(Array {
-                elem_type: ValueType::U32,
-                items: vec![Value::U32(5), Value::U32(6)]
-            })
+            Value::Array(Array { elem_type: ValueType::U32, items: vec![Value::U32(5), Value::U32(6)] })
         );
         let mut deep = Bytes::header(0, 1).str("k").u32(9);
         for _ in 0..20 {
@@ -700,63 +516,33 @@ mod tests {
             (file(Bytes::header(1, 0).tensor("t", &[0, 2], 0, 0)), |k| {
                 matches!(k, Malformed::ZeroDim { index: 0, .. })
             }),
-            (
-                file(Bytes::header(1, 0).tensor("t", &[1, 1, 1, 1, 1], 0, 0)),
-                |k| matches!(k, Malformed::BadDimCount { n_dims: 5, .. }),
-            ),
+            (file(Bytes::header(1, 0).tensor("t", &[1, 1, 1, 1, 1], 0, 0)), |k| {
+                matches!(k, Malformed::BadDimCount { n_dims: 5, .. })
+            }),
             (file(Bytes::header(1, 0).tensor("t", &[32], 4, 0)), |k| {
                 matches!(k, Malformed::UnknownTensorType { id: 4, .. })
             }),
             (file(Bytes::header(1, 0).tensor("t", &[33], 2, 0)), |k| {
                 matches!(k, Malformed::RowNotBlockMultiple { .. })
             }),
-            (
-                file(Bytes::header(1, 0).tensor("t", &[u64::MAX, 4], 0, 0)),
-                |k| matches!(k, Malformed::SizeOverflow { .. }),
-            ),
-            (
-                file(Bytes::header(1, 0).tensor(&"n".repeat(64), &[1], 0, 0)),
-                |k| matches!(k, Malformed::NameTooLong { len: 64, .. }),
-            ),
-            (
-                file(
-                    Bytes::header(2, 0)
-                        .tensor("t", &[1], 0, 0)
-                        .tensor("t", &[1], 0, 32),
-                ),
-                |k| matches!(k, Malformed::DuplicateTensor { .. }),
-            ),
-            (file(Bytes::header(1, 0).tensor("t", &[1], 0, 32)), |k| {
-                matches!(
-                    k,
-                    Malformed::TensorOffset {
-                        expected: 0,
-                        found: 32,
-                        ..
-                    }
-                )
+            (file(Bytes::header(1, 0).tensor("t", &[u64::MAX, 4], 0, 0)), |k| {
+                matches!(k, Malformed::SizeOverflow { .. })
             }),
-            (
-                file(
-                    Bytes::header(2, 0)
-                        .tensor("a", &[1], 0, 0)
-                        .tensor("b", &[1], 0, 4),
-                ),
-                |k| {
-                    matches!(
-                        k,
-                        Malformed::TensorOffset {
-                            expected: 32,
-                            found: 4,
-                            ..
-                        }
-                    )
-                },
-            ),
-            (
-                file(Bytes::header(1, 0).tensor("t", &[1 << 20], 0, 0)),
-                |k| matches!(k, Malformed::TensorOutOfFile { .. }),
-            ),
+            (file(Bytes::header(1, 0).tensor(&"n".repeat(64), &[1], 0, 0)), |k| {
+                matches!(k, Malformed::NameTooLong { len: 64, .. })
+            }),
+            (file(Bytes::header(2, 0).tensor("t", &[1], 0, 0).tensor("t", &[1], 0, 32)), |k| {
+                matches!(k, Malformed::DuplicateTensor { .. })
+            }),
+            (file(Bytes::header(1, 0).tensor("t", &[1], 0, 32)), |k| {
+                matches!(k, Malformed::TensorOffset { expected: 0, found: 32, .. })
+            }),
+            (file(Bytes::header(2, 0).tensor("a", &[1], 0, 0).tensor("b", &[1], 0, 4)), |k| {
+                matches!(k, Malformed::TensorOffset { expected: 32, found: 4, .. })
+            }),
+            (file(Bytes::header(1, 0).tensor("t", &[1 << 20], 0, 0)), |k| {
+                matches!(k, Malformed::TensorOutOfFile { .. })
+            }),
         ];
         for (bytes, check) in cases {
             let (_, k) = kind(&bytes);
@@ -782,10 +568,7 @@ mod tests {
         let full = bytes.pad_to(len).0;
         GgufHeader::parse(&full).unwrap();
         for cut in 0..full.len() {
-            assert!(
-                GgufHeader::parse(&full[..cut]).is_err(),
-                "truncation at {cut} accepted"
-            );
+            assert!(GgufHeader::parse(&full[..cut]).is_err(), "truncation at {cut} accepted");
         }
     }
 }

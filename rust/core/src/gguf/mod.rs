@@ -9,8 +9,8 @@ mod writer;
 
 pub use file::GgufFile;
 pub use header::{
-    align_up, tensor_nbytes, GgufHeader, TensorInfo, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC,
-    MAX_ARRAY_ELEMENTS, MAX_ARRAY_NESTING, MAX_DIMS, MAX_NAME_LENGTH, MAX_STRING_LENGTH,
+    align_up, tensor_nbytes, GgufHeader, TensorInfo, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_ARRAY_ELEMENTS,
+    MAX_ARRAY_NESTING, MAX_DIMS, MAX_NAME_LENGTH, MAX_STRING_LENGTH,
 };
 pub use value::{encode_string, Array, Value, ValueType};
 pub use writer::{GgufWriter, TensorSpec, WriteOptions};

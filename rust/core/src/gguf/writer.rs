@@ -14,8 +14,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::header::{
-    align_up, tensor_nbytes, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_ARRAY_ELEMENTS,
-    MAX_NAME_LENGTH, MAX_STRING_LENGTH,
+    align_up, tensor_nbytes, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_ARRAY_ELEMENTS, MAX_NAME_LENGTH,
+    MAX_STRING_LENGTH,
 };
 use super::value::{encode_string, Value, ValueType};
 use crate::atomic::AtomicFile;
@@ -73,8 +73,7 @@ impl GgufWriter {
         options: WriteOptions,
     ) -> Result<GgufWriter> {
         let path = path.as_ref();
-        let (header, alignment, specs) =
-            encode_header(metadata, tensors).map_err(|e| e.in_file(path))?;
+        let (header, alignment, specs) = encode_header(metadata, tensors).map_err(|e| e.in_file(path))?;
         let out = AtomicFile::create(path)?;
         let mut writer = GgufWriter {
             out,
@@ -115,11 +114,8 @@ impl GgufWriter {
         self.flush_buffer()?;
         let temp = self.out.temp_path().to_path_buf();
         let mut reader = src.try_clone().map_err(|e| Error::io(&temp, e))?;
-        reader
-            .seek(SeekFrom::Start(offset))
-            .map_err(|e| Error::io(&temp, e))?;
-        let copied = std::io::copy(&mut reader.take(len), self.out.file())
-            .map_err(|e| Error::io(&temp, e))?;
+        reader.seek(SeekFrom::Start(offset)).map_err(|e| Error::io(&temp, e))?;
+        let copied = std::io::copy(&mut reader.take(len), self.out.file()).map_err(|e| Error::io(&temp, e))?;
         if copied != len {
             return Err(Error::io(
                 &temp,
@@ -143,9 +139,7 @@ impl GgufWriter {
         if len > left {
             return Err(Error::InvalidTensor {
                 name: spec.name.clone(),
-                reason: format!(
-                    "{len} bytes of data given, only {left} of its {nbytes} bytes remain"
-                ),
+                reason: format!("{len} bytes of data given, only {left} of its {nbytes} bytes remain"),
             }
             .in_file(self.out.target()));
         }
@@ -182,9 +176,7 @@ impl GgufWriter {
                 "data for tensor {name:?} given while tensor {:?} is expected",
                 spec.name
             ))),
-            None => Err(Error::WriterState(format!(
-                "data for tensor {name:?} after all tensors are complete"
-            ))),
+            None => Err(Error::WriterState(format!("data for tensor {name:?} after all tensors are complete"))),
         }
     }
 
@@ -209,10 +201,7 @@ impl GgufWriter {
         }
         if bytes.len() >= BUFFER_BYTES {
             let temp = self.out.temp_path().to_path_buf();
-            self.out
-                .file()
-                .write_all(bytes)
-                .map_err(|e| Error::io(temp, e))
+            self.out.file().write_all(bytes).map_err(|e| Error::io(temp, e))
         } else {
             self.buffer.extend_from_slice(bytes);
             Ok(())
@@ -222,10 +211,7 @@ impl GgufWriter {
     fn flush_buffer(&mut self) -> Result<()> {
         if !self.buffer.is_empty() {
             let temp = self.out.temp_path().to_path_buf();
-            self.out
-                .file()
-                .write_all(&self.buffer)
-                .map_err(|e| Error::io(temp, e))?;
+            self.out.file().write_all(&self.buffer).map_err(|e| Error::io(temp, e))?;
             self.buffer.clear();
         }
         Ok(())
@@ -239,10 +225,7 @@ fn encode_header(metadata: &[(String, Value)], tensors: Vec<TensorSpec>) -> Resu
     let mut alignment = DEFAULT_ALIGNMENT;
     let mut keys = HashSet::with_capacity(metadata.len());
     for (key, value) in metadata {
-        let invalid = |reason: String| Error::InvalidMetadata {
-            key: key.clone(),
-            reason,
-        };
+        let invalid = |reason: String| Error::InvalidMetadata { key: key.clone(), reason };
         if key.is_empty() {
             return Err(invalid("empty key".into()));
         }
@@ -253,17 +236,8 @@ fn encode_header(metadata: &[(String, Value)], tensors: Vec<TensorSpec>) -> Resu
         if key == ALIGNMENT_KEY {
             alignment = match value {
                 Value::U32(a) if a.is_power_of_two() && a % 8 == 0 => u64::from(*a),
-                Value::U32(a) => {
-                    return Err(invalid(format!(
-                        "alignment {a} is not a power of two multiple of 8"
-                    )))
-                }
-                other => {
-                    return Err(invalid(format!(
-                        "must be UINT32, got {}",
-                        other.value_type()
-                    )))
-                }
+                Value::U32(a) => return Err(invalid(format!("alignment {a} is not a power of two multiple of 8"))),
+                other => return Err(invalid(format!("must be UINT32, got {}", other.value_type()))),
             };
         }
     }
@@ -271,21 +245,14 @@ fn encode_header(metadata: &[(String, Value)], tensors: Vec<TensorSpec>) -> Resu
     let mut names = HashSet::with_capacity(tensors.len());
     let mut specs = Vec::with_capacity(tensors.len());
     for spec in tensors {
-        let invalid = |reason: String| Error::InvalidTensor {
-            name: spec.name.clone(),
-            reason,
-        };
+        let invalid = |reason: String| Error::InvalidTensor { name: spec.name.clone(), reason };
         if spec.name.len() >= MAX_NAME_LENGTH {
-            return Err(invalid(format!(
-                "name is {} bytes long, ggml allows at most 63",
-                spec.name.len()
-            )));
+            return Err(invalid(format!("name is {} bytes long, ggml allows at most 63", spec.name.len())));
         }
         if !names.insert(spec.name.clone()) {
             return Err(invalid("duplicate tensor name".into()));
         }
-        let nbytes =
-            tensor_nbytes(&spec.name, &spec.dims, spec.ty).map_err(|m| invalid(m.to_string()))?;
+        let nbytes = tensor_nbytes(&spec.name, &spec.dims, spec.ty).map_err(|m| invalid(m.to_string()))?;
         specs.push((spec, nbytes));
     }
 
@@ -323,19 +290,15 @@ fn encode_header(metadata: &[(String, Value)], tensors: Vec<TensorSpec>) -> Resu
 /// Checks a value a ggml reader would accept: no nested arrays, homogeneous arrays, lengths under ggml's caps.
 fn check_value(value: &Value, top_level: bool) -> std::result::Result<(), String> {
     match value {
-        Value::String(bytes) if bytes.len() as u64 > MAX_STRING_LENGTH => Err(format!(
-            "string of {} bytes exceeds ggml's limit of {MAX_STRING_LENGTH}",
-            bytes.len()
-        )),
+        Value::String(bytes) if bytes.len() as u64 > MAX_STRING_LENGTH => {
+            Err(format!("string of {} bytes exceeds ggml's limit of {MAX_STRING_LENGTH}", bytes.len()))
+        }
         Value::Array(array) => {
             if !top_level || array.elem_type == ValueType::Array {
                 return Err("nested arrays are not accepted by ggml's loader".into());
             }
             if array.items.len() as u64 > MAX_ARRAY_ELEMENTS {
-                return Err(format!(
-                    "array of {} elements exceeds ggml's limit",
-                    array.items.len()
-                ));
+                return Err(format!("array of {} elements exceeds ggml's limit", array.items.len()));
             }
             for (i, item) in array.items.iter().enumerate() {
                 if item.value_type() != array.elem_type {
@@ -365,11 +328,7 @@ mod tests {
     }
 
     fn spec(name: &str, dims: &[u64], ty: GgmlType) -> TensorSpec {
-        TensorSpec {
-            name: name.into(),
-            dims: dims.to_vec(),
-            ty,
-        }
+        TensorSpec { name: name.into(), dims: dims.to_vec(), ty }
     }
 
     #[test]
@@ -388,12 +347,8 @@ mod tests {
             ("flag".to_string(), Value::Bool(true)),
             ("big".to_string(), Value::U64(u64::MAX)),
         ];
-        let tensors = vec![
-            spec("a", &[3, 2], GgmlType::F32),
-            spec("b", &[32], GgmlType::Q8_0),
-        ];
-        let mut w =
-            GgufWriter::create(&path, &metadata, tensors, WriteOptions { sync: false }).unwrap();
+        let tensors = vec![spec("a", &[3, 2], GgmlType::F32), spec("b", &[32], GgmlType::Q8_0)];
+        let mut w = GgufWriter::create(&path, &metadata, tensors, WriteOptions { sync: false }).unwrap();
         let a: Vec<u8> = (0..24).collect();
         w.write_data(&a[..5]).unwrap();
         w.write_data(&a[5..]).unwrap();
@@ -416,62 +371,23 @@ mod tests {
     fn refuses_what_ggml_refuses() {
         let nested = Value::Array(Array {
             elem_type: ValueType::Array,
-            items: vec![Value::Array(Array {
-                elem_type: ValueType::U8,
-                items: vec![],
-            })],
+            items: vec![Value::Array(Array { elem_type: ValueType::U8, items: vec![] })],
         });
         let cases: Vec<(Vec<(String, Value)>, Vec<TensorSpec>, &str)> = vec![
             (vec![("k".into(), nested)], vec![], "nested arrays"),
-            (
-                vec![(ALIGNMENT_KEY.into(), Value::U64(32))],
-                vec![],
-                "must be UINT32",
-            ),
-            (
-                vec![(ALIGNMENT_KEY.into(), Value::U32(48))],
-                vec![],
-                "power of two",
-            ),
-            (
-                vec![("k".into(), Value::U8(1)), ("k".into(), Value::U8(2))],
-                vec![],
-                "duplicate key",
-            ),
-            (
-                vec![],
-                vec![spec("t", &[33], GgmlType::Q4_0)],
-                "not a multiple",
-            ),
+            (vec![(ALIGNMENT_KEY.into(), Value::U64(32))], vec![], "must be UINT32"),
+            (vec![(ALIGNMENT_KEY.into(), Value::U32(48))], vec![], "power of two"),
+            (vec![("k".into(), Value::U8(1)), ("k".into(), Value::U8(2))], vec![], "duplicate key"),
+            (vec![], vec![spec("t", &[33], GgmlType::Q4_0)], "not a multiple"),
             (vec![], vec![spec("t", &[32, 0], GgmlType::F32)], "size 0"),
-            (
-                vec![],
-                vec![spec("t", &[1, 1, 1, 1, 1], GgmlType::F32)],
-                "dimensions",
-            ),
-            (
-                vec![],
-                vec![spec(&"x".repeat(64), &[1], GgmlType::F32)],
-                "at most 63",
-            ),
-            (
-                vec![],
-                vec![
-                    spec("t", &[1], GgmlType::F32),
-                    spec("t", &[1], GgmlType::F32),
-                ],
-                "duplicate tensor",
-            ),
+            (vec![], vec![spec("t", &[1, 1, 1, 1, 1], GgmlType::F32)], "dimensions"),
+            (vec![], vec![spec(&"x".repeat(64), &[1], GgmlType::F32)], "at most 63"),
+            (vec![], vec![spec("t", &[1], GgmlType::F32), spec("t", &[1], GgmlType::F32)], "duplicate tensor"),
         ];
         for (metadata, tensors, expected) in cases {
             let path = scratch("refused.gguf");
-            let err = GgufWriter::create(&path, &metadata, tensors, WriteOptions::default())
-                .err()
-                .unwrap();
-            assert!(
-                err.to_string().contains(expected),
-                "{err} should mention {expected:?}"
-            );
+            let err = GgufWriter::create(&path, &metadata, tensors, WriteOptions::default()).err().unwrap();
+            assert!(err.to_string().contains(expected), "{err} should mention {expected:?}");
             assert!(!path.exists());
         }
     }
@@ -479,12 +395,8 @@ mod tests {
     #[test]
     fn out_of_order_and_incomplete_writes_leave_no_file() {
         let path = scratch("incomplete.gguf");
-        let tensors = vec![
-            spec("a", &[4], GgmlType::F32),
-            spec("b", &[4], GgmlType::F32),
-        ];
-        let mut w =
-            GgufWriter::create(&path, &[], tensors.clone(), WriteOptions::default()).unwrap();
+        let tensors = vec![spec("a", &[4], GgmlType::F32), spec("b", &[4], GgmlType::F32)];
+        let mut w = GgufWriter::create(&path, &[], tensors.clone(), WriteOptions::default()).unwrap();
         assert!(w.write_tensor("b", &[0; 16]).is_err());
         assert!(w.write_data(&[0; 17]).is_err());
         w.write_tensor("a", &[0; 16]).unwrap();
@@ -506,10 +418,7 @@ mod tests {
     #[test]
     fn empty_file_has_no_padding() {
         let path = scratch("empty.gguf");
-        GgufWriter::create(&path, &[], vec![], WriteOptions::default())
-            .unwrap()
-            .finish()
-            .unwrap();
+        GgufWriter::create(&path, &[], vec![], WriteOptions::default()).unwrap().finish().unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(bytes.len(), 24);
         let h = GgufHeader::parse(&bytes).unwrap();

@@ -43,7 +43,7 @@ pub struct Sums {
 
 impl Sums {
     /// Element-wise sum (sums of disjoint row ranges combine by addition).
-    pub fn add(self, o: Sums) -> Sums {
+    pub fn combine(self, o: Sums) -> Sums {
         Sums {
             delta_sq: self.delta_sq + o.delta_sq,
             src_sq: self.src_sq + o.src_sq,
@@ -105,11 +105,7 @@ pub fn process_chunk(job: &ChunkJob<'_>, out: &mut [u8]) -> Result<Sums> {
     let src_row_bytes = job.src_ty.row_bytes(cols as u64).unwrap_or(0) as usize;
     let out_row_bytes = job.out_ty.row_bytes(cols as u64).unwrap_or(0) as usize;
     if src_row_bytes == 0 || out_row_bytes == 0 {
-        return Err(Error::RowLength {
-            ty: job.out_ty,
-            row_len: cols,
-            block: job.out_ty.block_size(),
-        });
+        return Err(Error::RowLength { ty: job.out_ty, row_len: cols, block: job.out_ty.block_size() });
     }
     let n_rows = job.src.len() / src_row_bytes;
     if out.len() != n_rows * out_row_bytes {
@@ -126,26 +122,15 @@ pub fn process_chunk(job: &ChunkJob<'_>, out: &mut [u8]) -> Result<Sums> {
             let rows = out_group.len() / out_row_bytes;
             SCRATCH.with(|s| process_group(job, &mut s.borrow_mut(), row0, rows, out_group))
         })
-        .try_reduce(Sums::default, |a, b| Ok(a.add(b)))
+        .try_reduce(Sums::default, |a, b| Ok(a.combine(b)))
 }
 
-fn process_group(
-    job: &ChunkJob<'_>,
-    s: &mut Scratch,
-    row0: usize,
-    rows: usize,
-    out: &mut [u8],
-) -> Result<Sums> {
+fn process_group(job: &ChunkJob<'_>, s: &mut Scratch, row0: usize, rows: usize, out: &mut [u8]) -> Result<Sums> {
     let cols = job.cols;
     let n = rows * cols;
     let src_row_bytes = job.src_ty.row_bytes(cols as u64).unwrap_or(0) as usize;
     let src = resize(&mut s.src, n);
-    quant::dequantize_rows(
-        job.src_ty,
-        &job.src[row0 * src_row_bytes..(row0 + rows) * src_row_bytes],
-        cols,
-        src,
-    )?;
+    quant::dequantize_rows(job.src_ty, &job.src[row0 * src_row_bytes..(row0 + rows) * src_row_bytes], cols, src)?;
 
     // ΔW = Σ_t scale_t · (left_t @ right_t); W' = W_src + ΔW, summed term by term in f32 like llama.cpp
     // (each term: the rank-r product first, then the scale, then the add).
@@ -187,11 +172,7 @@ fn process_group(
     let first_element = (job.first_row + row0) * cols;
     quant::quantize_rows(job.out_ty, patched, cols, out).map_err(|e| match e {
         // Report the element's index in the whole tensor, not in this group of rows.
-        Error::NonFinite { ty, index, value } => Error::NonFinite {
-            ty,
-            index: first_element + index,
-            value,
-        },
+        Error::NonFinite { ty, index, value } => Error::NonFinite { ty, index: first_element + index, value },
         other => other,
     })?;
     let requant = resize(&mut s.requant, n);
@@ -208,12 +189,7 @@ fn process_group(
     };
     let mut sums = Sums::default();
     for i in 0..n {
-        let (w, d, q, m) = (
-            src[i] as f64,
-            delta[i] as f64,
-            requant[i] as f64,
-            model[i] as f64,
-        );
+        let (w, d, q, m) = (src[i] as f64, delta[i] as f64, requant[i] as f64, model[i] as f64);
         let applied = q - w;
         sums.delta_sq += d * d;
         sums.src_sq += w * w;

@@ -97,10 +97,7 @@ impl TensorReport {
 
     /// cos(Q − W_src, ΔW): whether what changed points the way the adapter wanted.
     pub fn cosine(&self) -> f64 {
-        ratio(
-            self.sums.applied_dot_delta,
-            (self.sums.applied_sq * self.sums.delta_sq).sqrt(),
-        )
+        ratio(self.sums.applied_dot_delta, (self.sums.applied_sq * self.sums.delta_sq).sqrt())
     }
 
     /// ‖Q − W'‖ / ‖ΔW‖: the requantization error measured against the size of the change.
@@ -160,10 +157,7 @@ pub struct PatchPlan<'a> {
 }
 
 fn architecture(file: &GgufFile) -> Option<String> {
-    file.header()
-        .get("general.architecture")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
+    file.header().get("general.architecture").and_then(Value::as_str).map(str::to_owned)
 }
 
 fn incompatible(i: Incompatible) -> Error {
@@ -210,10 +204,7 @@ impl<'a> PatchPlan<'a> {
             check_arch(architecture(base), base.path().display().to_string())?;
         }
         for input in adapters {
-            check_arch(
-                input.adapter.architecture.clone(),
-                input.adapter.source.clone(),
-            )?;
+            check_arch(input.adapter.architecture.clone(), input.adapter.source.clone())?;
             if !input.scale.is_finite() {
                 return Err(incompatible(Incompatible::Other(format!(
                     "scale {} for adapter {} is not finite",
@@ -233,11 +224,7 @@ impl<'a> PatchPlan<'a> {
             .tensors()
             .iter()
             .enumerate()
-            .map(|(i, t)| TensorPlan {
-                model_index: i,
-                out_type: t.ty,
-                patch: None,
-            })
+            .map(|(i, t)| TensorPlan { model_index: i, out_type: t.ty, patch: None })
             .collect();
         for (a, input) in adapters.iter().enumerate() {
             for (p, pair) in input.adapter.pairs.iter().enumerate() {
@@ -264,10 +251,7 @@ impl<'a> PatchPlan<'a> {
                 }
                 tensors[index]
                     .patch
-                    .get_or_insert_with(|| PatchedTensor {
-                        terms: Vec::new(),
-                        base_index: None,
-                    })
+                    .get_or_insert_with(|| PatchedTensor { terms: Vec::new(), base_index: None })
                     .terms
                     .push((a, p));
             }
@@ -328,41 +312,20 @@ impl<'a> PatchPlan<'a> {
         }
         if let Some((ty, _)) = cannot_quantize.first() {
             let ty = *ty;
-            let names: Vec<&str> = cannot_quantize
-                .iter()
-                .filter(|(t, _)| *t == ty)
-                .map(|(_, n)| n.as_str())
-                .collect();
-            return Err(incompatible(Incompatible::CannotQuantize {
-                ty,
-                tensors: names.join(", "),
-            }));
+            let names: Vec<&str> = cannot_quantize.iter().filter(|(t, _)| *t == ty).map(|(_, n)| n.as_str()).collect();
+            return Err(incompatible(Incompatible::CannotQuantize { ty, tensors: names.join(", ") }));
         }
 
         let metadata = Self::output_metadata(model, &tensors, &options);
-        Ok(PatchPlan {
-            model,
-            base,
-            adapters,
-            options,
-            tensors,
-            metadata,
-        })
+        Ok(PatchPlan { model, base, adapters, options, tensors, metadata })
     }
 
-    fn output_metadata(
-        model: &GgufFile,
-        tensors: &[TensorPlan],
-        options: &PatchOptions,
-    ) -> Vec<(String, Value)> {
+    fn output_metadata(model: &GgufFile, tensors: &[TensorPlan], options: &PatchOptions) -> Vec<(String, Value)> {
         let mut metadata = model.header().metadata.clone();
         if options.out_type.is_some() {
             // llama.cpp guesses a file's type from its most common tensor type; keep general.file_type in step.
             let mut counts: Vec<(GgmlType, usize)> = Vec::new();
-            for t in tensors
-                .iter()
-                .filter(|t| model.tensors()[t.model_index].dims.len() >= 2)
-            {
+            for t in tensors.iter().filter(|t| model.tensors()[t.model_index].dims.len() >= 2) {
                 match counts.iter_mut().find(|(ty, _)| *ty == t.out_type) {
                     Some((_, n)) => *n += 1,
                     None => counts.push((t.out_type, 1)),
@@ -388,10 +351,7 @@ impl<'a> PatchPlan<'a> {
                     }
                     *old = match value {
                         Value::Array(a) => a.clone(),
-                        _ => Array {
-                            elem_type: ValueType::String,
-                            items: vec![],
-                        },
+                        _ => Array { elem_type: ValueType::String, items: vec![] },
                     };
                 }
                 Some((_, v)) => *v = value.clone(),
@@ -418,16 +378,10 @@ impl<'a> PatchPlan<'a> {
     fn check_output_path(&self, out: &Path) -> Result<()> {
         let mut inputs: Vec<PathBuf> = vec![self.model.path().to_path_buf()];
         inputs.extend(self.base.map(|b| b.path().to_path_buf()));
-        inputs.extend(
-            self.adapters
-                .iter()
-                .map(|a| PathBuf::from(&a.adapter.source)),
-        );
+        inputs.extend(self.adapters.iter().map(|a| PathBuf::from(&a.adapter.source)));
         for input in inputs {
             if same_file(&input, out) {
-                return Err(incompatible(Incompatible::OutputIsInput {
-                    path: out.display().to_string(),
-                }));
+                return Err(incompatible(Incompatible::OutputIsInput { path: out.display().to_string() }));
             }
         }
         Ok(())
@@ -435,20 +389,12 @@ impl<'a> PatchPlan<'a> {
 
     /// Runs the patch, writing `out` atomically. `progress` is called after each tensor and chunk; an error
     /// from it cancels the run (nothing is written).
-    pub fn run(
-        &self,
-        out: &Path,
-        progress: &mut dyn FnMut(&Progress<'_>) -> Result<()>,
-    ) -> Result<PatchReport> {
+    pub fn run(&self, out: &Path, progress: &mut dyn FnMut(&Progress<'_>) -> Result<()>) -> Result<PatchReport> {
         self.check_output_path(out)?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(self.options.threads.unwrap_or(0))
             .build()
-            .map_err(|e| {
-                incompatible(Incompatible::Other(format!(
-                    "cannot start worker threads: {e}"
-                )))
-            })?;
+            .map_err(|e| incompatible(Incompatible::Other(format!("cannot start worker threads: {e}"))))?;
         self.run_in_pool(&pool, out, progress)
     }
 
@@ -464,21 +410,10 @@ impl<'a> PatchPlan<'a> {
             .iter()
             .map(|t| {
                 let info = &self.model.tensors()[t.model_index];
-                TensorSpec {
-                    name: info.name.clone(),
-                    dims: info.dims.clone(),
-                    ty: t.out_type,
-                }
+                TensorSpec { name: info.name.clone(), dims: info.dims.clone(), ty: t.out_type }
             })
             .collect();
-        let writer = GgufWriter::create(
-            out,
-            &self.metadata,
-            specs,
-            WriteOptions {
-                sync: self.options.sync,
-            },
-        )?;
+        let writer = GgufWriter::create(out, &self.metadata, specs, WriteOptions { sync: self.options.sync })?;
         let sizes: Vec<u64> = writer.tensors().map(|(_, n)| n).collect();
         let bytes_total: u64 = sizes.iter().sum();
 
@@ -486,18 +421,15 @@ impl<'a> PatchPlan<'a> {
         let (recycle_tx, recycle_rx) = mpsc::channel::<Vec<u8>>();
         let model_file = self.model.file();
         std::thread::scope(|scope| {
-            let writer_thread =
-                scope.spawn(move || write_loop(writer, from_compute, recycle_tx, model_file));
-            let computed =
-                self.compute_loop(pool, &to_writer, &recycle_rx, &sizes, bytes_total, progress);
+            let writer_thread = scope.spawn(move || write_loop(writer, from_compute, recycle_tx, model_file));
+            let computed = self.compute_loop(pool, &to_writer, &recycle_rx, &sizes, bytes_total, progress);
             let finish = match &computed {
                 Ok(_) => to_writer.send(Message::Finish).is_ok(),
                 Err(_) => false,
             };
             drop(to_writer);
-            let written = writer_thread
-                .join()
-                .unwrap_or_else(|_| Err(Error::WriterState("writer thread panicked".into())));
+            let written =
+                writer_thread.join().unwrap_or_else(|_| Err(Error::WriterState("writer thread panicked".into())));
             match (computed, written) {
                 // The writer's own error explains a failed send best (e.g. disk full).
                 (_, Err(e)) if finish || matches!(e, Error::Io { .. }) => Err(e),
@@ -509,9 +441,7 @@ impl<'a> PatchPlan<'a> {
                     bytes_written: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0),
                     seconds: start.elapsed().as_secs_f64(),
                 }),
-                (Ok(_), _) => Err(Error::WriterState(
-                    "writer stopped before the output was complete".into(),
-                )),
+                (Ok(_), _) => Err(Error::WriterState("writer stopped before the output was complete".into())),
             }
         })
     }
@@ -525,11 +455,7 @@ impl<'a> PatchPlan<'a> {
         bytes_total: u64,
         progress: &mut dyn FnMut(&Progress<'_>) -> Result<()>,
     ) -> Result<Vec<TensorReport>> {
-        let send = |m: Message| {
-            to_writer
-                .send(m)
-                .map_err(|_| Error::WriterState("the writer stopped early".into()))
-        };
+        let send = |m: Message| to_writer.send(m).map_err(|_| Error::WriterState("the writer stopped early".into()));
         let mut reports = Vec::new();
         let mut bytes_done = 0u64;
         let n = self.tensors.len();
@@ -538,10 +464,7 @@ impl<'a> PatchPlan<'a> {
             match &plan.patch {
                 None => {
                     let range = self.model.header().tensor_range(plan.model_index);
-                    send(Message::Copy {
-                        offset: range.start,
-                        len: range.end - range.start,
-                    })?;
+                    send(Message::Copy { offset: range.start, len: range.end - range.start })?;
                     bytes_done += sizes[i];
                 }
                 Some(patch) => {
@@ -556,10 +479,7 @@ impl<'a> PatchPlan<'a> {
                                 bytes_total,
                             })
                         })
-                        .map_err(|e| Error::InTensor {
-                            name: info.name.clone(),
-                            source: Box::new(e),
-                        })?;
+                        .map_err(|e| Error::InTensor { name: info.name.clone(), source: Box::new(e) })?;
                     reports.push(TensorReport {
                         name: info.name.clone(),
                         model_type: info.ty,
@@ -570,13 +490,7 @@ impl<'a> PatchPlan<'a> {
                     });
                 }
             }
-            progress(&Progress {
-                tensors_done: i + 1,
-                tensors_total: n,
-                tensor: &info.name,
-                bytes_done,
-                bytes_total,
-            })?;
+            progress(&Progress { tensors_done: i + 1, tensors_total: n, tensor: &info.name, bytes_done, bytes_total })?;
         }
         Ok(reports)
     }
@@ -632,9 +546,7 @@ impl<'a> PatchPlan<'a> {
             let job = compute::ChunkJob {
                 src: &src[src_range.clone()],
                 src_ty: src_info.ty,
-                model: patch
-                    .base_index
-                    .map(|_| (&model_data[model_range.clone()], info.ty)),
+                model: patch.base_index.map(|_| (&model_data[model_range.clone()], info.ty)),
                 first_row: row,
                 cols,
                 terms: &terms,
@@ -642,15 +554,12 @@ impl<'a> PatchPlan<'a> {
                 intermediate: self.options.intermediate,
             };
             let chunk_sums = pool.install(|| compute::process_chunk(&job, &mut out))?;
-            sums = sums.add(chunk_sums);
+            sums = sums.combine(chunk_sums);
             let out_len = out.len() as u64;
-            to_writer
-                .send(Message::Data(out))
-                .map_err(|_| Error::WriterState("the writer stopped early".into()))?;
+            to_writer.send(Message::Data(out)).map_err(|_| Error::WriterState("the writer stopped early".into()))?;
             src_file.release_pages(src_start + src_range.start..src_start + src_range.end);
             if patch.base_index.is_some() {
-                self.model
-                    .release_pages(model_start + model_range.start..model_start + model_range.end);
+                self.model.release_pages(model_start + model_range.start..model_start + model_range.end);
             }
             on_chunk(out_len)?;
             row += n;

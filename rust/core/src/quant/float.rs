@@ -27,12 +27,7 @@ pub fn f32_to_f16_bits(x: f32) -> u16 {
     let exp_bits = (bits >> 13) & 0x0000_7C00;
     let mantissa_bits = bits & 0x0000_0FFF;
     let nonsign = exp_bits + mantissa_bits;
-    ((sign >> 16)
-        | if shl1_w > 0xFF00_0000 {
-            0x7E00
-        } else {
-            nonsign
-        }) as u16
+    ((sign >> 16) | if shl1_w > 0xFF00_0000 { 0x7E00 } else { nonsign }) as u16
 }
 
 /// `GGML_FP16_TO_FP32`: ggml's `ggml_compute_fp16_to_fp32` (exact; NaN payloads are kept and quieted).
@@ -46,12 +41,7 @@ pub fn f16_bits_to_f32(h: u16) -> f32 {
     let magic_mask = 126u32 << 23;
     let denormalized = f32::from_bits((two_w >> 17) | magic_mask) - 0.5;
     let denormalized_cutoff = 1u32 << 27;
-    let result = sign
-        | if two_w < denormalized_cutoff {
-            denormalized.to_bits()
-        } else {
-            normalized.to_bits()
-        };
+    let result = sign | if two_w < denormalized_cutoff { denormalized.to_bits() } else { normalized.to_bits() };
     f32::from_bits(result)
 }
 
@@ -81,21 +71,14 @@ pub(super) fn max_abs_bits(src: &[f32]) -> u32 {
             *a = (*a).max(v.to_bits() & 0x7FFF_FFFF);
         }
     }
-    let tail = chunks
-        .remainder()
-        .iter()
-        .fold(0, |m, v| u32::max(m, v.to_bits() & 0x7FFF_FFFF));
+    let tail = chunks.remainder().iter().fold(0, |m, v| u32::max(m, v.to_bits() & 0x7FFF_FFFF));
     acc.iter().fold(tail, |m, &a| m.max(a))
 }
 
 /// Writes `f(x)` for every element (`N` bytes each) and returns whether all elements were finite; written in
 /// fixed-size groups so the compiler vectorizes both the check and the conversion.
 #[inline]
-fn convert_checked<const N: usize>(
-    src: &[f32],
-    dst: &mut [u8],
-    f: impl Fn(f32) -> [u8; N],
-) -> bool {
+fn convert_checked<const N: usize>(src: &[f32], dst: &mut [u8], f: impl Fn(f32) -> [u8; N]) -> bool {
     const G: usize = 16;
     let mut acc = [0u32; G];
     let mut s = src.chunks_exact(G);
@@ -107,11 +90,7 @@ fn convert_checked<const N: usize>(
         }
     }
     let mut ok = true;
-    for (&x, y) in s
-        .remainder()
-        .iter()
-        .zip(d.into_remainder().chunks_exact_mut(N))
-    {
+    for (&x, y) in s.remainder().iter().zip(d.into_remainder().chunks_exact_mut(N)) {
         ok &= x.is_finite();
         y.copy_from_slice(&f(x));
     }
@@ -236,14 +215,14 @@ mod tests {
             (f32::from_bits(0xFFFF_FFFF), 0xFE00),
             // Smallest f16 subnormal 2^-24, and ties around it.
             (5.960_464_5e-8, 0x0001),
-            (2.980_232_2e-8, 0x0000), // 2^-25: tie between 0 and 2^-24 -> even (0)
+            (2.980_232_2e-8, 0x0000),              // 2^-25: tie between 0 and 2^-24 -> even (0)
             (f32::from_bits(0x3300_0001), 0x0001), // just above the tie
-            (8.940_697e-8, 0x0002),   // 1.5 * 2^-24: tie between 1 and 2 -> even (2)
-            (1.490_116_1e-7, 0x0002), // 2.5 * 2^-24: tie between 2 and 3 -> even (2)
-            (6.097_555e-5, 0x03FF),   // largest subnormal
-            (6.103_515_6e-5, 0x0400), // smallest normal 2^-14
-            (1.0 + 1.0 / 2048.0, 0x3C00), // tie between 1 and 1+2^-10 -> even (1)
-            (1.0 + 3.0 / 2048.0, 0x3C02), // tie between 1+2^-10 and 1+2^-9 -> even
+            (8.940_697e-8, 0x0002),                // 1.5 * 2^-24: tie between 1 and 2 -> even (2)
+            (1.490_116_1e-7, 0x0002),              // 2.5 * 2^-24: tie between 2 and 3 -> even (2)
+            (6.097_555e-5, 0x03FF),                // largest subnormal
+            (6.103_515_6e-5, 0x0400),              // smallest normal 2^-14
+            (1.0 + 1.0 / 2048.0, 0x3C00),          // tie between 1 and 1+2^-10 -> even (1)
+            (1.0 + 3.0 / 2048.0, 0x3C02),          // tie between 1+2^-10 and 1+2^-9 -> even
             (1e-10, 0x0000),
             (-1e-10, 0x8000),
         ];
@@ -264,14 +243,7 @@ mod tests {
         }
         for h in 0u16..0x7C00 {
             let x = half::f16::from_bits(h).to_f32().to_bits();
-            for b in [
-                x.wrapping_sub(1),
-                x,
-                x + 1,
-                x + 0x1000 - 1,
-                x + 0x1000,
-                x + 0x1001,
-            ] {
+            for b in [x.wrapping_sub(1), x, x + 1, x + 0x1000 - 1, x + 0x1000, x + 0x1001] {
                 let v = f32::from_bits(b);
                 assert_eq!(f32_to_f16_bits(v), half_ref(v), "bits {b:#010x}");
                 assert_eq!(f32_to_f16_bits(-v), half_ref(-v), "bits -{b:#010x}");
@@ -349,38 +321,21 @@ mod tests {
         let mut f = vec![0u8; src.len() * 4];
         assert!(F32::quantize_blocks(&src, &mut f));
         for (i, &x) in src.iter().enumerate() {
-            assert_eq!(
-                u16::from_le_bytes([h[2 * i], h[2 * i + 1]]),
-                f32_to_f16_bits(x),
-                "f16 of {x:e}"
-            );
-            assert_eq!(
-                u16::from_le_bytes([b[2 * i], b[2 * i + 1]]),
-                f32_to_bf16_bits(x),
-                "bf16 of {x:e}"
-            );
+            assert_eq!(u16::from_le_bytes([h[2 * i], h[2 * i + 1]]), f32_to_f16_bits(x), "f16 of {x:e}");
+            assert_eq!(u16::from_le_bytes([b[2 * i], b[2 * i + 1]]), f32_to_bf16_bits(x), "bf16 of {x:e}");
             assert_eq!(&f[4 * i..4 * i + 4], &x.to_le_bytes());
         }
         let mut back = vec![0f32; src.len()];
         F16::dequantize_blocks(&h, &mut back);
         for (i, &y) in back.iter().enumerate() {
-            assert_eq!(
-                y.to_bits(),
-                f16_bits_to_f32(u16::from_le_bytes([h[2 * i], h[2 * i + 1]])).to_bits()
-            );
+            assert_eq!(y.to_bits(), f16_bits_to_f32(u16::from_le_bytes([h[2 * i], h[2 * i + 1]])).to_bits());
         }
         // Every f16 bit pattern through the bulk kernel, at an odd (misaligned) offset.
-        let all: Vec<u8> = std::iter::once(0xAAu8)
-            .chain((0..=u16::MAX).flat_map(|h| h.to_le_bytes()))
-            .collect();
+        let all: Vec<u8> = std::iter::once(0xAAu8).chain((0..=u16::MAX).flat_map(|h| h.to_le_bytes())).collect();
         let mut out = vec![0f32; 65536];
         F16::dequantize_blocks(&all[1..], &mut out);
         for (h, y) in out.iter().enumerate() {
-            assert_eq!(
-                y.to_bits(),
-                f16_bits_to_f32(h as u16).to_bits(),
-                "h {h:#06x}"
-            );
+            assert_eq!(y.to_bits(), f16_bits_to_f32(h as u16).to_bits(), "h {h:#06x}");
         }
         BF16::dequantize_blocks(&all[1..], &mut out);
         for (h, y) in out.iter().enumerate() {

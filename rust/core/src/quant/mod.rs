@@ -20,9 +20,7 @@ mod q8_0;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use float::{
-    bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits, BF16, F16, F32,
-};
+pub use float::{bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits, BF16, F16, F32};
 pub use q4_0::{BlockQ4_0, QK4_0};
 pub use q8_0::{BlockQ8_0, QK8_0};
 
@@ -102,19 +100,13 @@ const PAR_CHUNK_ELEMS: usize = 32 * 1024;
 /// Checks `row_len` and returns the bytes of one row.
 fn row_bytes(k: &Kernels, row_len: usize) -> Result<usize> {
     if row_len == 0 || row_len % k.block_size != 0 {
-        return Err(Error::RowLength {
-            ty: k.ty,
-            row_len,
-            block: k.block_size,
-        });
+        return Err(Error::RowLength { ty: k.ty, row_len, block: k.block_size });
     }
-    (row_len / k.block_size)
-        .checked_mul(k.block_bytes)
-        .ok_or(Error::RowLength {
-            ty: k.ty,
-            row_len,
-            block: k.block_size,
-        })
+    (row_len / k.block_size).checked_mul(k.block_bytes).ok_or(Error::RowLength {
+        ty: k.ty,
+        row_len,
+        block: k.block_size,
+    })
 }
 
 /// Validates a quantize call; returns the kernels.
@@ -130,11 +122,7 @@ fn check_quantize(ty: GgmlType, src: &[f32], row_len: usize, dst: &[u8]) -> Resu
     }
     let expected = (src.len() / row_len).saturating_mul(rb);
     if dst.len() != expected {
-        return Err(Error::BufferSize {
-            what: "quantize destination (bytes)",
-            expected,
-            found: dst.len(),
-        });
+        return Err(Error::BufferSize { what: "quantize destination (bytes)", expected, found: dst.len() });
     }
     Ok(k)
 }
@@ -152,26 +140,15 @@ fn check_dequantize(ty: GgmlType, src: &[u8], row_len: usize, dst: &[f32]) -> Re
     }
     let expected = (src.len() / rb).saturating_mul(row_len);
     if dst.len() != expected {
-        return Err(Error::BufferSize {
-            what: "dequantize destination (f32 elements)",
-            expected,
-            found: dst.len(),
-        });
+        return Err(Error::BufferSize { what: "dequantize destination (f32 elements)", expected, found: dst.len() });
     }
     Ok(k)
 }
 
 /// The error for a quantize call whose kernel met a non-finite value: the first one in flat order.
 fn non_finite(ty: GgmlType, src: &[f32]) -> Error {
-    let index = src
-        .iter()
-        .position(|v| !v.is_finite())
-        .expect("a kernel reported a non-finite value");
-    Error::NonFinite {
-        ty,
-        index,
-        value: src[index],
-    }
+    let index = src.iter().position(|v| !v.is_finite()).expect("a kernel reported a non-finite value");
+    Error::NonFinite { ty, index, value: src[index] }
 }
 
 /// Quantizes `src` (rows of `row_len` f32 each) to `ty` into `dst` (`rows * row_bytes` bytes), on this thread.
@@ -220,12 +197,7 @@ pub fn dequantize_rows(ty: GgmlType, src: &[u8], row_len: usize, dst: &mut [f32]
 }
 
 /// [`dequantize_rows`] with the work split across the current rayon pool, in chunks of whole blocks (same values).
-pub fn dequantize_rows_par(
-    ty: GgmlType,
-    src: &[u8],
-    row_len: usize,
-    dst: &mut [f32],
-) -> Result<()> {
+pub fn dequantize_rows_par(ty: GgmlType, src: &[u8], row_len: usize, dst: &mut [f32]) -> Result<()> {
     let k = check_dequantize(ty, src, row_len, dst)?;
     let blocks = (PAR_CHUNK_ELEMS / k.block_size).max(1);
     if dst.len() <= blocks * k.block_size {
@@ -263,16 +235,12 @@ pub(crate) mod test_util {
     pub fn lcg_block_values(n: usize) -> Vec<f32> {
         let mut state = 0x2545_F491_4F6C_DD1Du64;
         let mut next = move || {
-            state = state
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
             (state >> 33) as u32
         };
         let mut out = Vec::with_capacity(n * 32);
         for b in 0..n {
-            let scale = [
-                1.0f32, 1e-3, 0.02, 7.0, 1e4, 1e6, 3e38, 1e-38, 1e-40, 2.3e-38, 5e-37,
-            ][b % 11];
+            let scale = [1.0f32, 1e-3, 0.02, 7.0, 1e4, 1e6, 3e38, 1e-38, 1e-40, 2.3e-38, 5e-37][b % 11];
             for j in 0..32 {
                 let r = next();
                 let u = (r as f32 / u32::MAX as f32) * 2.0 - 1.0;
@@ -309,13 +277,7 @@ mod tests {
     use super::test_util::lcg_block_values;
     use super::*;
 
-    const TYPES: [GgmlType; 5] = [
-        GgmlType::F32,
-        GgmlType::F16,
-        GgmlType::BF16,
-        GgmlType::Q8_0,
-        GgmlType::Q4_0,
-    ];
+    const TYPES: [GgmlType; 5] = [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_0];
 
     #[test]
     fn dispatch_matches_the_type_table() {
@@ -332,17 +294,11 @@ mod tests {
         let mut dst = vec![0u8; 210];
         assert!(matches!(
             quantize_rows(GgmlType::Q6_K, &[0.0; 256], 256, &mut dst),
-            Err(Error::UnsupportedType {
-                op: "quantize",
-                ty: GgmlType::Q6_K
-            })
+            Err(Error::UnsupportedType { op: "quantize", ty: GgmlType::Q6_K })
         ));
         assert!(matches!(
             dequantize_rows(GgmlType::Q4_1, &[0; 20], 32, &mut [0.0; 32]),
-            Err(Error::UnsupportedType {
-                op: "dequantize",
-                ty: GgmlType::Q4_1
-            })
+            Err(Error::UnsupportedType { op: "dequantize", ty: GgmlType::Q4_1 })
         ));
     }
 
@@ -353,69 +309,37 @@ mod tests {
         for row_len in [0, 16, 48] {
             assert!(matches!(
                 quantize_rows(GgmlType::Q4_0, &src, row_len, &mut dst),
-                Err(Error::RowLength {
-                    ty: GgmlType::Q4_0,
-                    block: 32,
-                    ..
-                })
+                Err(Error::RowLength { ty: GgmlType::Q4_0, block: 32, .. })
             ));
             assert!(matches!(
                 dequantize_rows(GgmlType::Q8_0, &[0; 34], row_len, &mut [0.0; 32]),
-                Err(Error::RowLength {
-                    ty: GgmlType::Q8_0,
-                    block: 32,
-                    ..
-                })
+                Err(Error::RowLength { ty: GgmlType::Q8_0, block: 32, .. })
             ));
         }
         assert!(matches!(
             quantize_rows(GgmlType::F16, &src, 0, &mut dst),
-            Err(Error::RowLength {
-                row_len: 0,
-                block: 1,
-                ..
-            })
+            Err(Error::RowLength { row_len: 0, block: 1, .. })
         ));
         // 96 elements are not whole rows of 64.
         assert!(matches!(
             quantize_rows(GgmlType::Q4_0, &src, 64, &mut dst),
-            Err(Error::BufferSize {
-                expected: 128,
-                found: 96,
-                ..
-            })
+            Err(Error::BufferSize { expected: 128, found: 96, .. })
         ));
         assert!(matches!(
             quantize_rows(GgmlType::Q4_0, &src, 32, &mut [0u8; 53]),
-            Err(Error::BufferSize {
-                expected: 54,
-                found: 53,
-                ..
-            })
+            Err(Error::BufferSize { expected: 54, found: 53, .. })
         ));
         assert!(matches!(
             quantize_rows_par(GgmlType::Q8_0, &src, 96, &mut dst),
-            Err(Error::BufferSize {
-                expected: 102,
-                found: 54,
-                ..
-            })
+            Err(Error::BufferSize { expected: 102, found: 54, .. })
         ));
         assert!(matches!(
             dequantize_rows(GgmlType::Q4_0, &[0; 35], 32, &mut [0.0; 64]),
-            Err(Error::BufferSize {
-                expected: 36,
-                found: 35,
-                ..
-            })
+            Err(Error::BufferSize { expected: 36, found: 35, .. })
         ));
         assert!(matches!(
             dequantize_rows_par(GgmlType::Q4_0, &[0; 36], 32, &mut [0.0; 32]),
-            Err(Error::BufferSize {
-                expected: 64,
-                found: 32,
-                ..
-            })
+            Err(Error::BufferSize { expected: 64, found: 32, .. })
         ));
         // Empty input: zero rows, fine.
         quantize_rows(GgmlType::Q4_0, &[], 32, &mut []).unwrap();
@@ -427,11 +351,7 @@ mod tests {
         let n = 3 * PAR_CHUNK_ELEMS + 64;
         for &ty in &TYPES {
             let rb = ty.row_bytes(64).unwrap() as usize;
-            for (first, second) in [
-                (5usize, n - 1),
-                (PAR_CHUNK_ELEMS + 40, n - 33),
-                (n - 1, n - 1),
-            ] {
+            for (first, second) in [(5usize, n - 1), (PAR_CHUNK_ELEMS + 40, n - 33), (n - 1, n - 1)] {
                 for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
                     let mut src = vec![0.25f32; n];
                     src[second] = f32::NAN;
@@ -444,11 +364,7 @@ mod tests {
                             quantize_rows(ty, &src, 64, &mut dst)
                         };
                         match r {
-                            Err(Error::NonFinite {
-                                ty: t,
-                                index,
-                                value,
-                            }) => {
+                            Err(Error::NonFinite { ty: t, index, value }) => {
                                 assert_eq!((t, index), (ty, first), "{ty} par={par}");
                                 assert_eq!(value.to_bits(), bad.to_bits());
                             }
@@ -463,10 +379,7 @@ mod tests {
     #[test]
     fn parallel_equals_serial() {
         let src = lcg_block_values(4 * PAR_CHUNK_ELEMS / 32 + 5);
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(3)
-            .build()
-            .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         for &ty in &TYPES {
             let row_len = 160;
             let n = src.len() / row_len * row_len;
@@ -475,18 +388,13 @@ mod tests {
             let mut a = vec![0u8; bytes];
             let mut b = vec![1u8; bytes];
             quantize_rows(ty, src, row_len, &mut a).unwrap();
-            pool.install(|| quantize_rows_par(ty, src, row_len, &mut b))
-                .unwrap();
+            pool.install(|| quantize_rows_par(ty, src, row_len, &mut b)).unwrap();
             assert!(a == b, "{ty}");
             let mut fa = vec![0f32; n];
             let mut fb = vec![1f32; n];
             dequantize_rows(ty, &a, row_len, &mut fa).unwrap();
-            pool.install(|| dequantize_rows_par(ty, &a, row_len, &mut fb))
-                .unwrap();
-            assert!(
-                fa.iter().zip(&fb).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{ty}"
-            );
+            pool.install(|| dequantize_rows_par(ty, &a, row_len, &mut fb)).unwrap();
+            assert!(fa.iter().zip(&fb).all(|(x, y)| x.to_bits() == y.to_bits()), "{ty}");
             if ty == GgmlType::F32 {
                 assert!(fa.iter().zip(src).all(|(x, y)| x.to_bits() == y.to_bits()));
             }

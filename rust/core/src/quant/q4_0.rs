@@ -25,10 +25,7 @@ impl BlockQ4_0 {
     pub fn from_bytes(b: &[u8; 18]) -> BlockQ4_0 {
         let mut qs = [0u8; 16];
         qs.copy_from_slice(&b[2..]);
-        BlockQ4_0 {
-            d: u16::from_le_bytes([b[0], b[1]]),
-            qs,
-        }
+        BlockQ4_0 { d: u16::from_le_bytes([b[0], b[1]]), qs }
     }
 
     /// The block's 18 on-disk bytes.
@@ -66,10 +63,7 @@ impl BlockQ4_0 {
             let xi1 = 15.min(c_float_to_i8(x1 + 8.5) as i32) as u8;
             *q = xi0 | (xi1 << 4);
         }
-        BlockQ4_0 {
-            d: f32_to_f16_bits(d),
-            qs,
-        }
+        BlockQ4_0 { d: f32_to_f16_bits(d), qs }
     }
 
     /// One block of ggml's `dequantize_row_q4_0`: `y[j] = (q[j] - 8) * d` with `d` the f16 scale widened to f32.
@@ -137,11 +131,7 @@ mod tests {
         assert!(BlockQ4_0::quantize_blocks(x, &mut out));
         let mut scalar = vec![0u8; 18];
         assert!(quantize_blocks_scalar(x, &mut scalar));
-        assert_eq!(
-            hex(&out),
-            hex(&scalar),
-            "dispatched kernel vs scalar on {x:?}"
-        );
+        assert_eq!(hex(&out), hex(&scalar), "dispatched kernel vs scalar on {x:?}");
         out
     }
 
@@ -154,14 +144,11 @@ mod tests {
         for (j, v) in x.iter_mut().take(16).enumerate() {
             *v = j as f32 - 8.0; // q = j
         }
-        let hi = [
-            8.0, 7.5, 0.49, -0.5, -0.51, 0.5, 1.0, -8.0, 3.2, -3.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
-        ];
+        let hi = [8.0, 7.5, 0.49, -0.5, -0.51, 0.5, 1.0, -8.0, 3.2, -3.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
         // q:    16->15, 16->15, 8.99->8, 8.0->8, 7.99->7, 9->9, 9.5->9, 0.5->0, 11.7->11, 5.3->5, 8.5->8 ...
         x[16..].copy_from_slice(&hi);
         let expected = [
-            0x00, 0x3C, 0xF0, 0xF1, 0x82, 0x83, 0x74, 0x95, 0x96, 0x07, 0xB8, 0x59, 0x8A, 0x8B,
-            0x8C, 0x8D, 0x8E, 0x8F,
+            0x00, 0x3C, 0xF0, 0xF1, 0x82, 0x83, 0x74, 0x95, 0x96, 0x07, 0xB8, 0x59, 0x8A, 0x8B, 0x8C, 0x8D, 0x8E, 0x8F,
         ];
         assert_eq!(hex(&quant(&x)), hex(&expected));
     }
@@ -180,8 +167,7 @@ mod tests {
         x[31] = 3.9; // 0.6999998 -> 0
                      // zeros: 8.5 -> 8
         let expected = [
-            0x00, 0xB8, 0x86, 0x89, 0x88, 0x8B, 0xF8, 0x80, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88,
-            0x88, 0x88, 0x88, 0x08,
+            0x00, 0xB8, 0x86, 0x89, 0x88, 0x8B, 0xF8, 0x80, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x08,
         ];
         assert_eq!(hex(&quant(&x)), hex(&expected));
     }
@@ -255,11 +241,7 @@ mod tests {
                 b[0] = max;
                 b[1] = x;
                 let out = quant(&b);
-                assert_eq!(
-                    (out[3] & 0x0F) as f32,
-                    unfused.trunc().min(15.0),
-                    "x = {x:e}"
-                );
+                assert_eq!((out[3] & 0x0F) as f32, unfused.trunc().min(15.0), "x = {x:e}");
             }
         }
         assert!(found > 0, "no FMA-sensitive input found");
@@ -279,9 +261,7 @@ mod tests {
         dequantize_blocks_scalar(&a, &mut fb);
         assert!(fa.iter().zip(&fb).all(|(p, q)| p.to_bits() == q.to_bits()));
         // Random bytes, misaligned, including f16 NaN/inf scales.
-        let raw: Vec<u8> = (0..18 * 500 + 1)
-            .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-            .collect();
+        let raw: Vec<u8> = (0..18 * 500 + 1).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
         let mut fa = vec![0f32; 500 * 32];
         let mut fb = fa.clone();
         BlockQ4_0::dequantize_blocks(&raw[1..], &mut fa);
@@ -306,10 +286,7 @@ mod tests {
             // Rounding error d/2 except at the clamped end (x/d near +8 codes as 7): d; plus f16 scale error.
             let bound = d + 8.0 * (d16.abs() - d).abs() + max * 1e-6;
             for (a, b) in x.iter().zip(y) {
-                assert!(
-                    (a - b).abs() <= bound,
-                    "block {bi}: {a} -> {b}, bound {bound}"
-                );
+                assert!((a - b).abs() <= bound, "block {bi}: {a} -> {b}, bound {bound}");
             }
         }
     }

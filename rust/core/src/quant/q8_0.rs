@@ -26,10 +26,7 @@ impl BlockQ8_0 {
         for (q, &byte) in qs.iter_mut().zip(&b[2..]) {
             *q = byte as i8;
         }
-        BlockQ8_0 {
-            d: u16::from_le_bytes([b[0], b[1]]),
-            qs,
-        }
+        BlockQ8_0 { d: u16::from_le_bytes([b[0], b[1]]), qs }
     }
 
     /// The block's 34 on-disk bytes.
@@ -57,10 +54,7 @@ impl BlockQ8_0 {
         for (q, &v) in qs.iter_mut().zip(x) {
             *q = c_float_to_i8((v * id).round());
         }
-        BlockQ8_0 {
-            d: f32_to_f16_bits(d),
-            qs,
-        }
+        BlockQ8_0 { d: f32_to_f16_bits(d), qs }
     }
 
     /// One block of ggml's `dequantize_row_q8_0`: `y[j] = q[j] * d` with `d` the f16 scale widened to f32.
@@ -130,11 +124,7 @@ mod tests {
         assert!(BlockQ8_0::quantize_blocks(x, &mut out));
         let mut scalar = vec![0u8; 34];
         assert!(quantize_blocks_scalar(x, &mut scalar));
-        assert_eq!(
-            hex(&out),
-            hex(&scalar),
-            "dispatched kernel vs scalar on {x:?}"
-        );
+        assert_eq!(hex(&out), hex(&scalar), "dispatched kernel vs scalar on {x:?}");
         out
     }
 
@@ -165,10 +155,8 @@ mod tests {
             1e-3,
             -1e-3,
         ]);
-        let mut expected = vec![
-            0x00, 0x3C, 0x7F, 0x81, 0x01, 0xFF, 0x02, 0x03, 0xFD, 0x00, 0x00, 0x7F, 0x81, 0x03,
-            0x01, 0x00, 0x00,
-        ];
+        let mut expected =
+            vec![0x00, 0x3C, 0x7F, 0x81, 0x01, 0xFF, 0x02, 0x03, 0xFD, 0x00, 0x00, 0x7F, 0x81, 0x03, 0x01, 0x00, 0x00];
         expected.resize(34, 0);
         assert_eq!(hex(&quant(&x)), hex(&expected));
     }
@@ -212,12 +200,7 @@ mod tests {
         let mut values: Vec<f32> = Vec::new();
         for k in 0..127 {
             let t = k as f32 + 0.5;
-            for v in [
-                t,
-                f32::from_bits(t.to_bits() - 1),
-                f32::from_bits(t.to_bits() + 1),
-                k as f32,
-            ] {
+            for v in [t, f32::from_bits(t.to_bits() - 1), f32::from_bits(t.to_bits() + 1), k as f32] {
                 values.push(v);
                 values.push(-v);
             }
@@ -282,9 +265,7 @@ mod tests {
         assert!(BlockQ8_0::quantize_blocks(&blocks, &mut a));
         assert!(quantize_blocks_scalar(&blocks, &mut b));
         assert!(a == b);
-        let raw: Vec<u8> = (0..34 * 500 + 1)
-            .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-            .collect();
+        let raw: Vec<u8> = (0..34 * 500 + 1).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
         let mut fa = vec![0f32; 500 * 32];
         let mut fb = fa.clone();
         BlockQ8_0::dequantize_blocks(&raw[1..], &mut fa);
@@ -292,10 +273,7 @@ mod tests {
         assert!(fa.iter().zip(&fb).all(|(p, q)| p.to_bits() == q.to_bits()));
         let mut y = [0f32; 32];
         BlockQ8_0::from_bytes(raw[1..35].try_into().unwrap()).dequantize(&mut y);
-        assert!(y
-            .iter()
-            .zip(&fa[..32])
-            .all(|(p, q)| p.to_bits() == q.to_bits()));
+        assert!(y.iter().zip(&fa[..32]).all(|(p, q)| p.to_bits() == q.to_bits()));
     }
 
     #[test]
@@ -317,10 +295,7 @@ mod tests {
             // Half a step, plus what the f16 rounding of the scale moves the largest code, plus f32 slack.
             let bound = d16 / 2.0 + 127.0 * (d16 - d).abs() + d * 1e-4;
             for (a, b) in x.iter().zip(y) {
-                assert!(
-                    (a - b).abs() <= bound,
-                    "block {bi}: {a} -> {b}, bound {bound}"
-                );
+                assert!((a - b).abs() <= bound, "block {bi}: {a} -> {b}, bound {bound}");
             }
         }
     }

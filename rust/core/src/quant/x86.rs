@@ -25,10 +25,7 @@ pub(super) fn q4_0_quantize(src: &[f32], dst: &mut [u8]) -> Option<bool> {
     if !has_avx2() {
         return None;
     }
-    assert!(
-        src.len() % QK4_0 == 0 && dst.len() == src.len() / QK4_0 * 18,
-        "q4_0 quantize: buffer sizes"
-    );
+    assert!(src.len() % QK4_0 == 0 && dst.len() == src.len() / QK4_0 * 18, "q4_0 quantize: buffer sizes");
     // SAFETY: AVX2 is available (checked above); the kernel only touches memory through in-bounds slice chunks.
     Some(unsafe { q4_0_quantize_avx2(src, dst) })
 }
@@ -38,10 +35,7 @@ pub(super) fn q4_0_dequantize(src: &[u8], dst: &mut [f32]) -> bool {
     if !has_avx2() {
         return false;
     }
-    assert!(
-        dst.len() % QK4_0 == 0 && src.len() == dst.len() / QK4_0 * 18,
-        "q4_0 dequantize: buffer sizes"
-    );
+    assert!(dst.len() % QK4_0 == 0 && src.len() == dst.len() / QK4_0 * 18, "q4_0 dequantize: buffer sizes");
     // SAFETY: AVX2 is available (checked above); the kernel only touches memory through in-bounds slice chunks.
     unsafe { q4_0_dequantize_avx2(src, dst) };
     true
@@ -52,10 +46,7 @@ pub(super) fn q8_0_quantize(src: &[f32], dst: &mut [u8]) -> Option<bool> {
     if !has_avx2() {
         return None;
     }
-    assert!(
-        src.len() % QK8_0 == 0 && dst.len() == src.len() / QK8_0 * 34,
-        "q8_0 quantize: buffer sizes"
-    );
+    assert!(src.len() % QK8_0 == 0 && dst.len() == src.len() / QK8_0 * 34, "q8_0 quantize: buffer sizes");
     // SAFETY: AVX2 is available (checked above); the kernel only touches memory through in-bounds slice chunks.
     Some(unsafe { q8_0_quantize_avx2(src, dst) })
 }
@@ -65,10 +56,7 @@ pub(super) fn q8_0_dequantize(src: &[u8], dst: &mut [f32]) -> bool {
     if !has_avx2() {
         return false;
     }
-    assert!(
-        dst.len() % QK8_0 == 0 && src.len() == dst.len() / QK8_0 * 34,
-        "q8_0 dequantize: buffer sizes"
-    );
+    assert!(dst.len() % QK8_0 == 0 && src.len() == dst.len() / QK8_0 * 34, "q8_0 dequantize: buffer sizes");
     // SAFETY: AVX2 is available (checked above); the kernel only touches memory through in-bounds slice chunks.
     unsafe { q8_0_dequantize_avx2(src, dst) };
     true
@@ -115,12 +103,7 @@ unsafe fn prefetch_ahead(x: &[f32]) {
 unsafe fn load_block(x: &[f32]) -> [__m256; 4] {
     debug_assert!(x.len() >= 32);
     let p = x.as_ptr();
-    [
-        _mm256_loadu_ps(p),
-        _mm256_loadu_ps(p.add(8)),
-        _mm256_loadu_ps(p.add(16)),
-        _mm256_loadu_ps(p.add(24)),
-    ]
+    [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))]
 }
 
 /// `|x|` bit patterns of the 4 vectors, and their largest one across all 32 lanes (integer order equals float
@@ -161,9 +144,7 @@ unsafe fn q4_0_quantize_avx2(src: &[f32], dst: &mut [u8]) -> bool {
             let t = _mm256_set1_epi32(amax_bits as i32);
             let mut mask = 0u32;
             for (k, ak) in a.iter().enumerate() {
-                mask |= (_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(*ak, t)))
-                    as u32)
-                    << (8 * k);
+                mask |= (_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(*ak, t))) as u32) << (8 * k);
             }
             x[mask.trailing_zeros() as usize]
         };
@@ -179,24 +160,14 @@ unsafe fn q4_0_quantize_avx2(src: &[f32], dst: &mut [u8]) -> bool {
         let idv = _mm256_set1_ps(id);
         // x*id, then + 8.5: two roundings as in C (mul and add, never fused); truncate; min(15). Finite id keeps
         // every value in [0, 16.5], so the int32 truncation equals C's (int8_t).
-        let q = |k: usize| {
-            _mm256_min_epi32(
-                _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v[k], idv), half8)),
-                fifteen,
-            )
-        };
+        let q =
+            |k: usize| _mm256_min_epi32(_mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v[k], idv), half8)), fifteen);
         let (q0, q1, q2, q3) = (q(0), q(1), q(2), q(3));
         // Byte j = q[j] | q[j+16] << 4: elements 0..8 pair with 16..24, 8..16 with 24..32.
         let r0 = _mm256_or_si256(q0, _mm256_slli_epi32::<4>(q2));
         let r1 = _mm256_or_si256(q1, _mm256_slli_epi32::<4>(q3));
-        let w0 = _mm_packs_epi32(
-            _mm256_castsi256_si128(r0),
-            _mm256_extracti128_si256::<1>(r0),
-        );
-        let w1 = _mm_packs_epi32(
-            _mm256_castsi256_si128(r1),
-            _mm256_extracti128_si256::<1>(r1),
-        );
+        let w0 = _mm_packs_epi32(_mm256_castsi256_si128(r0), _mm256_extracti128_si256::<1>(r0));
+        let w1 = _mm_packs_epi32(_mm256_castsi256_si128(r1), _mm256_extracti128_si256::<1>(r1));
         let bytes = _mm_packus_epi16(w0, w1);
         _mm_storeu_si128(y[2..18].as_mut_ptr().cast(), bytes);
     }
@@ -230,10 +201,7 @@ unsafe fn q8_0_quantize_avx2(src: &[f32], dst: &mut [u8]) -> bool {
         // |x*id| <= 127.00002 for finite id: the codes fit in int8 and the saturating packs never saturate.
         let q = |k: usize| {
             let p = _mm256_mul_ps(v[k], idv);
-            _mm256_cvttps_epi32(_mm256_add_ps(
-                p,
-                _mm256_or_ps(_mm256_and_ps(p, sign), almost_half),
-            ))
+            _mm256_cvttps_epi32(_mm256_add_ps(p, _mm256_or_ps(_mm256_and_ps(p, sign), almost_half)))
         };
         let (q0, q1, q2, q3) = (q(0), q(1), q(2), q(3));
         // packs work per 128-bit lane: dword k of the result holds 4 codes of q(k%4), low half for k < 4.
@@ -254,12 +222,7 @@ unsafe fn q4_0_dequantize_avx2(src: &[u8], dst: &mut [f32]) {
         let lo = _mm_and_si128(qs, low);
         let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), low);
         // (q - 8) as f32 * d, 8 codes at a time.
-        let f = |b: __m128i| {
-            _mm256_mul_ps(
-                _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(b), eight)),
-                d,
-            )
-        };
+        let f = |b: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(b), eight)), d);
         let p = y.as_mut_ptr();
         _mm256_storeu_ps(p, f(lo));
         _mm256_storeu_ps(p.add(8), f(_mm_srli_si128::<8>(lo)));
@@ -276,10 +239,7 @@ unsafe fn q8_0_dequantize_avx2(src: &[u8], dst: &mut [f32]) {
         let p = y.as_mut_ptr();
         for k in 0..4 {
             let q = _mm_loadl_epi64(qs[8 * k..8 * k + 8].as_ptr().cast());
-            _mm256_storeu_ps(
-                p.add(8 * k),
-                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d),
-            );
+            _mm256_storeu_ps(p.add(8 * k), _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d));
         }
     }
 }
@@ -293,17 +253,10 @@ unsafe fn f32_to_f16_f16c(src: &[f32], dst: &mut [u8]) -> bool {
     for (x, y) in (&mut s).zip(&mut d) {
         let v = _mm256_loadu_ps(x.as_ptr());
         acc = _mm256_max_epi32(acc, _mm256_and_si256(_mm256_castps_si256(v), mask));
-        _mm_storeu_si128(
-            y.as_mut_ptr().cast(),
-            _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v),
-        );
+        _mm_storeu_si128(y.as_mut_ptr().cast(), _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v));
     }
     let mut ok = true;
-    for (&x, y) in s
-        .remainder()
-        .iter()
-        .zip(d.into_remainder().chunks_exact_mut(2))
-    {
+    for (&x, y) in s.remainder().iter().zip(d.into_remainder().chunks_exact_mut(2)) {
         ok &= x.is_finite();
         y.copy_from_slice(&f32_to_f16_bits(x).to_le_bytes());
     }
