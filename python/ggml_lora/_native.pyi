@@ -1,10 +1,23 @@
 """Type stubs of the Rust extension ``ggml_lora._native`` (checked against it by the tests)."""
 
 from os import PathLike
-from typing import Any, Callable
+from typing import Any, Callable, final
 
 import numpy as np
 import numpy.typing as npt
+
+__all__ = [
+    "GGUFError",
+    "PatchError",
+    "GgufFile",
+    "write_gguf",
+    "quantize_rows",
+    "dequantize_rows",
+    "type_table",
+    "Adapter",
+    "patch",
+    "__version__",
+]
 
 __version__: str
 
@@ -14,8 +27,9 @@ class GGUFError(ValueError):
 class PatchError(ValueError):
     """Inputs that cannot be patched together; raised before anything is written."""
 
+@final
 class GgufFile:
-    def __init__(self, path: str | PathLike[str]) -> None: ...
+    def __new__(cls, path: str | PathLike[str]) -> GgufFile: ...
     @property
     def version(self) -> int: ...
     @property
@@ -39,6 +53,7 @@ def quantize_rows(x: npt.NDArray[np.float32], type_name: str, row_len: int) -> n
 def dequantize_rows(data: npt.NDArray[np.uint8], type_name: str, row_len: int) -> npt.NDArray[np.float32]: ...
 def type_table() -> list[tuple[str, int, int, int, bool, bool]]: ...
 
+@final
 class Adapter:
     @staticmethod
     def open(path: str | PathLike[str]) -> Adapter: ...

@@ -109,13 +109,26 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .example import write_example_model
+    from .example import write_example_adapter, write_example_model
+    from .patch import patch
 
     folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="ggml-lora-demo-"))
     folder.mkdir(parents=True, exist_ok=True)
-    model = write_example_model(folder / "example-q4_0.gguf")
-    print(f"wrote an example model: {model}\n")
-    return _cmd_info(argparse.Namespace(file=model, max_items=args.max_items))
+    f16 = write_example_model(folder / "example-f16.gguf", "f16")
+    q4 = write_example_model(folder / "example-q4_0.gguf", "q4_0")
+    adapter = write_example_adapter(folder / "example-lora.gguf")
+    print(f"example files in {folder}: {f16.name}, {q4.name}, {adapter.name}\n")
+
+    print(f"$ ggml-lora patch -m {q4.name} --lora {adapter.name} -o example-merged-naive.gguf")
+    naive = patch(q4, adapter, out=folder / "example-merged-naive.gguf")
+    print(naive.summary(), "\n")
+    print(f"$ ggml-lora patch -m {q4.name} --lora {adapter.name} --lora-base {f16.name} -o example-merged-q4_0.gguf")
+    merged = patch(q4, adapter, base=f16, out=folder / "example-merged-q4_0.gguf")
+    print(merged.summary())
+    if args.table:
+        print()
+        print(merged.table())
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,9 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     patch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     patch.set_defaults(func=_cmd_patch)
 
-    demo = sub.add_parser("demo", help="write a small built-in example model and show it")
+    demo = sub.add_parser("demo", help="patch a small built-in example model (with and without --lora-base) and show the quality report")
     demo.add_argument("--dir", help="folder for the example files (default: a new temporary folder)")
-    demo.add_argument("--max-items", type=int, default=8, help=argparse.SUPPRESS)
+    demo.add_argument("--table", action="store_true", help="print the per-tensor quality table")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -63,3 +63,31 @@ def write_example_model(path: PathLike, ggml_type: str = "q4_0", seed: int = 0) 
         else:
             tensors[name] = (quantize(w, ggml_type), ggml_type, w.shape)
     return write(path, metadata, tensors)
+
+
+def write_example_adapter(
+    path: PathLike, rank: int = 8, alpha: float = 16.0, relative_size: float = 0.04, seed: int = 1
+) -> Path:
+    """Write a llama.cpp GGUF LoRA adapter for the example model: every attention and MLP projection, with
+    factors drawn so that ‖alpha/rank · B@A‖ is about ``relative_size`` of ‖W‖."""
+    rng = np.random.default_rng(seed)
+    weights = example_model_tensors()
+    tensors: dict[str, np.ndarray] = {}
+    for name, w in weights.items():
+        if w.ndim != 2 or not name.startswith("blk."):
+            continue
+        n_out, n_in = w.shape
+        a = rng.normal(0, 1, (rank, n_in)).astype(np.float32)
+        b = rng.normal(0, 1, (n_out, rank)).astype(np.float32)
+        delta = (alpha / rank) * (b @ a)
+        b *= relative_size * np.linalg.norm(w) / np.linalg.norm(delta)
+        tensors[f"{name}.lora_a"] = a
+        tensors[f"{name}.lora_b"] = b
+    metadata = {
+        "general.architecture": "llama",
+        "general.type": "adapter",
+        "adapter.type": "lora",
+        "adapter.lora.alpha": MetadataValue(alpha, GGUFValueType.FLOAT32),
+        "general.name": "ggml-lora example adapter",
+    }
+    return write(path, metadata, tensors)

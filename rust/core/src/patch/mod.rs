@@ -289,8 +289,9 @@ impl<'a> PatchPlan<'a> {
                 }
                 patch.base_index = Some(bi);
             }
-            if !quant::can_dequantize(info.ty) {
-                // Without a base the model's values are the source; with one they feed the quality report.
+            if base.is_none() && !quant::can_dequantize(info.ty) {
+                // Without a base the model's values are the source. (With one they only feed the quality
+                // report, which then measures against the base when the model's type cannot be read.)
                 return Err(incompatible(Incompatible::CannotDequantize {
                     file: model_name.clone(),
                     name: info.name.clone(),
@@ -534,6 +535,7 @@ impl<'a> PatchPlan<'a> {
             })
             .collect();
 
+        let compare_with_model = patch.base_index.is_some() && quant::can_dequantize(info.ty);
         let chunk_rows = (CHUNK_ELEMENTS / cols.max(1)).max(ROW_GROUP) / ROW_GROUP * ROW_GROUP;
         let mut sums = Sums::default();
         let mut row = 0;
@@ -546,7 +548,7 @@ impl<'a> PatchPlan<'a> {
             let job = compute::ChunkJob {
                 src: &src[src_range.clone()],
                 src_ty: src_info.ty,
-                model: patch.base_index.map(|_| (&model_data[model_range.clone()], info.ty)),
+                model: compare_with_model.then(|| (&model_data[model_range.clone()], info.ty)),
                 first_row: row,
                 cols,
                 terms: &terms,
@@ -558,7 +560,7 @@ impl<'a> PatchPlan<'a> {
             let out_len = out.len() as u64;
             to_writer.send(Message::Data(out)).map_err(|_| Error::WriterState("the writer stopped early".into()))?;
             src_file.release_pages(src_start + src_range.start..src_start + src_range.end);
-            if patch.base_index.is_some() {
+            if compare_with_model {
                 self.model.release_pages(model_start + model_range.start..model_start + model_range.end);
             }
             on_chunk(out_len)?;
