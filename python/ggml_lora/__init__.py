@@ -24,10 +24,16 @@ from __future__ import annotations
 from ._native import GGUFError, PatchError, __version__
 from ._types import GGML_QUANT_SIZES, GGML_TYPES, TypeInfo, type_info
 from .gguf import GGUFFile, GGUFValueType, MetadataValue, TensorInfo, open, write
+from . import convert
+from .convert import ConversionError, LoraTensors, peft_to_lora
 from .patch import PatchProgress, PatchResult, TensorQuality, load_adapter, patch
 from .quants import dequantize, quantize
 
 __all__ = [
+    "ConversionError",
+    "LoraTensors",
+    "convert",
+    "peft_to_lora",
     "GGML_QUANT_SIZES",
     "GGML_TYPES",
     "GGUFError",

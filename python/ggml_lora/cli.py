@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", help="folder for the example files (default: a new temporary folder)")
     demo.add_argument("--table", action="store_true", help="print the per-tensor quality table")
     demo.set_defaults(func=_cmd_demo)
+
+    from .convert.cli import add_convert_subcommand
+
+    add_convert_subcommand(sub)
     return parser
 
 

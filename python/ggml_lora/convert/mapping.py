@@ -140,7 +140,8 @@ def base_from_hf(config_path: Path) -> BaseInfo:
             f"{', '.join(HF_ARCHITECTURES)} (or pass the converted GGUF model as the base)"
         )
     arch = _check_arch(HF_ARCHITECTURES[hf_class], source)
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    text_config = config.get("text_config")
+    text: dict[str, Any] = text_config if isinstance(text_config, dict) else {}
     merged = {**config, **text}
 
     def first(*keys: str, default: Any = None) -> Any:
@@ -215,3 +216,10 @@ class NameMapper:
             if name is not None:
                 return name + ".weight"
         return None
+
+    def is_output_head(self, module: str) -> bool:
+        """Whether ``module`` is an output head (lm_head) in gguf-py's mapping of any architecture."""
+        import gguf
+
+        cfg = getattr(gguf.TensorNameMap, "mappings_cfg", {})
+        return module in cfg.get(gguf.MODEL_TENSOR.OUTPUT, ())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ BIN_NAME = "adapter_model.bin"
 MAX_RANK = 1 << 16
 _MAX_HEADER = 100 * 1024 * 1024
 
-_SAFETENSORS_DTYPES = {
+_SAFETENSORS_DTYPES: dict[str, np.dtype[Any]] = {
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
     "BF16": np.dtype("<u2"),
@@ -242,7 +243,7 @@ class PeftAdapter:
     weights_file: Path
 
 
-def read_peft_dir(peft_dir: str | Path) -> PeftAdapter:
+def read_peft_dir(peft_dir: str | os.PathLike[str]) -> PeftAdapter:
     """Read and validate a PEFT adapter directory (no torch, no network)."""
     path = Path(peft_dir)
     if not path.is_dir():

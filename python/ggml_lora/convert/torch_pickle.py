@@ -13,6 +13,7 @@ restricted unpickler (so a hostile global is reported by name), then the file is
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
 import pickle
@@ -101,14 +102,15 @@ class _Loader:
         if self.zf is None:
             raise ConversionError(f"{self.path}: storages outside a zip archive are not supported")
         name = f"{self.prefix}data/{key}"
-        try:
-            raw = self.zf.read(name)
-        except KeyError:
-            raise ConversionError(f"{self.path}: torch zip has no storage entry {name!r}") from None
         dtype, _ = _STORAGE_DTYPES[storage_type.name]
         if self.big_endian:
             dtype = dtype.newbyteorder(">")
         need = numel * dtype.itemsize
+        try:
+            with self.zf.open(name) as entry:
+                raw = entry.read(need)  # never more than the storage needs (no zip-bomb reads)
+        except KeyError:
+            raise ConversionError(f"{self.path}: torch zip has no storage entry {name!r}") from None
         if len(raw) < need:
             raise ConversionError(f"{self.path}: storage {name!r} holds {len(raw)} bytes, needs {need}")
         data = np.frombuffer(raw, dtype=dtype, count=numel)
@@ -191,8 +193,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
         try:
             return self._globals[(module, name)]
         except (KeyError, TypeError):
+            shown = f"'{module}.{name}'"
+            # protocol 0-2 pickles spell Python 3 names the Python 2 way (builtins -> __builtin__, ...)
+            py3 = _compat_pickle.NAME_MAPPING.get((module, name))
+            if py3 is None and module in _compat_pickle.IMPORT_MAPPING:
+                py3 = (_compat_pickle.IMPORT_MAPPING[module], name)
+            if py3 is not None and py3 != (module, name):
+                shown += f" (Python 3: '{py3[0]}.{py3[1]}')"
             raise ConversionError(
-                f"{self._loader.path}: refusing to load pickle global '{module}.{name}' - only torch tensor "
+                f"{self._loader.path}: refusing to load pickle global {shown} - only torch tensor "
                 "rebuild functions, storage types and collections.OrderedDict are allowed (the file may be "
                 "hostile; nothing was executed)"
             ) from None

@@ -5,6 +5,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::kernel::{add_low_rank, row_sums, Sums};
 use crate::error::{Error, Result};
 use crate::quant;
 use crate::types::GgmlType;
@@ -22,37 +23,6 @@ pub struct Term<'a> {
     pub rank: usize,
     /// llama.cpp's scale for this adapter and pair.
     pub scale: f32,
-}
-
-/// Sums over a tensor from which the quality report is derived (f64 to stay exact enough at 1e9 elements).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Sums {
-    /// Σ ΔW²
-    pub delta_sq: f64,
-    /// Σ W_src²
-    pub src_sq: f64,
-    /// Σ (Q − W_src)·ΔW, Q = dequant(output)
-    pub applied_dot_delta: f64,
-    /// Σ (Q − W_src)²
-    pub applied_sq: f64,
-    /// Σ (Q − W')², W' = W_src + ΔW
-    pub error_sq: f64,
-    /// Σ (Q − W_model)·ΔW, W_model = the model's own (possibly quantized) tensor
-    pub vs_model_dot_delta: f64,
-}
-
-impl Sums {
-    /// Element-wise sum (sums of disjoint row ranges combine by addition).
-    pub fn combine(self, o: Sums) -> Sums {
-        Sums {
-            delta_sq: self.delta_sq + o.delta_sq,
-            src_sq: self.src_sq + o.src_sq,
-            applied_dot_delta: self.applied_dot_delta + o.applied_dot_delta,
-            applied_sq: self.applied_sq + o.applied_sq,
-            error_sq: self.error_sq + o.error_sq,
-            vs_model_dot_delta: self.vs_model_dot_delta + o.vs_model_dot_delta,
-        }
-    }
 }
 
 /// What one chunk of rows needs.
@@ -79,7 +49,6 @@ pub struct ChunkJob<'a> {
 struct Scratch {
     src: Vec<f32>,
     model: Vec<f32>,
-    acc: Vec<f32>,
     delta: Vec<f32>,
     patched: Vec<f32>,
     rounded: Vec<u8>,
@@ -133,30 +102,15 @@ fn process_group(job: &ChunkJob<'_>, s: &mut Scratch, row0: usize, rows: usize, 
     quant::dequantize_rows(job.src_ty, &job.src[row0 * src_row_bytes..(row0 + rows) * src_row_bytes], cols, src)?;
 
     // ΔW = Σ_t scale_t · (left_t @ right_t); W' = W_src + ΔW, summed term by term in f32 like llama.cpp
-    // (each term: the rank-r product first, then the scale, then the add).
+    // (each term: the rank-r product first, then the scale, then the add; see kernel.rs).
     let delta = resize(&mut s.delta, n);
     delta.fill(0.0);
     let patched = resize(&mut s.patched, n);
     patched.copy_from_slice(src);
-    let acc = resize(&mut s.acc, n);
     for term in job.terms {
-        acc.fill(0.0);
-        for k in 0..term.rank {
-            let right_row = &term.right[k * cols..(k + 1) * cols];
-            for r in 0..rows {
-                let coef = term.left[(job.first_row + row0 + r) * term.rank + k];
-                let acc_row = &mut acc[r * cols..(r + 1) * cols];
-                for (a, &b) in acc_row.iter_mut().zip(right_row) {
-                    *a += coef * b;
-                }
-            }
-        }
-        let scale = term.scale;
-        for ((p, d), &a) in patched.iter_mut().zip(delta.iter_mut()).zip(acc.iter()) {
-            let scaled = scale * a;
-            *p += scaled;
-            *d += scaled;
-        }
+        let first = job.first_row + row0;
+        let left = &term.left[first * term.rank..(first + rows) * term.rank];
+        add_low_rank(left, term.right, term.rank, cols, term.scale, patched, delta);
     }
 
     if let Some(ty) = job.intermediate.filter(|t| *t != GgmlType::F32) {
@@ -187,16 +141,6 @@ fn process_group(job: &ChunkJob<'_>, s: &mut Scratch, row0: usize, rows: usize, 
         }
         None => src,
     };
-    let mut sums = Sums::default();
-    for i in 0..n {
-        let (w, d, q, m) = (src[i] as f64, delta[i] as f64, requant[i] as f64, model[i] as f64);
-        let applied = q - w;
-        sums.delta_sq += d * d;
-        sums.src_sq += w * w;
-        sums.applied_dot_delta += applied * d;
-        sums.applied_sq += applied * applied;
-        sums.error_sq += (q - (w + d)) * (q - (w + d));
-        sums.vs_model_dot_delta += (q - m) * d;
-    }
+    let sums = row_sums(src, delta, requant, model, cols);
     Ok(sums)
 }

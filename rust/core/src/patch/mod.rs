@@ -7,12 +7,14 @@
 //! Memory stays bounded by a few chunks plus the adapters, whatever the model's size.
 
 mod compute;
+mod kernel;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::time::Instant;
 
-pub use compute::{Sums, Term, ROW_GROUP};
+pub use compute::{Term, ROW_GROUP};
+pub use kernel::Sums;
 
 use crate::adapter::LoraAdapter;
 use crate::error::{Error, Incompatible, Result};

@@ -1,0 +1,275 @@
+"""PEFT LoRA -> llama.cpp LoRA tensors (names, layout, transforms, exact scale)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConversionError
+from .mapping import BaseInfo, NameMapper, read_base
+from .peft import AdapterConfig, read_peft_dir
+from .transforms import embedding_factors, linear_factors, permute_lora_b
+from .writers import GGLA_OUTTYPES, GGUF_OUTTYPES, write_ggla, write_gguf
+
+PREFIX = "base_model.model."
+_SUFFIXES = {
+    ".lora_A.weight": ("linear", "A"),
+    ".lora_B.weight": ("linear", "B"),
+    ".lora_embedding_A": ("embedding", "A"),
+    ".lora_embedding_B": ("embedding", "B"),
+}
+DEFAULT_GGUF_NAME = "ggml-adapter-model.gguf"
+DEFAULT_GGLA_NAME = "ggml-adapter-model.bin"
+
+
+@dataclass
+class LoraTensors:
+    """A LoRA adapter in llama.cpp's GGUF naming and layout.
+
+    ``tensors`` maps ``"<model tensor>.lora_a"`` / ``".lora_b"`` to float32 arrays (numpy layout):
+    linear ``lora_a`` (r, n_in) [ggml ne (n_in, r)], ``lora_b`` (n_out, r); ``token_embd``: ``lora_a``
+    (n_vocab, r) [ne (r, n_vocab)], ``lora_b`` (n_embd, r). The delta llama.cpp applies to a tensor is
+    ``s * lora_b @ lora_a`` (``s * lora_a @ lora_b.T`` for token_embd) with ``s = alpha / r`` (r = the
+    tensor's rank), or ``s = 1`` when ``alpha == 0`` (then the PEFT scale is already folded into ``lora_b``).
+    """
+
+    architecture: str
+    alpha: float
+    tensors: dict[str, np.ndarray]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def scale(self, name: str) -> float:
+        """The scale llama.cpp applies to the tensor ``name`` (``"blk.0.attn_q.weight"``), at adapter scale 1."""
+        b = self.tensors[name + ".lora_b"]
+        return self.alpha / b.shape[1] if self.alpha else 1.0
+
+
+@dataclass
+class _Module:
+    module: str
+    kind: str
+    a: np.ndarray | None = None
+    b: np.ndarray | None = None
+    keys: list[str] = field(default_factory=list)
+
+
+def _group(tensors: dict[str, np.ndarray]) -> list[_Module]:
+    modules: dict[str, _Module] = {}
+    for key, value in sorted(tensors.items()):
+        if "lora_magnitude_vector" in key:
+            raise ConversionError(f"tensor {key!r}: DoRA magnitude vector - DoRA cannot be expressed as a LoRA "
+                                  "adapter (exact DoRA merging in the patch engine is planned)")
+        for suffix, (kind, which) in _SUFFIXES.items():
+            if key.endswith(suffix):
+                break
+        else:
+            if key.endswith(".lora_B.bias") or key.endswith(".bias"):
+                raise ConversionError(f"tensor {key!r}: trained biases cannot be represented in a LoRA adapter")
+            raise ConversionError(
+                f"tensor {key!r} is not a LoRA factor (lora_A/lora_B/lora_embedding_A/B): full weights "
+                "(modules_to_save), trainable tokens and other PEFT extras cannot be represented in a LoRA adapter"
+            )
+        if not key.startswith(PREFIX):
+            raise ConversionError(f"tensor {key!r}: expected PEFT's {PREFIX!r} prefix")
+        module = key[len(PREFIX): -len(suffix)]
+        entry = modules.setdefault(module, _Module(module, kind))
+        if entry.kind != kind:
+            raise ConversionError(f"module {module!r} has both linear and embedding LoRA factors")
+        if getattr(entry, which.lower()) is not None:
+            raise ConversionError(f"module {module!r}: duplicate lora_{which} tensor")
+        setattr(entry, which.lower(), value)
+        entry.keys.append(key)
+    for entry in modules.values():
+        if entry.a is None or entry.b is None:
+            missing = "A" if entry.a is None else "B"
+            raise ConversionError(f"module {entry.module!r}: lora_{missing} factor is missing")
+    if not modules:
+        raise ConversionError("the adapter holds no LoRA tensors")
+    return list(modules.values())
+
+
+def _as_f32(key: str, x: np.ndarray) -> np.ndarray:
+    if x.dtype.kind != "f":
+        raise ConversionError(f"tensor {key!r}: dtype {x.dtype} is not a floating-point type")
+    y = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(y).all():
+        raise ConversionError(f"tensor {key!r}: contains NaN or infinite values")
+    return y
+
+
+def _block_of(name: str) -> int | None:
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+def _llama_alpha(entries: list[tuple[str, int, float, float]], config: AdapterConfig) -> float | None:
+    """The single ``adapter.lora.alpha`` for which llama.cpp's alpha/rank equals PEFT's scale for every tensor,
+    or None. ``entries``: (gguf name, rank, peft alpha, peft scale)."""
+    candidates = set()
+    for _, r, alpha, _ in entries:
+        if config.use_rslora:
+            root = math.isqrt(r)
+            if root * root != r:
+                return None
+            candidates.add(alpha * root)  # alpha/sqrt(r) == (alpha*sqrt(r))/r
+        else:
+            candidates.add(alpha)
+    if len(candidates) != 1:
+        return None
+    value = candidates.pop()
+    if not value > 0 or float(np.float32(value)) != value:
+        return None
+    return value
+
+
+def peft_to_lora(peft_dir: str | os.PathLike[str], base: Any) -> LoraTensors:
+    """Read a PEFT LoRA adapter folder and return its tensors in llama.cpp's GGUF naming and layout.
+
+    ``base`` is the model the adapter applies to: a GGUF model file (only its metadata and tensor shapes are
+    read) or a Hugging Face model folder with ``config.json``. No torch, no network. Raises
+    :class:`ConversionError` for anything that cannot be converted exactly.
+    """
+    adapter = read_peft_dir(peft_dir)
+    info: BaseInfo = read_base(base)
+    mapper = NameMapper(info)
+    config = adapter.config
+    import gguf
+
+    q_k = {gguf.MODEL_TENSOR.ATTN_Q: "q", gguf.MODEL_TENSOR.ATTN_K: "k"}
+    pieces: list[tuple[str, np.ndarray, np.ndarray]] = []
+    entries: list[tuple[str, int, float, float]] = []
+    seen: dict[str, str] = {}
+    for m in _group(adapter.tensors):
+        a = _as_f32(m.keys[0], m.a)  # type: ignore[arg-type]
+        b = _as_f32(m.keys[-1], m.b)  # type: ignore[arg-type]
+        if a.ndim != 2 or b.ndim != 2:
+            raise ConversionError(f"module {m.module!r}: LoRA factors must be 2-D, got {a.shape} and {b.shape} "
+                                  "(convolution LoRA is not supported)")
+        if a.shape[0] != b.shape[1]:
+            raise ConversionError(f"module {m.module!r}: lora_A {a.shape} and lora_B {b.shape} disagree on the rank")
+        rank = a.shape[0]
+        r_cfg, alpha, scale = config.module_scale(m.module)
+        if rank != r_cfg:
+            raise ConversionError(f"module {m.module!r}: factors have rank {rank} but adapter_config.json gives "
+                                  f"r = {r_cfg} for it (r / rank_pattern)")
+        name = mapper.gguf_name(m.module)
+        if name is None and mapper.is_output_head(m.module):
+            raise ConversionError(
+                f"module {m.module!r}: the adapter has an lm_head LoRA, but architecture {info.architecture!r} has "
+                "no separate output tensor (its output head is tied to token_embd); llama.cpp cannot apply it"
+            )
+        if name is None:
+            raise ConversionError(f"module {m.module!r} has no GGUF tensor in architecture {info.architecture!r} "
+                                  "(gguf-py TensorNameMap knows no such tensor)")
+        if name in seen:
+            raise ConversionError(f"modules {seen[name]!r} and {m.module!r} both map to {name!r}")
+        seen[name] = m.module
+        if "_exps" in name or "_shexp" in name:
+            raise ConversionError(f"module {m.module!r} -> {name!r}: LoRA on MoE expert tensors is not supported")
+        is_embd = name == "token_embd.weight"
+        if name == "output.weight" and info.tied_embeddings:
+            raise ConversionError(
+                f"module {m.module!r}: the adapter has an lm_head LoRA, but the base model's output head is tied to "
+                "token_embd (no output.weight); llama.cpp cannot apply it (llama.cpp issue #9065)"
+            )
+        if m.kind == "embedding":
+            if not is_embd:
+                raise ConversionError(f"module {m.module!r}: embedding LoRA maps to {name!r}, not token_embd.weight")
+            if info.tied_embeddings:
+                raise ConversionError(
+                    f"module {m.module!r}: embedding LoRA on a model whose output head is tied to token_embd: "
+                    "PEFT's merge changes the output head too while its unmerged forward (and llama.cpp's runtime) "
+                    "does not, so no single adapter file is right; refusing"
+                )
+            lora_a, lora_b = embedding_factors(a, b)
+        else:
+            if is_embd:
+                raise ConversionError(f"module {m.module!r}: a linear LoRA on token_embd is not representable")
+            lora_a, lora_b = linear_factors(a, b)
+            blk = _block_of(name)
+            which = None
+            if blk is not None:
+                for tensor, tag in q_k.items():
+                    if name == gguf.TENSOR_NAMES[tensor].format(bid=blk) + ".weight":
+                        which = tag
+            if info.permute_qk and which is not None:
+                if blk is None or blk >= info.n_blocks:
+                    raise ConversionError(f"{name!r}: cannot find its block's head counts")
+                n_head = info.n_head[blk]
+                lora_b = permute_lora_b(lora_b, n_head, n_head if which == "q" else info.n_head_kv[blk])
+        if info.tensor_shapes is not None:
+            shape = info.tensor_shapes.get(name)
+            if shape is None:
+                raise ConversionError(f"module {m.module!r} -> {name!r}: the base model has no such tensor")
+            want = (lora_a.shape[0], lora_b.shape[0]) if is_embd else (lora_b.shape[0], lora_a.shape[1])
+            if tuple(shape) != want:
+                raise ConversionError(f"module {m.module!r} -> {name!r}: the LoRA product has shape {want} but the "
+                                      f"base tensor is {tuple(shape)} (numpy order)")
+        pieces.append((name, lora_a, lora_b))
+        entries.append((name, rank, alpha, scale))
+
+    llama_alpha = _llama_alpha(entries, config)
+    tensors: dict[str, np.ndarray] = {}
+    for (name, lora_a, lora_b), (_, _, _, scale) in zip(pieces, entries):
+        if llama_alpha is None:
+            lora_b = np.ascontiguousarray((lora_b.astype(np.float64) * scale).astype(np.float32))
+        tensors[name + ".lora_a"] = np.ascontiguousarray(lora_a, dtype=np.float32)
+        tensors[name + ".lora_b"] = np.ascontiguousarray(lora_b, dtype=np.float32)
+    metadata: dict[str, Any] = {"general.name": adapter.path.resolve().name or "adapter"}
+    if config.base_model_name_or_path:
+        metadata["general.base_model.count"] = _u32(1)
+        metadata["general.base_model.0.name"] = config.base_model_name_or_path
+    return LoraTensors(
+        architecture=info.architecture,
+        alpha=float(llama_alpha) if llama_alpha is not None else 0.0,
+        tensors=tensors,
+        metadata=metadata,
+    )
+
+
+def _u32(v: int) -> Any:
+    from ..gguf import GGUFValueType, MetadataValue
+
+    return MetadataValue(v, GGUFValueType.UINT32)
+
+
+def convert(
+    peft_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    base: Any,
+    outtype: str = "f32",
+    format: str = "gguf",  # noqa: A002 - public keyword
+) -> Path:
+    """Convert a PEFT LoRA adapter folder into a llama.cpp adapter file and return its path.
+
+    ``format="gguf"`` (default) writes llama.cpp's LoRA adapter GGUF with tensors in ``outtype`` f32 (default),
+    f16, bf16 or q8_0 (q8_0 rows that are not a multiple of 32 long - lora_b with r < 32 - fall back to f16, as
+    in llama.cpp). ``format="ggla"`` writes the legacy pre-GGUF adapter file (f32 or f16). ``out`` defaults to
+    ``<peft_dir>/ggml-adapter-model.gguf`` (``.bin`` for ggla); an existing folder gets that file name inside it.
+    """
+    fmt = str(format).lower()
+    kind = str(outtype).lower()
+    if fmt not in ("gguf", "ggla"):
+        raise ConversionError(f"unknown format {format!r}; choose gguf or ggla")
+    allowed = GGUF_OUTTYPES if fmt == "gguf" else GGLA_OUTTYPES
+    if kind not in allowed:
+        raise ConversionError(f"outtype {outtype!r} is not available for {fmt}; choose one of {', '.join(allowed)}")
+    lora = peft_to_lora(peft_dir, base)
+    default = DEFAULT_GGUF_NAME if fmt == "gguf" else DEFAULT_GGLA_NAME
+    if out is None:
+        path = Path(peft_dir) / default
+    else:
+        path = Path(out)
+        if path.is_dir():
+            path = path / default
+    if fmt == "gguf":
+        return write_gguf(lora, path, kind)
+    return write_ggla(lora, path, kind)
