@@ -500,3 +500,48 @@ def test_cli_demo_runs_a_real_patch(tmp_path: Path) -> None:
     assert (tmp_path / "example-merged-q4_0.gguf").exists()
     with ggml_lora.open(tmp_path / "example-merged-q4_0.gguf") as f:
         assert f.metadata["ggml_lora.adapters"] == ["example-lora.gguf"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PEFT directories are converted in memory
+
+
+def test_patch_accepts_a_peft_directory_and_reproduces_llama_quantize(tmp_path: Path) -> None:
+    out = tmp_path / "merged.gguf"
+    ggml_lora.patch(LLAMA / "base-q4_0.gguf", LLAMA / "lora-r8" / "adapter", base=BASE_F16, out=out,
+                    intermediate="f16")
+    ours = reader_tensors(out)
+    ref = reader_tensors(LLAMA / "lora-r8" / "merged-ref-q4_0.gguf")
+    for name in ours:
+        assert np.array_equal(ours[name], ref[name]), name
+    with ggml_lora.open(out) as f:
+        assert f.metadata["ggml_lora.adapters"] == ["adapter"]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "phi3", "gemma2"])
+def test_patch_with_peft_directory_matches_peft_merge_truth(tmp_path: Path, arch: str) -> None:
+    folder = FIXTURES / "arch" / arch
+    out = tmp_path / "merged.gguf"
+    result = ggml_lora.patch(folder / "base-f16.gguf", folder / "peft-a", out=out)
+    ours = reader_tensors(out)
+    truth = reader_tensors(folder / "merged-truth-a-f16.gguf")
+    base = reader_tensors(folder / "base-f16.gguf")
+    patched = {t.name for t in result.tensors}
+    assert patched
+    for name, data in ours.items():
+        if name in patched:
+            assert f16_ulps(data, truth[name]).max() <= 1, name
+        else:
+            assert np.array_equal(data, base[name]), name
+
+
+def test_cli_patch_gpt2_conv1d_peft_directory(tmp_path: Path) -> None:
+    folder = FIXTURES / "gpt2-tiny"
+    out = tmp_path / "gpt2.gguf"
+    done = run_cli("patch", "-m", str(folder / "base-f16.gguf"), "--lora", str(folder / "lora-c_attn" / "adapter"),
+                   "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    ours = reader_tensors(out)
+    truth = reader_tensors(folder / "lora-c_attn" / "merged-ref-f16.changed.gguf")
+    for name, data in truth.items():
+        assert f16_ulps(ours[name], data).max() <= 1, name

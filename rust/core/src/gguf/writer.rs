@@ -26,6 +26,8 @@ use crate::types::GgmlType;
 pub const WRITE_VERSION: u32 = 3;
 /// Data is handed to the OS in pieces of at least this size.
 const BUFFER_BYTES: usize = 1 << 20;
+/// Pieces at least this large skip the buffer (one copy fewer for the patch engine's chunks).
+const DIRECT_WRITE_BYTES: usize = 64 << 10;
 
 /// What a tensor will be: name, dims in ggml order (`dims[0]` = row length) and type.
 #[derive(Clone, Debug, PartialEq)]
@@ -196,16 +198,17 @@ impl GgufWriter {
     }
 
     fn write_out(&mut self, bytes: &[u8]) -> Result<()> {
+        if bytes.len() >= DIRECT_WRITE_BYTES {
+            // Buffered bytes go first: output order is file order.
+            self.flush_buffer()?;
+            let temp = self.out.temp_path().to_path_buf();
+            return self.out.file().write_all(bytes).map_err(|e| Error::io(temp, e));
+        }
         if self.buffer.len() + bytes.len() > BUFFER_BYTES {
             self.flush_buffer()?;
         }
-        if bytes.len() >= BUFFER_BYTES {
-            let temp = self.out.temp_path().to_path_buf();
-            self.out.file().write_all(bytes).map_err(|e| Error::io(temp, e))
-        } else {
-            self.buffer.extend_from_slice(bytes);
-            Ok(())
-        }
+        self.buffer.extend_from_slice(bytes);
+        Ok(())
     }
 
     fn flush_buffer(&mut self) -> Result<()> {
