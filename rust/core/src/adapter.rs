@@ -100,6 +100,44 @@ fn to_f32(ty: GgmlType, data: &[u8], dims: &[u64], name: &str) -> Result<Vec<f32
     Ok(out)
 }
 
+/// The two halves of each pair, by target name, in first-seen order.
+#[derive(Default)]
+struct Halves(Vec<(String, Option<usize>, Option<usize>)>);
+
+impl Halves {
+    /// Records tensor `index` as the A (`is_a`) or B half of `target`.
+    fn add(&mut self, target: &str, is_a: bool, index: usize) {
+        let slot = match self.0.iter().position(|(n, _, _)| n == target) {
+            Some(p) => p,
+            None => {
+                self.0.push((target.to_owned(), None, None));
+                self.0.len() - 1
+            }
+        };
+        if is_a {
+            self.0[slot].1 = Some(index);
+        } else {
+            self.0[slot].2 = Some(index);
+        }
+    }
+
+    /// `(target, a index, b index)` per pair; a half without its partner is an error naming both suffixes.
+    fn complete(self, a_suffix: &str, b_suffix: &str) -> Result<Vec<(String, usize, usize)>> {
+        self.0
+            .into_iter()
+            .map(|(target, a, b)| match (a, b) {
+                (Some(a), Some(b)) => Ok((target, a, b)),
+                (Some(_), None) => Err(adapter_error(Malformed::Other(format!(
+                    "{target}{a_suffix} has no matching {target}{b_suffix}"
+                )))),
+                (None, _) => Err(adapter_error(Malformed::Other(format!(
+                    "{target}{b_suffix} has no matching {target}{a_suffix}"
+                )))),
+            })
+            .collect()
+    }
+}
+
 /// Transposes a rows x cols row-major matrix.
 fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0f32; m.len()];
@@ -153,7 +191,7 @@ pub fn from_tensors(
     if !alpha.is_finite() {
         return Err(adapter_error(Malformed::Other(format!("adapter.lora.alpha is {alpha}"))));
     }
-    let mut halves: Vec<(String, Option<usize>, Option<usize>)> = Vec::new();
+    let mut halves = Halves::default();
     let mut skipped = Vec::new();
     for (i, (t, _)) in tensors.iter().enumerate() {
         let (base, is_a) = if let Some(b) = t.name.strip_suffix(".lora_a") {
@@ -169,31 +207,12 @@ pub fn from_tensors(
                 t.name
             ))));
         };
-        let slot = match halves.iter().position(|(n, _, _)| n == base) {
-            Some(p) => p,
-            None => {
-                halves.push((base.to_owned(), None, None));
-                halves.len() - 1
-            }
-        };
-        if is_a {
-            halves[slot].1 = Some(i);
-        } else {
-            halves[slot].2 = Some(i);
-        }
+        halves.add(base, is_a, i);
     }
 
+    let halves = halves.complete(".lora_a", ".lora_b")?;
     let mut pairs = Vec::with_capacity(halves.len());
     for (target, a, b) in halves {
-        let (a, b) = match (a, b) {
-            (Some(a), Some(b)) => (a, b),
-            (Some(_), None) => {
-                return Err(adapter_error(Malformed::Other(format!("{target}.lora_a has no matching {target}.lora_b"))))
-            }
-            (None, _) => {
-                return Err(adapter_error(Malformed::Other(format!("{target}.lora_b has no matching {target}.lora_a"))))
-            }
-        };
         let ((ta, da), (tb, db)) = (tensors[a], tensors[b]);
         let a_values = to_f32(ta.ty, da, &ta.dims, &ta.name)?;
         let b_values = to_f32(tb.ty, db, &tb.dims, &tb.name)?;
@@ -249,7 +268,7 @@ fn gguf_pair(target: &str, ta: &TensorInfo, tb: &TensorInfo, a: Vec<f32>, b: Vec
 /// the historical converter never permuted lora_B, FORMATS.md §3).
 pub fn from_ggla(bytes: &[u8], source: &str) -> Result<LoraAdapter> {
     let file = GglaFile::parse(bytes)?;
-    let mut halves: Vec<(String, Option<usize>, Option<usize>)> = Vec::new();
+    let mut halves = Halves::default();
     let mut skipped = Vec::new();
     for (i, t) in file.tensors.iter().enumerate() {
         let (base, is_a) = match (t.name.strip_suffix(".loraA"), t.name.strip_suffix(".loraB")) {
@@ -269,24 +288,11 @@ pub fn from_ggla(bytes: &[u8], source: &str) -> Result<LoraAdapter> {
         let target = gguf_target_name(base).ok_or_else(|| {
             adapter_error(Malformed::Other(format!("ggla tensor {:?}: unknown tensor name {base:?}", t.name)))
         })?;
-        let slot = match halves.iter().position(|(n, _, _)| *n == target) {
-            Some(p) => p,
-            None => {
-                halves.push((target, None, None));
-                halves.len() - 1
-            }
-        };
-        if is_a {
-            halves[slot].1 = Some(i);
-        } else {
-            halves[slot].2 = Some(i);
-        }
+        halves.add(&target, is_a, i);
     }
+    let halves = halves.complete(".loraA", ".loraB")?;
     let mut pairs = Vec::with_capacity(halves.len());
     for (target, a, b) in halves {
-        let (Some(a), Some(b)) = (a, b) else {
-            return Err(adapter_error(Malformed::Other(format!("{target}: loraA and loraB must both be present"))));
-        };
         let (ta, tb) = (&file.tensors[a], &file.tensors[b]);
         // loraA ne [r, n_in] (numpy n_in x r), loraB ne [r, n_out] (numpy n_out x r);
         // llama.cpp: BA = mul_mat(loraA, loraB) → ne [n_in, n_out] = B_np @ A_np^T.
