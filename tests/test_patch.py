@@ -545,3 +545,43 @@ def test_cli_patch_gpt2_conv1d_peft_directory(tmp_path: Path) -> None:
     truth = reader_tensors(folder / "lora-c_attn" / "merged-ref-f16.changed.gguf")
     for name, data in truth.items():
         assert f16_ulps(ours[name], data).max() <= 1, name
+
+
+@pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0"])
+def test_adapter_tensors_in_f16_bf16_q8_0(tmp_path: Path, outtype: str) -> None:
+    adapter = ggml_lora.convert(LLAMA / "lora-r8" / "adapter", tmp_path / f"a-{outtype}.gguf", base=BASE_F16,
+                                outtype=outtype)
+    with ggml_lora.open(adapter) as f:
+        assert outtype in {t.type for t in f.tensors.values()}
+    ggml_lora.patch(BASE_F16, adapter, out=tmp_path / "ours.gguf", out_type="f32")
+    ours = reader_f32(tmp_path / "ours.gguf")
+    # Independent recomputation from gguf-py's dequantization of the very same adapter file.
+    deltas = adapter_deltas(adapter)
+    base = reader_f32(BASE_F16)
+    for name, delta in deltas.items():
+        np.testing.assert_allclose(ours[name], base[name] + delta, rtol=0, atol=2e-6)
+
+
+def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    import os
+    import pty
+
+    out = tmp_path / "tty.gguf"
+    pid, fd = pty.fork()
+    if pid == 0:  # child: stdout/stderr are the terminal
+        os.execv(sys.executable, [sys.executable, "-m", "ggml_lora", "patch", "-m", str(BASE_F16), "--lora",
+                                  str(ADAPTER_R8), "-o", str(out)])
+    chunks = []
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    _, status = os.waitpid(pid, 0)
+    text = b"".join(chunks).decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert "21/21 tensors" in text and "ETA" in text and "/s" in text, text
+    assert out.exists()
