@@ -113,7 +113,7 @@ impl GgmlType {
     /// or the size overflows.
     pub fn row_bytes(self, row_len: u64) -> Option<u64> {
         let block = self.block_size() as u64;
-        if row_len % block != 0 {
+        if !row_len.is_multiple_of(block) {
             return None;
         }
         (row_len / block).checked_mul(self.block_bytes() as u64)

@@ -26,6 +26,11 @@ pub const MAX_DIMS: u32 = 4;
 pub const MAX_NAME_LENGTH: usize = 64;
 /// Deepest nesting of arrays in arrays this reader follows (ggml accepts none; the spec allows them).
 pub const MAX_ARRAY_NESTING: usize = 8;
+/// Most memory the decoded metadata values may take (estimated: one `Value` slot per array element plus the
+/// bytes of every string). A decoded one-byte array element takes 32 bytes, so without this cap a hostile file
+/// of N bytes could make the parser allocate ~32 N (a 16 MB file holding one UINT8 array took 490 MB). Real
+/// models stay far below: a 262k-token vocabulary (tokens, scores, types) decodes to about 35 MB.
+pub const MAX_METADATA_MEMORY: u64 = 512 << 20;
 
 /// Where a tensor lives and what it holds, as read from its tensor info.
 #[derive(Clone, Debug, PartialEq)]
@@ -126,7 +131,7 @@ impl GgufHeader {
     /// Parses and validates the header of a GGUF file whose complete contents are `bytes`. Tensor data is
     /// not read, only checked to lie inside `bytes`.
     pub fn parse(bytes: &[u8]) -> Result<GgufHeader> {
-        Parser { bytes, pos: 0 }.header()
+        Parser { bytes, pos: 0, decoded: 0 }.header()
     }
 }
 
@@ -134,6 +139,8 @@ impl GgufHeader {
 struct Parser<'a> {
     bytes: &'a [u8],
     pos: usize,
+    /// Estimated bytes of decoded metadata so far (see [`MAX_METADATA_MEMORY`]).
+    decoded: u64,
 }
 
 impl<'a> Parser<'a> {
@@ -183,6 +190,22 @@ impl<'a> Parser<'a> {
             return Err(self.error_at(at, Malformed::TooMany { what: what(), count, limit: bound }));
         }
         Ok(count as usize)
+    }
+
+    /// Accounts for `bytes` more of decoded metadata, refusing the file (before allocating) past the cap.
+    fn charge(&mut self, at: usize, bytes: u64, what: &dyn Fn() -> String) -> Result<()> {
+        self.decoded = self.decoded.saturating_add(bytes);
+        if self.decoded > MAX_METADATA_MEMORY {
+            return Err(self.error_at(
+                at,
+                Malformed::TooMany {
+                    what: format!("bytes of decoded metadata (at {})", what()),
+                    count: self.decoded,
+                    limit: MAX_METADATA_MEMORY,
+                },
+            ));
+        }
+        Ok(())
     }
 
     fn string_bytes(&mut self, what: &dyn Fn() -> String) -> Result<&'a [u8]> {
@@ -355,7 +378,12 @@ impl<'a> Parser<'a> {
                     value => return Err(self.error_at(at, Malformed::InvalidBool { key: key.to_owned(), value })),
                 }
             }
-            ValueType::String => Value::String(self.string_bytes(&what)?.to_vec()),
+            ValueType::String => {
+                let at = self.pos;
+                let bytes = self.string_bytes(&what)?;
+                self.charge(at, bytes.len() as u64, &what)?;
+                Value::String(bytes.to_vec())
+            }
             ValueType::Array => {
                 let at = self.pos;
                 if depth >= MAX_ARRAY_NESTING {
@@ -374,6 +402,8 @@ impl<'a> Parser<'a> {
                     elem_type.min_encoded_size(),
                     MAX_ARRAY_ELEMENTS,
                 )?;
+                // Every element becomes one `Value` slot, allocated up front: charge them before allocating.
+                self.charge(at, (count as u64).saturating_mul(std::mem::size_of::<Value>() as u64), &what)?;
                 let mut items = Vec::with_capacity(count);
                 for _ in 0..count {
                     items.push(self.value(elem_type, key, depth + 1)?);
@@ -473,6 +503,20 @@ mod tests {
         let (offset, k) = kind(&big_array.0);
         assert_eq!(offset, 24 + 9 + 4 + 4);
         assert!(matches!(k, Malformed::TooMany { .. }), "{k}");
+    }
+
+    #[test]
+    fn decoded_metadata_memory_is_capped() {
+        // 20 M one-byte elements would decode to 640 MB of `Value`s: refused before allocating.
+        let n = 20_000_000u64;
+        let big = Bytes::header(0, 1).str("k").u32(9).u32(0).u64(n).pad_to(24 + 9 + 4 + 4 + 8 + n as usize);
+        let (offset, k) = kind(&big.0);
+        assert_eq!(offset, 24 + 9 + 4);
+        assert!(matches!(k, Malformed::TooMany { limit: MAX_METADATA_MEMORY, .. }), "{k}");
+        assert!(k.to_string().contains("decoded metadata"), "{k}");
+        // 1 M elements (32 MB decoded) are fine.
+        let ok = Bytes::header(0, 1).str("k").u32(9).u32(0).u64(1 << 20).pad_to(24 + 9 + 4 + 4 + 8 + (1 << 20));
+        GgufHeader::parse(&ok.0).unwrap();
     }
 
     #[test]

@@ -10,7 +10,7 @@ mod writer;
 pub use file::GgufFile;
 pub use header::{
     align_up, tensor_nbytes, GgufHeader, TensorInfo, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_ARRAY_ELEMENTS,
-    MAX_ARRAY_NESTING, MAX_DIMS, MAX_NAME_LENGTH, MAX_STRING_LENGTH,
+    MAX_ARRAY_NESTING, MAX_DIMS, MAX_METADATA_MEMORY, MAX_NAME_LENGTH, MAX_STRING_LENGTH,
 };
 pub use value::{encode_string, Array, Value, ValueType};
 pub use writer::{GgufWriter, TensorSpec, WriteOptions};

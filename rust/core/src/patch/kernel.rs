@@ -1,12 +1,9 @@
 //! The arithmetic inner loops of the patch engine: the fused low-rank add and the quality sums.
 //!
 //! Both are written over fixed-width tiles so the compiler keeps the accumulators in registers and vectorizes
-//! them; on x86-64 the same source is also compiled with AVX2 enabled and chosen at run time. Neither version
+//! them; on x86-64 the same source is also compiled with AVX2 (and AVX-512F) enabled and chosen at run time. Neither version
 //! uses FMA and both perform the same f32 operations in the same order, so the output does not depend on the
 //! CPU it runs on.
-
-/// Columns per register tile.
-const TILE: usize = 16;
 
 /// For each of `rows` rows r: `patched[r] += scale · (left[r] @ right)` and `delta[r] += the same`, where
 /// `left` holds `rows × rank` and `right` `rank × cols` (row-major). The product is summed over k in order
@@ -23,12 +20,19 @@ pub fn add_low_rank(
     let rows = patched.len() / cols.max(1);
     assert!(left.len() >= rows * rank && right.len() >= rank * cols && delta.len() == patched.len());
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is available (checked just above); the function is safe Rust compiled with AVX2 enabled.
-        unsafe { add_low_rank_avx2(left, right, rank, cols, scale, patched, delta) };
-        return;
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F is available (checked just above); the function is safe Rust compiled with it.
+            unsafe { add_low_rank_avx512(left, right, rank, cols, scale, patched, delta) };
+            return;
+        }
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is available (checked just above); the function is safe Rust compiled with AVX2.
+            unsafe { add_low_rank_avx2(left, right, rank, cols, scale, patched, delta) };
+            return;
+        }
     }
-    add_low_rank_body(left, right, rank, cols, scale, patched, delta);
+    add_low_rank_body::<16, 2>(left, right, rank, cols, scale, patched, delta);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -42,11 +46,156 @@ unsafe fn add_low_rank_avx2(
     patched: &mut [f32],
     delta: &mut [f32],
 ) {
-    add_low_rank_body(left, right, rank, cols, scale, patched, delta)
+    use std::arch::x86_64::*;
+    /// One row group: 4 rows x 16 columns in 8 ymm accumulators.
+    #[target_feature(enable = "avx2")]
+    fn tile(by_k: &[[f32; 4]], right: &[f32], cols: usize, c0: usize) -> [[f32; 16]; 4] {
+        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+        for (k, c) in by_k.iter().enumerate() {
+            let b = &right[k * cols + c0..k * cols + c0 + 16];
+            // SAFETY: `b` holds 16 f32 (the slice above is bounds-checked), read as two unaligned 8-lane loads.
+            let (b0, b1) = unsafe { (_mm256_loadu_ps(b.as_ptr()), _mm256_loadu_ps(b.as_ptr().add(8))) };
+            for i in 0..4 {
+                let ci = _mm256_set1_ps(c[i]);
+                acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_mul_ps(ci, b0));
+                acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_mul_ps(ci, b1));
+            }
+        }
+        let mut out = [[0f32; 16]; 4];
+        for i in 0..4 {
+            // SAFETY: each row of `out` holds 16 f32: two 8-lane stores.
+            unsafe {
+                _mm256_storeu_ps(out[i].as_mut_ptr(), acc[i][0]);
+                _mm256_storeu_ps(out[i].as_mut_ptr().add(8), acc[i][1]);
+            }
+        }
+        out
+    }
+    add_low_rank_tiled::<16>(left, right, rank, cols, scale, patched, delta, tile)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn add_low_rank_avx512(
+    left: &[f32],
+    right: &[f32],
+    rank: usize,
+    cols: usize,
+    scale: f32,
+    patched: &mut [f32],
+    delta: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    /// One row group: 4 rows x 32 columns in 8 zmm accumulators.
+    #[target_feature(enable = "avx512f")]
+    fn tile(by_k: &[[f32; 4]], right: &[f32], cols: usize, c0: usize) -> [[f32; 32]; 4] {
+        let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+        for (k, c) in by_k.iter().enumerate() {
+            let b = &right[k * cols + c0..k * cols + c0 + 32];
+            // SAFETY: `b` holds 32 f32 (the slice above is bounds-checked), read as two unaligned 16-lane loads.
+            let (b0, b1) = unsafe { (_mm512_loadu_ps(b.as_ptr()), _mm512_loadu_ps(b.as_ptr().add(16))) };
+            for i in 0..4 {
+                let ci = _mm512_set1_ps(c[i]);
+                acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_mul_ps(ci, b0));
+                acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_mul_ps(ci, b1));
+            }
+        }
+        let mut out = [[0f32; 32]; 4];
+        for i in 0..4 {
+            // SAFETY: each row of `out` holds 32 f32: two 16-lane stores.
+            unsafe {
+                _mm512_storeu_ps(out[i].as_mut_ptr(), acc[i][0]);
+                _mm512_storeu_ps(out[i].as_mut_ptr().add(16), acc[i][1]);
+            }
+        }
+        out
+    }
+    add_low_rank_tiled::<32>(left, right, rank, cols, scale, patched, delta, tile)
+}
+
+/// An explicit-SIMD tile kernel: `(coefficients by k, right, cols, first column) -> 4 rows x W sums`.
+#[cfg(target_arch = "x86_64")]
+type TileFn<const W: usize> = unsafe fn(&[[f32; 4]], &[f32], usize, usize) -> [[f32; W]; 4];
+
+/// Drives an explicit-SIMD `tile` function (4 rows x W columns of `left @ right`) over the rows and columns,
+/// then applies `scale` and the adds exactly as [`low_rank_rows`] does. Leftover rows and columns go through
+/// the portable code: every element gets the same operations in the same order either way.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn add_low_rank_tiled<const W: usize>(
+    left: &[f32],
+    right: &[f32],
+    rank: usize,
+    cols: usize,
+    scale: f32,
+    patched: &mut [f32],
+    delta: &mut [f32],
+    tile: TileFn<W>,
+) {
+    let rows = patched.len() / cols;
+    let full_rows = rows / 4 * 4;
+    let full_cols = cols / W * W;
+    for r in (0..full_rows).step_by(4) {
+        let by_k: Vec<[f32; 4]> = (0..rank).map(|k| std::array::from_fn(|i| left[(r + i) * rank + k])).collect();
+        for c0 in (0..full_cols).step_by(W) {
+            // SAFETY: `tile` is one of the two target-feature functions above, only passed here by their callers
+            // after checking the CPU has that feature.
+            let acc = unsafe { tile(&by_k, right, cols, c0) };
+            for (i, acc) in acc.iter().enumerate() {
+                let at = (r + i) * cols + c0;
+                let p: &mut [f32; W] = (&mut patched[at..at + W]).try_into().expect("tile in row");
+                let d: &mut [f32; W] = (&mut delta[at..at + W]).try_into().expect("tile in row");
+                for j in 0..W {
+                    let v = scale * acc[j];
+                    p[j] += v;
+                    d[j] += v;
+                }
+            }
+        }
+        if full_cols < cols {
+            for i in 0..4 {
+                let row = (r + i) * cols;
+                tail_columns(
+                    &left[(r + i) * rank..(r + i + 1) * rank],
+                    right,
+                    cols,
+                    full_cols,
+                    scale,
+                    &mut patched[row..row + cols],
+                    &mut delta[row..row + cols],
+                );
+            }
+        }
+    }
+    let rest = full_rows * cols;
+    add_low_rank_body::<16, 1>(
+        &left[full_rows * rank..],
+        right,
+        rank,
+        cols,
+        scale,
+        &mut patched[rest..],
+        &mut delta[rest..],
+    );
+}
+
+/// Columns `from..cols` of one row, scalar.
+#[inline(always)]
+fn tail_columns(coefs: &[f32], right: &[f32], cols: usize, from: usize, scale: f32, p: &mut [f32], d: &mut [f32]) {
+    for c in from..cols {
+        let mut acc = 0f32;
+        for (k, &coef) in coefs.iter().enumerate() {
+            acc += coef * right[k * cols + c];
+        }
+        let v = scale * acc;
+        p[c] += v;
+        d[c] += v;
+    }
 }
 
 #[inline(always)]
-fn add_low_rank_body(
+fn add_low_rank_body<const W: usize, const R: usize>(
     left: &[f32],
     right: &[f32],
     rank: usize,
@@ -57,25 +206,35 @@ fn add_low_rank_body(
 ) {
     let rows = patched.len() / cols;
     let mut r = 0;
-    // Two rows per pass share every load of `right`; an odd last row goes alone. Each element's arithmetic
-    // is the same either way.
-    while r + 2 <= rows {
-        let (p0, p1) = patched[r * cols..(r + 2) * cols].split_at_mut(cols);
-        let (d0, d1) = delta[r * cols..(r + 2) * cols].split_at_mut(cols);
-        let c0 = &left[r * rank..(r + 1) * rank];
-        let c1 = &left[(r + 1) * rank..(r + 2) * rank];
-        low_rank_rows::<2>([c0, c1], right, cols, scale, [p0, p1], [d0, d1]);
-        r += 2;
+    // R rows per pass share every load of `right` (R x W accumulators stay in registers); leftover rows go one
+    // at a time. Each element's arithmetic is the same whatever W and R are.
+    while r + R <= rows {
+        let p_rows: [&mut [f32]; R] = split_rows(&mut patched[r * cols..(r + R) * cols], cols);
+        let d_rows: [&mut [f32]; R] = split_rows(&mut delta[r * cols..(r + R) * cols], cols);
+        let coefs: [&[f32]; R] = std::array::from_fn(|i| &left[(r + i) * rank..(r + i + 1) * rank]);
+        low_rank_rows::<W, R>(coefs, right, cols, scale, p_rows, d_rows);
+        r += R;
     }
-    if r < rows {
+    while r < rows {
         let p = &mut patched[r * cols..(r + 1) * cols];
         let d = &mut delta[r * cols..(r + 1) * cols];
-        low_rank_rows::<1>([&left[r * rank..(r + 1) * rank]], right, cols, scale, [p], [d]);
+        low_rank_rows::<W, 1>([&left[r * rank..(r + 1) * rank]], right, cols, scale, [p], [d]);
+        r += 1;
     }
 }
 
+/// Splits `R * cols` values into `R` rows.
 #[inline(always)]
-fn low_rank_rows<const R: usize>(
+fn split_rows<const R: usize>(mut values: &mut [f32], cols: usize) -> [&mut [f32]; R] {
+    std::array::from_fn(|_| {
+        let (row, rest) = std::mem::take(&mut values).split_at_mut(cols);
+        values = rest;
+        row
+    })
+}
+
+#[inline(always)]
+fn low_rank_rows<const W: usize, const R: usize>(
     coefs: [&[f32]; R],
     right: &[f32],
     cols: usize,
@@ -84,38 +243,32 @@ fn low_rank_rows<const R: usize>(
     mut delta: [&mut [f32]; R],
 ) {
     let rank = coefs[0].len();
-    let full = cols / TILE * TILE;
+    // Coefficients regrouped by k, so the hot loop below has only constant bounds: the compiler unrolls it and
+    // keeps all R x W accumulators in registers.
+    let by_k: Vec<[f32; R]> = (0..rank).map(|k| std::array::from_fn(|i| coefs[i][k])).collect();
+    let full = cols / W * W;
     let mut c0 = 0;
     while c0 < full {
-        let mut acc = [[0f32; TILE]; R];
-        for k in 0..rank {
-            let b: &[f32; TILE] = right[k * cols + c0..k * cols + c0 + TILE].try_into().expect("tile in range");
-            for (acc, coefs) in acc.iter_mut().zip(coefs.iter()) {
-                let coef = coefs[k];
-                for j in 0..TILE {
-                    acc[j] += coef * b[j];
+        let mut acc = [[0f32; W]; R];
+        for (k, c) in by_k.iter().enumerate() {
+            let b: &[f32; W] = right[k * cols + c0..k * cols + c0 + W].try_into().expect("tile in range");
+            for i in 0..R {
+                for j in 0..W {
+                    acc[i][j] += c[i] * b[j];
                 }
             }
         }
         for ((acc, p), d) in acc.iter().zip(patched.iter_mut()).zip(delta.iter_mut()) {
-            for j in 0..TILE {
+            for j in 0..W {
                 let v = scale * acc[j];
                 p[c0 + j] += v;
                 d[c0 + j] += v;
             }
         }
-        c0 += TILE;
+        c0 += W;
     }
-    for c in full..cols {
-        for ((coefs, p), d) in coefs.iter().zip(patched.iter_mut()).zip(delta.iter_mut()) {
-            let mut acc = 0f32;
-            for (k, &coef) in coefs.iter().enumerate() {
-                acc += coef * right[k * cols + c];
-            }
-            let v = scale * acc;
-            p[c] += v;
-            d[c] += v;
-        }
+    for ((coefs, p), d) in coefs.iter().zip(patched.iter_mut()).zip(delta.iter_mut()) {
+        tail_columns(coefs, right, cols, full, scale, p, d);
     }
 }
 
@@ -295,7 +448,9 @@ mod tests {
     #[test]
     fn low_rank_add_matches_a_plain_triple_loop_bit_for_bit() {
         let mut seed = 7;
-        for (rows, rank, cols) in [(4, 16, 64), (3, 1, 37), (1, 5, 16), (2, 8, 15)] {
+        for (rows, rank, cols) in
+            [(4, 16, 64), (3, 1, 37), (1, 5, 16), (2, 8, 15), (7, 16, 100), (9, 3, 70), (8, 2, 96)]
+        {
             let left: Vec<f32> = (0..rows * rank).map(|_| lcg(&mut seed)).collect();
             let right: Vec<f32> = (0..rank * cols).map(|_| lcg(&mut seed)).collect();
             let src: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
@@ -304,7 +459,15 @@ mod tests {
             add_low_rank(&left, &right, rank, cols, 0.75, &mut patched, &mut delta);
             let mut portable_p = src.clone();
             let mut portable_d = vec![0.5f32; rows * cols];
-            add_low_rank_body(&left, &right, rank, cols, 0.75, &mut portable_p, &mut portable_d);
+            add_low_rank_body::<16, 2>(&left, &right, rank, cols, 0.75, &mut portable_p, &mut portable_d);
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2") {
+                let (mut p2, mut d2) = (src.clone(), vec![0.5f32; rows * cols]);
+                // SAFETY: AVX2 is available (checked just above).
+                unsafe { add_low_rank_avx2(&left, &right, rank, cols, 0.75, &mut p2, &mut d2) };
+                assert!(p2.iter().zip(&portable_p).all(|(a, b)| a.to_bits() == b.to_bits()), "avx2 differs");
+                assert!(d2.iter().zip(&portable_d).all(|(a, b)| a.to_bits() == b.to_bits()), "avx2 differs");
+            }
             for r in 0..rows {
                 for c in 0..cols {
                     let mut acc = 0f32;

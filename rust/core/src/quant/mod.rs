@@ -99,7 +99,7 @@ const PAR_CHUNK_ELEMS: usize = 32 * 1024;
 
 /// Checks `row_len` and returns the bytes of one row.
 fn row_bytes(k: &Kernels, row_len: usize) -> Result<usize> {
-    if row_len == 0 || row_len % k.block_size != 0 {
+    if row_len == 0 || !row_len.is_multiple_of(k.block_size) {
         return Err(Error::RowLength { ty: k.ty, row_len, block: k.block_size });
     }
     (row_len / k.block_size).checked_mul(k.block_bytes).ok_or(Error::RowLength {
@@ -113,7 +113,7 @@ fn row_bytes(k: &Kernels, row_len: usize) -> Result<usize> {
 fn check_quantize(ty: GgmlType, src: &[f32], row_len: usize, dst: &[u8]) -> Result<Kernels> {
     let k = kernels(ty, "quantize")?;
     let rb = row_bytes(&k, row_len)?;
-    if src.len() % row_len != 0 {
+    if !src.len().is_multiple_of(row_len) {
         return Err(Error::BufferSize {
             what: "quantize source (f32 elements, whole rows)",
             expected: src.len().div_ceil(row_len) * row_len,
@@ -131,7 +131,7 @@ fn check_quantize(ty: GgmlType, src: &[f32], row_len: usize, dst: &[u8]) -> Resu
 fn check_dequantize(ty: GgmlType, src: &[u8], row_len: usize, dst: &[f32]) -> Result<Kernels> {
     let k = kernels(ty, "dequantize")?;
     let rb = row_bytes(&k, row_len)?;
-    if src.len() % rb != 0 {
+    if !src.len().is_multiple_of(rb) {
         return Err(Error::BufferSize {
             what: "dequantize source (bytes, whole rows)",
             expected: src.len().div_ceil(rb) * rb,

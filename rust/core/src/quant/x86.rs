@@ -25,7 +25,7 @@ pub(super) fn q4_0_quantize(src: &[f32], dst: &mut [u8]) -> Option<bool> {
     if !has_avx2() {
         return None;
     }
-    assert!(src.len() % QK4_0 == 0 && dst.len() == src.len() / QK4_0 * 18, "q4_0 quantize: buffer sizes");
+    assert!(src.len().is_multiple_of(QK4_0) && dst.len() == src.len() / QK4_0 * 18, "q4_0 quantize: buffer sizes");
     // SAFETY: AVX2 is available (checked above); the kernel only touches memory through in-bounds slice chunks.
     Some(unsafe { q4_0_quantize_avx2(src, dst) })
 }
@@ -35,7 +35,7 @@ pub(super) fn q4_0_dequantize(src: &[u8], dst: &mut [f32]) -> bool {
     if !has_avx2() {
         return false;
     }
-    assert!(dst.len() % QK4_0 == 0 && src.len() == dst.len() / QK4_0 * 18, "q4_0 dequantize: buffer sizes");
+    assert!(dst.len().is_multiple_of(QK4_0) && src.len() == dst.len() / QK4_0 * 18, "q4_0 dequantize: buffer sizes");
     // SAFETY: AVX2 is available (checked above); the kernel only touches memory through in-bounds slice chunks.
     unsafe { q4_0_dequantize_avx2(src, dst) };
     true
@@ -46,7 +46,7 @@ pub(super) fn q8_0_quantize(src: &[f32], dst: &mut [u8]) -> Option<bool> {
     if !has_avx2() {
         return None;
     }
-    assert!(src.len() % QK8_0 == 0 && dst.len() == src.len() / QK8_0 * 34, "q8_0 quantize: buffer sizes");
+    assert!(src.len().is_multiple_of(QK8_0) && dst.len() == src.len() / QK8_0 * 34, "q8_0 quantize: buffer sizes");
     // SAFETY: AVX2 is available (checked above); the kernel only touches memory through in-bounds slice chunks.
     Some(unsafe { q8_0_quantize_avx2(src, dst) })
 }
@@ -56,7 +56,7 @@ pub(super) fn q8_0_dequantize(src: &[u8], dst: &mut [f32]) -> bool {
     if !has_avx2() {
         return false;
     }
-    assert!(dst.len() % QK8_0 == 0 && src.len() == dst.len() / QK8_0 * 34, "q8_0 dequantize: buffer sizes");
+    assert!(dst.len().is_multiple_of(QK8_0) && src.len() == dst.len() / QK8_0 * 34, "q8_0 dequantize: buffer sizes");
     // SAFETY: AVX2 is available (checked above); the kernel only touches memory through in-bounds slice chunks.
     unsafe { q8_0_dequantize_avx2(src, dst) };
     true
