@@ -14,6 +14,25 @@ from ._format import human_bytes, summarize_value
 from .gguf import GGUFFile
 
 
+class _Float32:
+    """A float shown with the shortest repr that round-trips through float32 (1e-05, not 9.99999974e-06)."""
+
+    def __init__(self, value: float) -> None:
+        import numpy as np
+
+        self.text = repr(float(np.format_float_positional(np.float32(value), unique=True, trim="-"))) \
+            if abs(value) < 1e16 else np.format_float_scientific(np.float32(value), unique=True, trim="-")
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _float32_repr(value: object) -> object:
+    if isinstance(value, list):
+        return [_float32_repr(v) for v in value]
+    return _Float32(value) if isinstance(value, float) else value
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     with GGUFFile(args.file) as f:
         print(f"{f.path}: GGUF v{f.version}, {human_bytes(f.file_size)}, alignment {f.alignment}, "
@@ -23,7 +42,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
         width = max((len(k) for k in f.fields), default=0)
         for key, field in f.fields.items():
             type_name = field.type.name + (f"[{field.sub_type.name}]" if field.sub_type is not None else "")
-            print(f"  {key:<{width}}  {type_name:<16} {summarize_value(field.value, max_items=args.max_items)}")
+            value = field.value
+            if field.type.name == "FLOAT32" or field.sub_type is not None and field.sub_type.name == "FLOAT32":
+                value = _float32_repr(value)
+            print(f"  {key:<{width}}  {type_name:<16} {summarize_value(value, max_items=args.max_items)}")
         print()
         print("tensors:")
         rows = [(t.name, t.type, "x".join(map(str, t.shape)), human_bytes(t.nbytes)) for t in f.tensors.values()]

@@ -245,12 +245,19 @@ def _tensor_entry(name: str, value: Any) -> tuple[str, list[int], str, npt.NDArr
         if len(value) != 3:
             raise ValueError(f"tensor {name!r}: expected (raw uint8 data, type, shape), got a {len(value)}-tuple")
         data, ggml_type, shape = value
-        info = type_info(ggml_type)
+        try:
+            info = type_info(ggml_type)
+        except ValueError as exc:
+            raise ValueError(f"tensor {name!r}: {exc}") from None
         raw = np.ascontiguousarray(data)
         if raw.dtype != np.uint8:
             raise ValueError(f"tensor {name!r}: raw data must be uint8, got {raw.dtype}")
         return name, [int(d) for d in reversed(tuple(shape))], info.name, raw.reshape(-1)
     array = np.asarray(value)
+    if array.dtype.byteorder not in ("=", "|", "<" if np.little_endian else ">"):
+        # Non-native byte order (e.g. ">f4"): the lookup below compares dtypes including their byte order, so
+        # convert first; GGUF data is little-endian.
+        array = array.astype(array.dtype.newbyteorder("="))
     if array.dtype not in _ARRAY_TYPES:
         raise ValueError(
             f"tensor {name!r}: cannot write a {array.dtype} array; use float32/float16 (or int8..int64, float64), "
@@ -258,10 +265,11 @@ def _tensor_entry(name: str, value: Any) -> tuple[str, list[int], str, npt.NDArr
         )
     if array.ndim == 0:
         raise ValueError(f"tensor {name!r}: 0-dimensional arrays cannot be written (GGUF tensors have 1-4 dims)")
+    type_name = _ARRAY_TYPES[array.dtype]
     array = np.ascontiguousarray(array)
-    if array.dtype.byteorder == ">":
+    if not np.little_endian and array.dtype.itemsize > 1:  # GGUF data is little-endian
         array = array.astype(array.dtype.newbyteorder("<"))
-    return name, [int(d) for d in reversed(array.shape)], _ARRAY_TYPES[array.dtype], array.reshape(-1).view(np.uint8)
+    return name, [int(d) for d in reversed(array.shape)], type_name, array.reshape(-1).view(np.uint8)
 
 
 def write(

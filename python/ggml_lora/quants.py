@@ -26,9 +26,13 @@ def quantize(x: npt.ArrayLike, type: object) -> npt.NDArray[np.uint8]:
     infinite input raises ``ValueError``. Rows are quantized in parallel with the GIL released.
     """
     info = type_info(type)
-    array = np.ascontiguousarray(x, dtype=np.float32)
+    # np.asarray first: np.ascontiguousarray turns a 0-d array into a 1-d one, which would hide the check below.
+    # Values beyond the float32 range become inf here and are refused by the kernels as non-finite input.
+    with np.errstate(over="ignore"):
+        array = np.asarray(x, dtype=np.float32)
     if array.ndim == 0:
         raise ValueError("cannot quantize a 0-dimensional array: rows need at least one dimension")
+    array = np.ascontiguousarray(array)
     if not info.can_quantize:
         raise ValueError(f"quantizing to {info.name} is not supported (supported: f32, f16, bf16, q8_0, q4_0)")
     row_len = array.shape[-1]

@@ -120,6 +120,10 @@ pub enum Error {
     #[error("cancelled: {0}")]
     Cancelled(String),
 
+    /// Tensor dims or type handed to the writer that a ggml reader would refuse (the message names the tensor).
+    #[error("{0}")]
+    InvalidTensorInfo(Malformed),
+
     /// The writer was driven out of order (e.g. data for tensor 2 before tensor 1 was complete).
     #[error("GGUF writer used out of order: {0}")]
     WriterState(String),

@@ -1,6 +1,6 @@
 //! The ggml tensor types: ids, names, block sizes and block byte sizes.
 //!
-//! Every type that llama.cpp defines today is known here (ggml.h, `GGML_TYPE_COUNT = 40`), so a file holding
+//! Every type that llama.cpp defines today is known here (ggml.h and gguf-py 0.19.0, `GGML_TYPE_COUNT = 42`), so a file holding
 //! any of them can be read, validated and copied untouched, even where this crate cannot (de)quantize it.
 //! Sizes match gguf-py's `GGML_QUANT_SIZES` (checked by the Python tests).
 
@@ -92,11 +92,14 @@ ggml_types! {
     TQ1_0 = 34, "tq1_0", QK_K, 2 + 4 * 13;
     TQ2_0 = 35, "tq2_0", QK_K, 2 + 64;
     MXFP4 = 39, "mxfp4", 32, 1 + 16;
+    NVFP4 = 40, "nvfp4", 64, 4 + 32;
+    Q1_0 = 41, "q1_0", 128, 2 + 16;
 }
 
 impl GgmlType {
-    /// One past the largest type id ggml defines (`GGML_TYPE_COUNT`).
-    pub const COUNT: u32 = 40;
+    /// One past the largest type id ggml defines (`GGML_TYPE_COUNT`; 42 as of gguf-py 0.19.0, which added
+    /// NVFP4 and Q1_0 after FORMATS.md's list).
+    pub const COUNT: u32 = 42;
 
     /// The on-disk type id.
     pub fn id(self) -> u32 {
@@ -142,10 +145,10 @@ mod tests {
             assert_eq!(GgmlType::from_name(t.name()), Some(t));
             assert!(t.id() < GgmlType::COUNT);
         }
-        for removed in [4, 5, 31, 32, 33, 36, 37, 38, 40, u32::MAX] {
+        for removed in [4, 5, 31, 32, 33, 36, 37, 38, 42, u32::MAX] {
             assert_eq!(GgmlType::from_id(removed), None, "id {removed}");
         }
-        assert_eq!(GgmlType::ALL.len(), 32);
+        assert_eq!(GgmlType::ALL.len(), 34);
     }
 
     #[test]

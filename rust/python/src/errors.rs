@@ -10,7 +10,8 @@ use std::io::ErrorKind;
 
 use ggml_lora_core::Error;
 use pyo3::exceptions::{
-    PyFileExistsError, PyFileNotFoundError, PyOSError, PyPermissionError, PyRuntimeError, PyValueError,
+    PyFileExistsError, PyFileNotFoundError, PyIsADirectoryError, PyOSError, PyPermissionError, PyRuntimeError,
+    PyValueError,
 };
 use pyo3::prelude::*;
 
@@ -46,6 +47,7 @@ pub fn to_py(err: Error) -> PyErr {
                 ErrorKind::NotFound => PyFileNotFoundError::new_err((errno, message)),
                 ErrorKind::PermissionDenied => PyPermissionError::new_err((errno, message)),
                 ErrorKind::AlreadyExists => PyFileExistsError::new_err((errno, message)),
+                ErrorKind::IsADirectory => PyIsADirectoryError::new_err((libc_eisdir(errno), message)),
                 _ => PyOSError::new_err((errno, message)),
             }
         }
@@ -59,7 +61,8 @@ pub fn to_py(err: Error) -> PyErr {
         | Error::BufferSize { .. }
         | Error::UnsupportedType { .. }
         | Error::InvalidMetadata { .. }
-        | Error::InvalidTensor { .. } => PyValueError::new_err(message),
+        | Error::InvalidTensor { .. }
+        | Error::InvalidTensorInfo(_) => PyValueError::new_err(message),
     }
 }
 
@@ -72,5 +75,14 @@ pub trait IntoPyResult<T> {
 impl<T> IntoPyResult<T> for Result<T, Error> {
     fn py_err(self) -> PyResult<T> {
         self.map_err(to_py)
+    }
+}
+
+/// EISDIR (21 on Linux and macOS) when the error came from our own check rather than the OS.
+fn libc_eisdir(errno: i32) -> i32 {
+    if errno != 0 {
+        errno
+    } else {
+        21
     }
 }

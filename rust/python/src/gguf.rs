@@ -145,7 +145,7 @@ fn write_gguf(
     for (key, ty, elem, obj) in metadata {
         let elem = elem.as_deref().map(value_type).transpose()?;
         let value = value_from_py(&obj, value_type(&ty)?, elem)
-            .map_err(|e| PyValueError::new_err(format!("metadata key {key:?} ({ty}): {e}")))?;
+            .map_err(|e| PyValueError::new_err(format!("metadata key {key:?}: cannot store {obj} as {ty}: {e}")))?;
         values.push((key, value));
     }
     let mut specs = Vec::with_capacity(tensors.len());

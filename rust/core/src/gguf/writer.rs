@@ -255,7 +255,8 @@ fn encode_header(metadata: &[(String, Value)], tensors: Vec<TensorSpec>) -> Resu
         if !names.insert(spec.name.clone()) {
             return Err(invalid("duplicate tensor name".into()));
         }
-        let nbytes = tensor_nbytes(&spec.name, &spec.dims, spec.ty).map_err(|m| invalid(m.to_string()))?;
+        // The reader's own check, so what is written is exactly what ggml accepts; its message names the tensor.
+        let nbytes = tensor_nbytes(&spec.name, &spec.dims, spec.ty).map_err(Error::InvalidTensorInfo)?;
         specs.push((spec, nbytes));
     }
 

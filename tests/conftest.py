@@ -1,0 +1,156 @@
+"""Shared test set-up: where the reference fixtures live, and small helpers to find them.
+
+The fixtures (``../shared/fixtures`` beside the repository, see its MANIFEST.md) were made by llama.cpp's own
+tools and PEFT; several tests compare against them. They are required: when they are missing the tests that
+need them fail with a clear message instead of being skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+#: The repository root (this file is ``<repo>/tests/conftest.py``).
+REPO = Path(__file__).resolve().parent.parent
+#: The shared reference fixtures, beside the repository.
+FIXTURES = (REPO.parent / "shared" / "fixtures").resolve()
+
+
+def _missing(what: str) -> str:
+    return (
+        f"required test fixture {what} not found (expected under {FIXTURES}: the shared fixtures must sit beside "
+        "the repository as ../shared/fixtures); these tests never skip"
+    )
+
+
+def fixture_path(*parts: str) -> Path:
+    """The path of a fixture file, failing loudly (at collection or in the test) when it does not exist."""
+    path = FIXTURES.joinpath(*parts)
+    if not path.exists():
+        raise FileNotFoundError(_missing(os.path.join(*parts)))
+    return path
+
+
+def all_gguf_fixtures() -> list[Path]:
+    """Every ``.gguf`` file under the fixtures folder, sorted; never empty (raises instead)."""
+    if not FIXTURES.is_dir():
+        raise FileNotFoundError(_missing("folder"))
+    files = sorted(FIXTURES.rglob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(_missing("*.gguf files"))
+    return files
+
+
+def fixture_id(path: Path) -> str:
+    """A short test id for a fixture file (its path relative to the fixtures folder)."""
+    return path.relative_to(FIXTURES).as_posix()
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """The fixtures folder (fails the test when it is missing)."""
+    if not FIXTURES.is_dir():
+        pytest.fail(_missing("folder"))
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def llama_gqa(fixtures_dir: Path) -> Path:
+    """``llama-gqa/``: the small llama model, its quantizations and adapters."""
+    path = fixtures_dir / "llama-gqa"
+    if not path.is_dir():
+        pytest.fail(_missing("llama-gqa/"))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# comparing a file as ggml_lora reads it with gguf-py's GGUFReader
+
+
+def same_value(a: object, b: object) -> bool:
+    """Equal values of equal Python types; floats compared bit for bit (so -0.0 != 0.0 and NaN == NaN)."""
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return struct.pack("<d", a) == struct.pack("<d", b) or (a != a and b != b)
+    return type(a) is type(b) and a == b
+
+
+def gguf_py_value(field: object) -> object:
+    """A gguf-py ReaderField's value; strings that are not UTF-8 come back as bytes (as ggml_lora gives them)."""
+    import gguf
+
+    types = field.types  # type: ignore[attr-defined]
+    if types[0] == gguf.GGUFValueType.STRING:
+        raw = bytes(field.parts[field.data[0]])  # type: ignore[attr-defined]
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw
+    if types[0] == gguf.GGUFValueType.ARRAY and types[1:2] == [gguf.GGUFValueType.STRING]:
+        out: list[object] = []
+        for i in field.data:  # type: ignore[attr-defined]
+            raw = bytes(field.parts[i])  # type: ignore[attr-defined]
+            try:
+                out.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append(raw)
+        return out
+    if types == [gguf.GGUFValueType.ARRAY]:  # empty array
+        return []
+    return field.contents()  # type: ignore[attr-defined]
+
+
+def assert_reads_like_gguf_py(path: Path) -> None:
+    """ggml_lora.open(path) and gguf.GGUFReader(path) agree on everything: version, alignment, data offset,
+    metadata (keys in order, types, values), tensors (names in order, shapes, types, absolute offsets, sizes, bytes)."""
+    import gguf
+
+    import ggml_lora
+
+    reader = gguf.GGUFReader(path)
+    file_bytes = np.fromfile(path, dtype=np.uint8)
+    with ggml_lora.open(path) as f:
+        assert f.version == int(reader.fields["GGUF.version"].contents())
+        assert f.alignment == reader.alignment
+        if reader.tensors:  # without tensors ggml does not pad to the alignment, gguf-py still does
+            assert f.data_offset == reader.data_offset
+        assert f.file_size == Path(path).stat().st_size
+
+        # gguf-py adds pseudo-fields for the header counts; they are not metadata.
+        theirs = {k: v for k, v in reader.fields.items() if not k.startswith("GGUF.")}
+        assert list(f.fields) == list(theirs)  # same keys, same order
+        for key, field in f.fields.items():
+            ref = theirs[key]
+            assert field.type.name == ref.types[0].name, key
+            assert int(field.type) == int(ref.types[0]), key
+            if ref.types[0] == gguf.GGUFValueType.ARRAY:
+                # parts: key length, key, value type, element type, count, items (gguf-py lists the element type in
+                # .types only for non-empty arrays)
+                elem = gguf.GGUFValueType(int(ref.parts[3][0]))
+                assert ref.types[1:2] in ([], [elem])
+                assert field.sub_type is not None and field.sub_type.name == elem.name, key
+            else:
+                assert field.sub_type is None
+            value = gguf_py_value(ref)
+            assert same_value(field.value, value), (key, field.value, value)
+            assert same_value(f.metadata[key], value), key
+
+        assert list(f.tensors) == [t.name for t in reader.tensors]
+        for t in reader.tensors:
+            info = f.tensors[t.name]
+            assert info.name == t.name
+            assert info.shape == tuple(int(d) for d in reversed(t.shape))  # gguf-py: ne order
+            assert info.dims == tuple(int(d) for d in t.shape)
+            assert info.type == t.tensor_type.name.lower()
+            assert info.offset == t.data_offset  # absolute
+            assert info.nbytes == t.n_bytes
+            assert info.n_elements == t.n_elements
+            raw = f.raw(t.name)
+            assert raw.dtype == np.uint8 and raw.shape == (t.n_bytes,)
+            assert np.array_equal(raw, np.ascontiguousarray(t.data).reshape(-1).view(np.uint8))
+            assert np.array_equal(raw, file_bytes[t.data_offset : t.data_offset + t.n_bytes])

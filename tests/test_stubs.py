@@ -1,0 +1,25 @@
+"""The type stubs of the native module (python/ggml_lora/_native.pyi) match the compiled extension."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_native_stubs_match_the_extension(tmp_path: Path) -> None:
+    # Run from an empty folder so that the installed package (and its .pyi) is what gets checked.
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "ggml_lora._native"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, f"stubtest found mismatches:\n{proc.stdout}\n{proc.stderr}"
+    assert "Success" in proc.stdout
+
+
+def test_package_is_typed() -> None:
+    import ggml_lora
+
+    package = Path(ggml_lora.__file__).parent
+    assert (package / "py.typed").is_file()
+    assert (package / "_native.pyi").is_file()
