@@ -239,3 +239,28 @@ def test_package_is_callable_as_convert(tmp_path):
     assert ggml_lora.convert is pkg and callable(ggml_lora.convert)
     with ggml_lora.open(out) as f:
         assert {i.type for i in f.tensors.values()} == {"bf16"}
+
+
+def test_real_cli_convert_then_patch_equals_llama_cpp_merge(tmp_path):
+    """`ggml-lora convert` through the installed entry point, then `ggml-lora patch` with the result: the
+    merged q4_0 model is llama-quantize of PEFT's merge, byte for byte."""
+    import subprocess
+    import sys
+
+    adapter = tmp_path / "adapter.gguf"
+    done = subprocess.run([sys.executable, "-m", "ggml_lora", "convert", str(R8 / "adapter"), "--base",
+                           str(LLAMA_GQA / "base-q4_0.gguf"), "-o", str(adapter)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "merged.gguf"
+    done = subprocess.run([sys.executable, "-m", "ggml_lora", "patch", "-m", str(LLAMA_GQA / "base-q4_0.gguf"),
+                           "--lora", str(adapter), "--lora-base", str(LLAMA_GQA / "base-f16.gguf"),
+                           "--intermediate", "f16", "-o", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    with ggml_lora.open(out) as ours, ggml_lora.open(R8 / "merged-ref-q4_0.gguf") as ref:
+        assert list(ours.tensors) == list(ref.tensors)
+        for name in ours.tensors:
+            assert np.array_equal(ours.raw(name), ref.raw(name)), name
+    done = subprocess.run([sys.executable, "-m", "ggml_lora", "convert", str(tmp_path / "missing"), "--base",
+                           str(LLAMA_GQA / "base-q4_0.gguf")], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "missing" in done.stderr and "Traceback" not in done.stderr
