@@ -124,7 +124,9 @@ def _llama_alpha(entries: list[tuple[str, int, float, float]], config: AdapterCo
     if len(candidates) != 1:
         return None
     value = candidates.pop()
-    if not value > 0 or float(np.float32(value)) != value:
+    with np.errstate(over="ignore"):  # an alpha beyond float32 becomes inf here and is refused just below
+        exact_in_f32 = float(np.float32(value)) == value
+    if not value > 0 or not exact_in_f32:
         return None
     return value
 
@@ -216,10 +218,19 @@ def peft_to_lora(peft_dir: str | os.PathLike[str], base: Any) -> LoraTensors:
         entries.append((name, rank, alpha, scale))
 
     llama_alpha = _llama_alpha(entries, config)
+    if llama_alpha is not None and not np.isfinite(np.float32(llama_alpha)):
+        raise ConversionError(f"lora_alpha {llama_alpha} does not fit adapter.lora.alpha (a FLOAT32)")
     tensors: dict[str, np.ndarray] = {}
-    for (name, lora_a, lora_b), (_, _, _, scale) in zip(pieces, entries):
+    for (name, lora_a, lora_b), (module, _, alpha, scale) in zip(pieces, entries):
         if llama_alpha is None:
-            lora_b = np.ascontiguousarray((lora_b.astype(np.float64) * scale).astype(np.float32))
+            with np.errstate(over="ignore"):
+                lora_b = np.ascontiguousarray((lora_b.astype(np.float64) * scale).astype(np.float32))
+        for suffix, factor in ((".lora_a", lora_a), (".lora_b", lora_b)):
+            if not np.all(np.isfinite(factor)):
+                raise ConversionError(
+                    f"{name}{suffix}: values are not finite after applying PEFT's scale {scale:g} "
+                    f"(alpha {alpha:g}); check lora_alpha in adapter_config.json"
+                )
         tensors[name + ".lora_a"] = np.ascontiguousarray(lora_a, dtype=np.float32)
         tensors[name + ".lora_b"] = np.ascontiguousarray(lora_b, dtype=np.float32)
     metadata: dict[str, Any] = {"general.name": adapter.path.resolve().name or "adapter"}
@@ -270,6 +281,24 @@ def convert(
         path = Path(out)
         if path.is_dir():
             path = path / default
+    _refuse_input_as_output(path, peft_dir, base)
     if fmt == "gguf":
         return write_gguf(lora, path, kind)
     return write_ggla(lora, path, kind)
+
+
+def _refuse_input_as_output(out: Path, peft_dir: str | os.PathLike[str], base: Any) -> None:
+    """Writing over the adapter's own files or the base model would destroy an input: refuse."""
+    if not out.exists():
+        return
+    inputs = [p for p in Path(peft_dir).iterdir() if p.is_file()]
+    if isinstance(base, (str, os.PathLike)):
+        base_path = Path(base)
+        inputs += [p for p in base_path.iterdir() if p.is_file()] if base_path.is_dir() else [base_path]
+    for candidate in inputs:
+        try:
+            same = os.path.samefile(candidate, out)
+        except OSError:
+            continue
+        if same:
+            raise ConversionError(f"refusing to write the output onto an input file: {out}")

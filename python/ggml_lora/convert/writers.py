@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
+import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +87,9 @@ def _pairs(lora: LoraTensors) -> list[tuple[str, np.ndarray, np.ndarray]]:
     return out
 
 
+_TEMP_COUNTER = itertools.count()
+
+
 def write_ggla(lora: LoraTensors, out: Path, outtype: str = "f32") -> Path:
     """Write the legacy 'ggla' adapter of llama.cpp's convert-lora-to-ggml.py (GGUF-era tensor names).
 
@@ -113,7 +116,10 @@ def write_ggla(lora: LoraTensors, out: Path, outtype: str = "f32") -> Path:
         scales = {base: (alpha / q.shape[0] if alpha else 1.0) for base, _, q in pairs}
     ftype_a = 0 if outtype == "f32" else 1
     out = Path(out)
-    fd, tmp_name = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent or ".")
+    # Same naming as the Rust writer's temporary files (atomic.rs), so a leftover from a killed process is
+    # recognisable; created with the usual permissions (0666 minus the umask).
+    tmp_name = str(out.with_name(f".{out.name}.ggml-lora-tmp.{os.getpid()}.{next(_TEMP_COUNTER)}"))
+    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(GGLA_MAGIC)

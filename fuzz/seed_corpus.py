@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Builds the fuzz seed corpora under fuzz/corpus/<target>/ from the real files in ../shared/fixtures.
+
+Nothing here is committed (fuzz/corpus is gitignored): every run rebuilds the same files from the fixtures,
+plus the small hand-made edge cases committed under fuzz/seeds/<target>/. Needs only the standard library
+(and tests/_faults_gguf.py, the fault suite's independent GGUF walker).
+
+    python fuzz/seed_corpus.py            # from the repository root
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+FUZZ = Path(__file__).resolve().parent
+REPO = FUZZ.parent
+FIXTURES = (REPO.parent / "shared" / "fixtures").resolve()
+sys.path.insert(0, str(REPO / "tests"))
+
+import _faults_gguf as g  # noqa: E402
+
+#: Real files at most this big go in whole (libFuzzer slows down on big inputs; -max_len caps mutations).
+WHOLE_LIMIT = 64 * 1024
+
+
+def put(target: str, data: bytes, tag: str) -> None:
+    d = FUZZ / "corpus" / target
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{tag}-{hashlib.sha1(data).hexdigest()[:12]}").write_bytes(data)
+
+
+def fixtures() -> list[Path]:
+    files = sorted(FIXTURES.rglob("*.gguf"))
+    if not files:
+        sys.exit(f"no .gguf fixtures under {FIXTURES}")
+    return files
+
+
+def ggla_from_adapter(data: bytes, *, f16: bool, legacy_names: bool, max_pairs: int = 2, rank: int = 2) -> bytes:
+    """A ggla file holding the first pairs of a GGUF adapter, cut to `rank` (loraA ne [r, n_in], loraB ne [r, n_out])."""
+    h = g.walk(data)
+    alpha = 16
+    out = bytearray(b"algg" + struct.pack("<iii", 1, rank, alpha))
+    pairs = [t for t in h.tensors if t.name.endswith(".lora_a")][:max_pairs]
+    for a in pairs:
+        b = next(t for t in h.tensors if t.name == a.name[:-7] + ".lora_b")
+        target = a.name[:-7]
+        if legacy_names and target.startswith("blk."):
+            _, layer, part, _ = target.split(".", 3)
+            old = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
+                   "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2",
+                   "ffn_up": "feed_forward.w3"}.get(part, part)
+            target = f"layers.{layer}.{old}.weight"
+        for suffix, t, n in (("loraA", a, a.dims[0]), ("loraB", b, b.dims[1])):
+            # Real f32 values (the first rank*n of them), re-laid out as ne [rank, n].
+            start = h.data_offset + t.offset
+            vals = struct.unpack_from(f"<{rank * n}f", data, start)
+            name = f"{target}.{suffix}".encode()
+            out += struct.pack("<iii", 2, len(name), 1 if f16 else 0) + struct.pack("<ii", rank, n) + name
+            out += b"\0" * (-len(out) % 32)
+            out += struct.pack(f"<{rank * n}{'e' if f16 else 'f'}", *vals)
+    return bytes(out)
+
+
+def pairing_seed(model: bytes, adapter: bytes) -> bytes:
+    """Raw mode of adapter_pairing: odd first byte, u16 split point, model bytes, adapter bytes."""
+    split = len(model)  # the target takes split % (len - 1) + 2 as the cut after its 2 length bytes
+    return b"\x01" + struct.pack("<H", split & 0xFFFF) + model + adapter
+
+
+def matching_pair(base: bytes, adapter: bytes, keep: int = 2, rank: int = 2) -> tuple[bytes, bytes]:
+    """A tiny model (real metadata, `keep` patched tensors cut to 4 rows) and an adapter that matches it."""
+    hb, ha = g.walk(base), g.walk(adapter)
+    targets = [t.name[:-7] for t in ha.tensors if t.name.endswith(".lora_a")][:keep]
+    infos, blobs, off = [], [], 0
+    rows = 4
+    for t in hb.tensors:
+        if t.name not in targets:
+            continue
+        dims = [t.dims[0], rows]
+        n = g.tensor_nbytes(dims, t.type)
+        start = hb.data_offset + t.offset
+        blob = base[start:start + n]
+        blob += b"\0" * (-len(blob) % 32)
+        infos.append(g.tensor_info(t.name, dims, t.type, off))
+        blobs.append(blob)
+        off += len(blob)
+    kv = b"".join(base[k[2].offset:k[5]] for k in hb.kvs if not k[0].startswith("tokenizer."))
+    n_kv = sum(1 for k in hb.kvs if not k[0].startswith("tokenizer."))
+    model = g.build([kv], infos, b"".join(blobs), n_kv=n_kv)
+    ainfos, ablobs, off = [], [], 0
+    for name in targets:
+        bt = next(t for t in hb.tensors if t.name == name)
+        for suffix, dims in ((".lora_a", [bt.dims[0], rank]), (".lora_b", [rank, rows])):
+            t = next(t for t in ha.tensors if t.name == name + suffix)
+            n = g.tensor_nbytes(dims, 0)
+            start = ha.data_offset + t.offset
+            blob = adapter[start:start + n]
+            blob += b"\0" * (-len(blob) % 32)
+            ainfos.append(g.tensor_info(name + suffix, dims, 0, off))
+            ablobs.append(blob)
+            off += len(blob)
+    akv = b"".join(adapter[k[2].offset:k[5]] for k in ha.kvs)
+    return model, g.build([akv], ainfos, b"".join(ablobs), n_kv=ha.n_kv)
+
+
+def quant_seeds(base_f16: bytes, base_q4: bytes, base_q8: bytes) -> list[tuple[str, bytes]]:
+    out = []
+    h = g.walk(base_f16)
+    t = next(t for t in h.tensors if t.type == 1 and len(t.dims) == 2)
+    start = h.data_offset + t.offset
+    vals = struct.unpack_from("<256e", base_f16, start)
+    f32 = struct.pack("<256f", *vals)
+    for ty in range(5):  # float mode: selector bit 3 clear; bits 4-5 pick blocks per row
+        for bpr in (0, 1, 3):
+            out.append((f"real-f32-t{ty}-b{bpr}", bytes([ty | (bpr << 4)]) + f32))
+    special = [0.0, -0.0, 1.0, -1.0, 65504.0, 65520.0, -65536.0, 1e-40, -1e-45, 6e-8, 3e38, -3.4e38, 1e6, 0.5, 8.0, -8.0]
+    block = struct.pack("<32f", *(special * 2))
+    for ty in range(5):
+        out.append((f"special-t{ty}", bytes([ty]) + block * 2))
+    nonfinite = struct.pack("<32f", *([1.0] * 7 + [float("nan")] + [float("inf")] + [2.0] * 23))
+    out.append(("nonfinite-q8", bytes([3]) + nonfinite))
+    for name, data, ty, bb in (("q4", base_q4, 2, 18), ("q8", base_q8, 8, 34)):
+        hh = g.walk(data)
+        tt = next(t for t in hh.tensors if t.type == ty)
+        s = hh.data_offset + tt.offset
+        sel = {2: 4, 8: 3}[ty] | 8  # byte mode
+        out.append((f"real-{name}-bytes", bytes([sel]) + data[s:s + 16 * bb]))
+    out.append(("f16-bytes-all-patterns", bytes([1 | 8]) + bytes(range(256)) * 2))
+    out.append(("bf16-bytes", bytes([2 | 8]) + bytes(range(256))[::-1] * 2))
+    return out
+
+
+def main() -> None:
+    corpus = FUZZ / "corpus"
+    if corpus.exists():
+        shutil.rmtree(corpus)
+    files = fixtures()
+    seen = set()
+    for p in files:
+        data = p.read_bytes()
+        tag = p.relative_to(FIXTURES).as_posix().replace("/", "_")
+        if len(data) <= WHOLE_LIMIT:
+            put("gguf_parse", data, tag)
+        small = g.shrink(data)
+        if hashlib.sha1(small).digest() not in seen:
+            seen.add(hashlib.sha1(small).digest())
+            put("gguf_parse", small, f"shrunk-{tag}")
+        # The header alone (tensors out of file): exercises every metadata path cheaply.
+        h = g.walk(data)
+        put("gguf_parse", data[:h.infos_end], f"header-{tag}")
+
+    adapters = [p for p in files if p.name.startswith(("ref-adapter", "lora-a"))]
+    for p in adapters:
+        data = p.read_bytes()
+        tag = p.relative_to(FIXTURES).as_posix().replace("/", "_")
+        for f16 in (False, True):
+            for legacy in (False, True):
+                put("ggla_parse", ggla_from_adapter(data, f16=f16, legacy_names=legacy), f"{tag}-f16{int(f16)}-legacy{int(legacy)}")
+
+    llama = FIXTURES / "llama-gqa"
+    base_f16 = (llama / "base-f16.gguf").read_bytes()
+    base_q4 = (llama / "base-q4_0.gguf").read_bytes()
+    base_q8 = (llama / "base-q8_0.gguf").read_bytes()
+    for adapter_path in (llama / "lora-r8" / "ref-adapter-f32.gguf", llama / "lora-qv-r4" / "ref-adapter-f32.gguf"):
+        adapter = adapter_path.read_bytes()
+        for base in (base_f16, base_q4, base_q8):
+            model, small_adapter = matching_pair(base, adapter)
+            put("adapter_pairing", pairing_seed(model, small_adapter), "raw-gguf")
+        model, _ = matching_pair(base_f16, adapter)
+        put("adapter_pairing", pairing_seed(model, ggla_from_adapter(adapter, f16=False, legacy_names=True)), "raw-ggla")
+    for i in range(8):  # structured mode: even first byte, the rest drives the builder
+        put("adapter_pairing", bytes([0]) + hashlib.sha256(bytes([i])).digest() * 8, f"structured-{i}")
+
+    for tag, data in quant_seeds(base_f16, base_q4, base_q8):
+        put("quant_roundtrip", data, tag)
+
+    # Hand-made edge cases (committed, each < 4 KB).
+    for d in sorted((FUZZ / "seeds").glob("*/*")):
+        put(d.parent.name, d.read_bytes(), f"seed-{d.name}")
+
+    for d in sorted(corpus.iterdir()):
+        n = len(list(d.iterdir()))
+        size = sum(f.stat().st_size for f in d.iterdir())
+        print(f"{d.name}: {n} files, {size / 1024:.0f} KiB")
+
+
+if __name__ == "__main__":
+    main()
