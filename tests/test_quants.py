@@ -817,3 +817,29 @@ def test_fixture_to_numpy_matches_gguf_py(path: Path) -> None:
             assert ours.shape == info.shape == ref.shape
             assert ours.dtype == np.float32
             assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32)), t.name
+
+
+@pytest.mark.parametrize("ggml_type", ["q4_0", "q8_0", "f16", "bf16", "f32"])
+def test_out_arrays_are_filled_in_place_with_the_same_bytes(ggml_type: str) -> None:
+    x = np.random.default_rng(11).standard_normal((37, 96)).astype(np.float32)
+    expected = ggml_lora.quantize(x, ggml_type)
+    q = np.full(expected.shape, 0xAB, np.uint8)
+    assert ggml_lora.quantize(x, ggml_type, out=q) is q
+    assert np.array_equal(q, expected)
+    w = np.full(x.shape, np.nan, np.float32)
+    assert ggml_lora.dequantize(q, ggml_type, x.shape, out=w) is w
+    assert np.array_equal(w, ggml_lora.dequantize(expected, ggml_type, x.shape))
+
+
+def test_out_arrays_must_match_exactly() -> None:
+    x = np.ones((4, 64), np.float32)
+    for bad in (np.empty((4, 35), np.uint8), np.empty((4, 36), np.int8), np.empty((36, 4), np.uint8).T, [0] * 144):
+        with pytest.raises(ValueError, match="out must be"):
+            ggml_lora.quantize(x, "q4_0", out=bad)  # type: ignore[arg-type]
+    frozen = np.empty((4, 36), np.uint8)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        ggml_lora.quantize(x, "q4_0", out=frozen)
+    q = ggml_lora.quantize(x, "q4_0")
+    with pytest.raises(ValueError, match="out must be"):
+        ggml_lora.dequantize(q, "q4_0", x.shape, out=np.empty((4, 64), np.float64))

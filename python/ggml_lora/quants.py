@@ -18,12 +18,23 @@ def _check_row_length(row_len: int, info_name: str, block_size: int) -> None:
         )
 
 
-def quantize(x: npt.ArrayLike, type: object) -> npt.NDArray[np.uint8]:
+def _check_out(out: np.ndarray, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
+    """A flat view of a caller-provided output array, which must match exactly (no silent copies)."""
+    if not isinstance(out, np.ndarray) or out.dtype != dtype or out.shape != shape or not out.flags.c_contiguous:
+        got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise ValueError(f"out must be a C-contiguous {np.dtype(dtype)} array of shape {shape}, got {got}")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    return out.reshape(-1)
+
+
+def quantize(x: npt.ArrayLike, type: object, *, out: npt.NDArray[np.uint8] | None = None) -> npt.NDArray[np.uint8]:
     """Quantize ``x`` (converted to float32) row by row to ggml ``type``.
 
     Returns a uint8 array of shape ``x.shape[:-1] + (bytes_per_row,)`` holding the exact bytes ggml's
     ``quantize_row_*_ref`` writes. ``x.shape[-1]`` must be a multiple of the type's block size. NaN or
-    infinite input raises ``ValueError``. Rows are quantized in parallel with the GIL released.
+    infinite input raises ``ValueError``. Rows are quantized in parallel with the GIL released. ``out``, a
+    C-contiguous uint8 array of the result's shape, is filled and returned instead of allocating a new array.
     """
     info = type_info(type)
     # np.asarray first: np.ascontiguousarray turns a 0-d array into a 1-d one, which would hide the check below.
@@ -38,15 +49,20 @@ def quantize(x: npt.ArrayLike, type: object) -> npt.NDArray[np.uint8]:
     row_len = array.shape[-1]
     _check_row_length(row_len, info.name, info.block_size)
     row_bytes = row_len // info.block_size * info.type_size
+    result_shape = array.shape[:-1] + (row_bytes,)
+    flat_out = _check_out(out, np.uint8, result_shape) if out is not None else None
     if array.size == 0:
-        return np.zeros(array.shape[:-1] + (row_bytes,), dtype=np.uint8)
-    flat = _native.quantize_rows(array.reshape(-1), info.name, row_len)
-    return flat.reshape(array.shape[:-1] + (row_bytes,))
+        return out if out is not None else np.zeros(result_shape, dtype=np.uint8)
+    flat = _native.quantize_rows(array.reshape(-1), info.name, row_len, flat_out)
+    return out if out is not None else flat.reshape(result_shape)
 
 
-def dequantize(data: npt.ArrayLike, type: object, shape: Sequence[int]) -> npt.NDArray[np.float32]:
+def dequantize(
+    data: npt.ArrayLike, type: object, shape: Sequence[int], *, out: npt.NDArray[np.float32] | None = None
+) -> npt.NDArray[np.float32]:
     """Dequantize raw ggml ``type`` bytes into a float32 array of ``shape`` (numpy order), exactly as ggml's
-    ``dequantize_row_*`` does. ``data`` must hold exactly the bytes of that shape."""
+    ``dequantize_row_*`` does. ``data`` must hold exactly the bytes of that shape. ``out``, a C-contiguous
+    float32 array of ``shape``, is filled and returned instead of allocating (fresh memory is slow to touch)."""
     info = type_info(type)
     shape = tuple(int(d) for d in shape)
     if not shape or any(d < 0 for d in shape):
@@ -63,6 +79,8 @@ def dequantize(data: npt.ArrayLike, type: object, shape: Sequence[int]) -> npt.N
     expected = n_rows * (row_len // info.block_size) * info.type_size
     if raw.size != expected:
         raise ValueError(f"{info.name} data of shape {shape} takes {expected} bytes, got {raw.size}")
+    flat_out = _check_out(out, np.float32, shape) if out is not None else None
     if expected == 0:
-        return np.zeros(shape, dtype=np.float32)
-    return _native.dequantize_rows(raw, info.name, row_len).reshape(shape)
+        return out if out is not None else np.zeros(shape, dtype=np.float32)
+    flat = _native.dequantize_rows(raw, info.name, row_len, flat_out)
+    return out if out is not None else flat.reshape(shape)

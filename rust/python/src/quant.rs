@@ -1,7 +1,7 @@
 //! Quantization kernels for Python. Arrays arrive C-contiguous (the Python wrapper ensures it).
 
-use ggml_lora_core::{quant, GgmlType};
-use numpy::{PyArray1, PyReadonlyArrayDyn};
+use ggml_lora_core::{quant, Error, GgmlType};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArrayDyn};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -17,63 +17,100 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 }
 
 /// Quantizes a C-contiguous float32 array, rows of `row_len`, to a flat uint8 array (rows in parallel,
-/// GIL released).
+/// GIL released); into `out` (flat, C-contiguous, exactly the right size) when given, else a new array.
 #[pyfunction]
+#[pyo3(signature = (x, type_name, row_len, out = None))]
 fn quantize_rows<'py>(
     py: Python<'py>,
     x: PyReadonlyArrayDyn<'py, f32>,
     type_name: &str,
     row_len: usize,
+    out: Option<Bound<'py, PyArray1<u8>>>,
 ) -> PyResult<Bound<'py, PyArray1<u8>>> {
     let ty = ggml_type(type_name)?;
     let src = x.as_slice().map_err(|e| PyValueError::new_err(e.to_string()))?;
     if row_len == 0 || src.len() % row_len != 0 {
         return Err(PyValueError::new_err(format!("{} elements do not form rows of {row_len}", src.len())));
     }
-    let out = py
-        .detach(|| {
-            let row_bytes = ty.row_bytes(row_len as u64).ok_or(ggml_lora_core::Error::RowLength {
-                ty,
-                row_len,
-                block: ty.block_size(),
-            })?;
-            let mut out = vec![0u8; src.len() / row_len * row_bytes as usize];
-            quant::quantize_rows_par(ty, src, row_len, &mut out).map(|_| out)
-        })
-        .py_err()?;
-    Ok(PyArray1::from_vec(py, out))
+    let row_bytes =
+        ty.row_bytes(row_len as u64).ok_or(Error::RowLength { ty, row_len, block: ty.block_size() }).py_err()? as usize;
+    let n = src.len() / row_len * row_bytes;
+    match out {
+        Some(out) => {
+            {
+                let mut dst = out.try_readwrite().map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
+                let dst = dst.as_slice_mut().map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
+                check_out_len(dst.len(), n)?;
+                py.detach(|| quant::quantize_rows_par(ty, src, row_len, dst)).py_err()?;
+            }
+            Ok(out)
+        }
+        None => {
+            let values = py
+                .detach(|| {
+                    let mut dst = vec![0u8; n];
+                    quant::quantize_rows_par(ty, src, row_len, &mut dst).map(|_| dst)
+                })
+                .py_err()?;
+            Ok(PyArray1::from_vec(py, values))
+        }
+    }
 }
 
 /// Dequantizes a C-contiguous uint8 array holding rows of `row_len` elements of `type_name` to a flat
-/// float32 array (rows in parallel, GIL released).
+/// float32 array (rows in parallel, GIL released); into `out` when given, else a new array.
 #[pyfunction]
+#[pyo3(signature = (data, type_name, row_len, out = None))]
 fn dequantize_rows<'py>(
     py: Python<'py>,
     data: PyReadonlyArrayDyn<'py, u8>,
     type_name: &str,
     row_len: usize,
+    out: Option<Bound<'py, PyArray1<f32>>>,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
     let ty = ggml_type(type_name)?;
     let src = data.as_slice().map_err(|e| PyValueError::new_err(e.to_string()))?;
-    let out = py
-        .detach(|| {
-            let row_bytes = ty.row_bytes(row_len as u64).filter(|&b| b > 0).ok_or(ggml_lora_core::Error::RowLength {
-                ty,
-                row_len,
-                block: ty.block_size(),
-            })? as usize;
-            if src.len() % row_bytes != 0 {
-                return Err(ggml_lora_core::Error::BufferSize {
-                    what: "quantized data (a whole number of rows)",
-                    expected: (src.len() / row_bytes + 1) * row_bytes,
-                    found: src.len(),
-                });
-            }
-            let mut out = vec![0f32; src.len() / row_bytes * row_len];
-            quant::dequantize_rows_par(ty, src, row_len, &mut out).map(|_| out)
+    let row_bytes = ty
+        .row_bytes(row_len as u64)
+        .filter(|&b| b > 0)
+        .ok_or(Error::RowLength { ty, row_len, block: ty.block_size() })
+        .py_err()? as usize;
+    if src.len() % row_bytes != 0 {
+        return Err(Error::BufferSize {
+            what: "quantized data (a whole number of rows)",
+            expected: (src.len() / row_bytes + 1) * row_bytes,
+            found: src.len(),
         })
-        .py_err()?;
-    Ok(PyArray1::from_vec(py, out))
+        .py_err();
+    }
+    let n = src.len() / row_bytes * row_len;
+    match out {
+        Some(out) => {
+            {
+                let mut dst = out.try_readwrite().map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
+                let dst = dst.as_slice_mut().map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
+                check_out_len(dst.len(), n)?;
+                py.detach(|| quant::dequantize_rows_par(ty, src, row_len, dst)).py_err()?;
+            }
+            Ok(out)
+        }
+        None => {
+            let values = py
+                .detach(|| {
+                    let mut dst = vec![0f32; n];
+                    quant::dequantize_rows_par(ty, src, row_len, &mut dst).map(|_| dst)
+                })
+                .py_err()?;
+            Ok(PyArray1::from_vec(py, values))
+        }
+    }
+}
+
+fn check_out_len(found: usize, expected: usize) -> PyResult<()> {
+    if found != expected {
+        return Err(PyValueError::new_err(format!("out has {found} elements, expected {expected}")));
+    }
+    Ok(())
 }
 
 /// Every ggml type as `(name, id, block size, bytes per block, can quantize, can dequantize)`.
