@@ -35,83 +35,76 @@ pub fn add_low_rank(
     add_low_rank_body::<16, 2>(left, right, rank, cols, scale, patched, delta);
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn add_low_rank_avx2(
-    left: &[f32],
-    right: &[f32],
-    rank: usize,
-    cols: usize,
-    scale: f32,
-    patched: &mut [f32],
-    delta: &mut [f32],
-) {
-    use std::arch::x86_64::*;
-    /// One row group: 4 rows x 16 columns in 8 ymm accumulators.
-    #[target_feature(enable = "avx2")]
-    fn tile(by_k: &[[f32; 4]], right: &[f32], cols: usize, c0: usize) -> [[f32; 16]; 4] {
-        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-        for (k, c) in by_k.iter().enumerate() {
-            let b = &right[k * cols + c0..k * cols + c0 + 16];
-            // SAFETY: `b` holds 16 f32 (the slice above is bounds-checked), read as two unaligned 8-lane loads.
-            let (b0, b1) = unsafe { (_mm256_loadu_ps(b.as_ptr()), _mm256_loadu_ps(b.as_ptr().add(8))) };
-            for i in 0..4 {
-                let ci = _mm256_set1_ps(c[i]);
-                acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_mul_ps(ci, b0));
-                acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_mul_ps(ci, b1));
+/// Defines `$name`, the low-rank add with an explicit-SIMD tile of 4 rows x `$w` columns held in 8 registers
+/// of `$lanes` f32 (two per row), for the target feature `$feature`. Only the intrinsics differ between the
+/// AVX2 and AVX-512 versions; both do a separate multiply and add per element, in k order.
+macro_rules! simd_low_rank {
+    ($name:ident, $feature:literal, $w:literal, $lanes:literal,
+     $zero:ident, $load:ident, $splat:ident, $add:ident, $mul:ident, $store:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        unsafe fn $name(
+            left: &[f32],
+            right: &[f32],
+            rank: usize,
+            cols: usize,
+            scale: f32,
+            patched: &mut [f32],
+            delta: &mut [f32],
+        ) {
+            use std::arch::x86_64::*;
+            #[target_feature(enable = $feature)]
+            fn tile(by_k: &[[f32; 4]], right: &[f32], cols: usize, c0: usize) -> [[f32; $w]; 4] {
+                let mut acc = [[$zero(); 2]; 4];
+                for (k, c) in by_k.iter().enumerate() {
+                    let b = &right[k * cols + c0..k * cols + c0 + $w];
+                    // SAFETY: `b` holds $w f32 (the slice above is bounds-checked): two unaligned loads of $lanes.
+                    let (b0, b1) = unsafe { ($load(b.as_ptr()), $load(b.as_ptr().add($lanes))) };
+                    for i in 0..4 {
+                        let ci = $splat(c[i]);
+                        acc[i][0] = $add(acc[i][0], $mul(ci, b0));
+                        acc[i][1] = $add(acc[i][1], $mul(ci, b1));
+                    }
+                }
+                let mut out = [[0f32; $w]; 4];
+                for i in 0..4 {
+                    // SAFETY: each row of `out` holds $w f32: two stores of $lanes.
+                    unsafe {
+                        $store(out[i].as_mut_ptr(), acc[i][0]);
+                        $store(out[i].as_mut_ptr().add($lanes), acc[i][1]);
+                    }
+                }
+                out
             }
+            add_low_rank_tiled::<$w>(left, right, rank, cols, scale, patched, delta, tile)
         }
-        let mut out = [[0f32; 16]; 4];
-        for i in 0..4 {
-            // SAFETY: each row of `out` holds 16 f32: two 8-lane stores.
-            unsafe {
-                _mm256_storeu_ps(out[i].as_mut_ptr(), acc[i][0]);
-                _mm256_storeu_ps(out[i].as_mut_ptr().add(8), acc[i][1]);
-            }
-        }
-        out
-    }
-    add_low_rank_tiled::<16>(left, right, rank, cols, scale, patched, delta, tile)
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn add_low_rank_avx512(
-    left: &[f32],
-    right: &[f32],
-    rank: usize,
-    cols: usize,
-    scale: f32,
-    patched: &mut [f32],
-    delta: &mut [f32],
-) {
-    use std::arch::x86_64::*;
-    /// One row group: 4 rows x 32 columns in 8 zmm accumulators.
-    #[target_feature(enable = "avx512f")]
-    fn tile(by_k: &[[f32; 4]], right: &[f32], cols: usize, c0: usize) -> [[f32; 32]; 4] {
-        let mut acc = [[_mm512_setzero_ps(); 2]; 4];
-        for (k, c) in by_k.iter().enumerate() {
-            let b = &right[k * cols + c0..k * cols + c0 + 32];
-            // SAFETY: `b` holds 32 f32 (the slice above is bounds-checked), read as two unaligned 16-lane loads.
-            let (b0, b1) = unsafe { (_mm512_loadu_ps(b.as_ptr()), _mm512_loadu_ps(b.as_ptr().add(16))) };
-            for i in 0..4 {
-                let ci = _mm512_set1_ps(c[i]);
-                acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_mul_ps(ci, b0));
-                acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_mul_ps(ci, b1));
-            }
-        }
-        let mut out = [[0f32; 32]; 4];
-        for i in 0..4 {
-            // SAFETY: each row of `out` holds 32 f32: two 16-lane stores.
-            unsafe {
-                _mm512_storeu_ps(out[i].as_mut_ptr(), acc[i][0]);
-                _mm512_storeu_ps(out[i].as_mut_ptr().add(16), acc[i][1]);
-            }
-        }
-        out
-    }
-    add_low_rank_tiled::<32>(left, right, rank, cols, scale, patched, delta, tile)
-}
+simd_low_rank!(
+    add_low_rank_avx2,
+    "avx2",
+    16,
+    8,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_set1_ps,
+    _mm256_add_ps,
+    _mm256_mul_ps,
+    _mm256_storeu_ps
+);
+simd_low_rank!(
+    add_low_rank_avx512,
+    "avx512f",
+    32,
+    16,
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    _mm512_set1_ps,
+    _mm512_add_ps,
+    _mm512_mul_ps,
+    _mm512_storeu_ps
+);
 
 /// An explicit-SIMD tile kernel: `(coefficients by k, right, cols, first column) -> 4 rows x W sums`.
 #[cfg(target_arch = "x86_64")]
