@@ -585,3 +585,19 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     assert os.waitstatus_to_exitcode(status) == 0, text
     assert "21/21 tensors" in text and "ETA" in text and "/s" in text, text
     assert out.exists()
+
+
+def test_bf16_intermediate_rounds_w_prime_to_bf16(tmp_path: Path) -> None:
+    out = tmp_path / "bf16.gguf"
+    result = ggml_lora.patch(BASE_F16, ADAPTER_QV, out=out, out_type="f32", intermediate="bf16")
+    ours = reader_f32(out)
+    base = reader_f32(BASE_F16)
+    deltas = adapter_deltas(ADAPTER_QV)
+    for t in result.tensors:
+        values = ours[t.name]
+        assert not np.any(values.view(np.uint32) & 0xFFFF), f"{t.name}: not bf16-representable"
+        expected = base[t.name].astype(np.float64) + deltas[t.name]
+        # within half a bf16 ulp (2^-8 relative) of the float64 merge
+        assert np.all(np.abs(values - expected) <= np.abs(expected) * 2.0**-8 + 1e-30), t.name
+    with ggml_lora.open(out) as f:
+        assert f.metadata["ggml_lora.intermediate"] == "bf16"
