@@ -177,7 +177,13 @@ pub fn from_gguf(file: &GgufFile) -> Result<LoraAdapter> {
     };
     let tensors: Vec<(&TensorInfo, &[u8])> =
         file.tensors().iter().enumerate().map(|(i, t)| (t, file.tensor_data(i))).collect();
-    from_tensors(file.path().display().to_string(), text("general.architecture"), alpha, &tensors)
+    // Once a tensor is converted to f32 its mapped pages are not needed: release them, so loading a large
+    // adapter costs its f32 copy only, not the copy plus the mapped file.
+    let release = |i: usize| {
+        let range = header.tensor_range(i);
+        file.release_pages(range.start as usize..range.end as usize);
+    };
+    build(file.path().display().to_string(), text("general.architecture"), alpha, &tensors, &release)
 }
 
 /// Builds an adapter from tensors in llama.cpp's adapter layout and naming (`<target>.lora_a`,
@@ -187,6 +193,17 @@ pub fn from_tensors(
     architecture: Option<String>,
     alpha: f32,
     tensors: &[(&TensorInfo, &[u8])],
+) -> Result<LoraAdapter> {
+    build(source, architecture, alpha, tensors, &|_| {})
+}
+
+/// [`from_tensors`], calling `release(i)` once tensor `i` has been converted.
+fn build(
+    source: String,
+    architecture: Option<String>,
+    alpha: f32,
+    tensors: &[(&TensorInfo, &[u8])],
+    release: &dyn Fn(usize),
 ) -> Result<LoraAdapter> {
     if !alpha.is_finite() {
         return Err(adapter_error(Malformed::Other(format!("adapter.lora.alpha is {alpha}"))));
@@ -216,6 +233,8 @@ pub fn from_tensors(
         let ((ta, da), (tb, db)) = (tensors[a], tensors[b]);
         let a_values = to_f32(ta.ty, da, &ta.dims, &ta.name)?;
         let b_values = to_f32(tb.ty, db, &tb.dims, &tb.name)?;
+        release(a);
+        release(b);
         pairs.push(gguf_pair(&target, ta, tb, a_values, b_values)?);
     }
     Ok(LoraAdapter { source, architecture, alpha, pairs, skipped })
