@@ -518,7 +518,7 @@ def test_patch_accepts_a_peft_directory_and_reproduces_llama_quantize(tmp_path: 
         assert f.metadata["ggml_lora.adapters"] == ["adapter"]
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "phi3", "gemma2"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "gemma2", "phi3", "llama-tied"])
 def test_patch_with_peft_directory_matches_peft_merge_truth(tmp_path: Path, arch: str) -> None:
     folder = FIXTURES / "arch" / arch
     out = tmp_path / "merged.gguf"
