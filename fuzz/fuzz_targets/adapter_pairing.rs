@@ -249,8 +249,9 @@ fn structured(u: &mut Unstructured<'_>, dir: &Path) -> UResult<()> {
         return Ok(());
     };
     for p in &lora.pairs {
-        assert_eq!(p.left.len(), p.rows * p.rank);
-        assert_eq!(p.right.len(), p.rank * p.cols);
+        let (left, right) = p.load().expect("factors of a validated pair load");
+        assert_eq!(left.len(), p.rows * p.rank);
+        assert_eq!(right.len(), p.rank * p.cols);
     }
     let adapters = [AdapterInput { adapter: Arc::new(lora), scale }];
     let Ok(plan) = PatchPlan::new(&model_file, base_file.as_ref(), &adapters, opts) else { return Ok(()) };

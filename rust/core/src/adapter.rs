@@ -5,7 +5,9 @@
 //! (rank x cols), where the model tensor is rows x cols (numpy shape; cols = ggml ne[0]). The scale is
 //! llama.cpp's `get_scale`: `alpha ? user_scale * alpha / rank : user_scale`.
 
+use std::borrow::Cow;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::error::{Error, Malformed, Result};
 use crate::ggla::{gguf_target_name, GglaFile};
@@ -13,8 +15,33 @@ use crate::gguf::{GgufFile, TensorInfo, Value};
 use crate::quant;
 use crate::types::GgmlType;
 
+/// Where a pair's factors are.
+#[derive(Clone, Debug)]
+pub enum Factors {
+    /// In memory, f32: `left` rows x rank and `right` rank x cols, row-major.
+    Loaded {
+        /// rows x rank.
+        left: Vec<f32>,
+        /// rank x cols.
+        right: Vec<f32>,
+    },
+    /// Tensors `a` (lora_a) and `b` (lora_b) of an open GGUF adapter, converted to f32 only while their target
+    /// is patched: memory stays bounded by the largest pair, however large the adapter.
+    Mapped {
+        /// The adapter file.
+        file: Arc<GgufFile>,
+        /// Index of the lora_a tensor.
+        a: usize,
+        /// Index of the lora_b tensor.
+        b: usize,
+    },
+}
+
+/// `(left, right)` factors in f32, borrowed or freshly read.
+pub type FactorPair<'a> = (Cow<'a, [f32]>, Cow<'a, [f32]>);
+
 /// One low-rank update of one model tensor.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct LoraPair {
     /// Name of the model tensor it patches, e.g. `blk.0.attn_q.weight`.
     pub target: String,
@@ -26,14 +53,33 @@ pub struct LoraPair {
     pub cols: usize,
     /// Inner dimension of the product.
     pub rank: usize,
-    /// rows x rank, row-major f32.
-    pub left: Vec<f32>,
-    /// rank x cols, row-major f32.
-    pub right: Vec<f32>,
+    /// The factors.
+    pub factors: Factors,
+}
+
+impl LoraPair {
+    /// The factors in f32: `(left, right)`, rows x rank and rank x cols. Borrowed when already in memory;
+    /// read from the adapter's map (whose pages are then released) otherwise.
+    pub fn load(&self) -> Result<FactorPair<'_>> {
+        match &self.factors {
+            Factors::Loaded { left, right } => Ok((Cow::Borrowed(left), Cow::Borrowed(right))),
+            Factors::Mapped { file, a, b } => {
+                let (ta, tb) = (&file.tensors()[*a], &file.tensors()[*b]);
+                let a_values = to_f32(ta.ty, file.tensor_data(*a), &ta.dims, &ta.name)?;
+                let b_values = to_f32(tb.ty, file.tensor_data(*b), &tb.dims, &tb.name)?;
+                for i in [*a, *b] {
+                    let range = file.header().tensor_range(i);
+                    file.release_pages(range.start as usize..range.end as usize);
+                }
+                let (left, right) = gguf_factors(&self.target, tb, a_values, b_values);
+                Ok((Cow::Owned(left), Cow::Owned(right)))
+            }
+        }
+    }
 }
 
 /// A loaded LoRA adapter.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct LoraAdapter {
     /// Where it came from (file path or a description), for messages and the output's metadata.
     pub source: String,
@@ -78,8 +124,8 @@ impl LoraAdapter {
             let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
             from_ggla(&bytes, &path.display().to_string()).map_err(|e| e.in_file(path))
         } else {
-            let file = GgufFile::open(path)?;
-            from_gguf(&file).map_err(|e| e.in_file(path))
+            let file = Arc::new(GgufFile::open(path)?);
+            from_gguf(file).map_err(|e| e.in_file(path))
         }
     }
 }
@@ -150,7 +196,7 @@ fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// Loads llama.cpp's GGUF LoRA adapter (`general.type = adapter`, `adapter.type = lora`).
-pub fn from_gguf(file: &GgufFile) -> Result<LoraAdapter> {
+pub fn from_gguf(file: Arc<GgufFile>) -> Result<LoraAdapter> {
     let header = file.header();
     let text = |key: &str| header.get(key).and_then(Value::as_str).map(str::to_owned);
     match text("general.type").as_deref() {
@@ -175,15 +221,25 @@ pub fn from_gguf(file: &GgufFile) -> Result<LoraAdapter> {
             ))))
         }
     };
-    let tensors: Vec<(&TensorInfo, &[u8])> =
-        file.tensors().iter().enumerate().map(|(i, t)| (t, file.tensor_data(i))).collect();
-    // Once a tensor is converted to f32 its mapped pages are not needed: release them, so loading a large
-    // adapter costs its f32 copy only, not the copy plus the mapped file.
-    let release = |i: usize| {
-        let range = header.tensor_range(i);
-        file.release_pages(range.start as usize..range.end as usize);
-    };
-    build(file.path().display().to_string(), text("general.architecture"), alpha, &tensors, &release)
+    check_alpha(alpha)?;
+    let infos: Vec<&TensorInfo> = file.tensors().iter().collect();
+    let (halves, skipped) = pair_names(&infos)?;
+    let mut pairs = Vec::with_capacity(halves.len());
+    for (target, a, b) in halves {
+        let (ta, tb) = (infos[a], infos[b]);
+        for t in [ta, tb] {
+            check_factor_type(t)?;
+        }
+        let shape = gguf_shape(&target, ta, tb)?;
+        pairs.push(shape.pair(target, Factors::Mapped { file: Arc::clone(&file), a, b }));
+    }
+    Ok(LoraAdapter {
+        source: file.path().display().to_string(),
+        architecture: text("general.architecture"),
+        alpha,
+        pairs,
+        skipped,
+    })
 }
 
 /// Builds an adapter from tensors in llama.cpp's adapter layout and naming (`<target>.lora_a`,
@@ -194,23 +250,30 @@ pub fn from_tensors(
     alpha: f32,
     tensors: &[(&TensorInfo, &[u8])],
 ) -> Result<LoraAdapter> {
-    build(source, architecture, alpha, tensors, &|_| {})
+    check_alpha(alpha)?;
+    let infos: Vec<&TensorInfo> = tensors.iter().map(|(t, _)| *t).collect();
+    let (halves, skipped) = pair_names(&infos)?;
+    let mut pairs = Vec::with_capacity(halves.len());
+    for (target, a, b) in halves {
+        let ((ta, da), (tb, db)) = (tensors[a], tensors[b]);
+        let shape = gguf_shape(&target, ta, tb)?;
+        let a_values = to_f32(ta.ty, da, &ta.dims, &ta.name)?;
+        let b_values = to_f32(tb.ty, db, &tb.dims, &tb.name)?;
+        let (left, right) = gguf_factors(&target, tb, a_values, b_values);
+        pairs.push(shape.pair(target, Factors::Loaded { left, right }));
+    }
+    Ok(LoraAdapter { source, architecture, alpha, pairs, skipped })
 }
 
-/// [`from_tensors`], calling `release(i)` once tensor `i` has been converted.
-fn build(
-    source: String,
-    architecture: Option<String>,
-    alpha: f32,
-    tensors: &[(&TensorInfo, &[u8])],
-    release: &dyn Fn(usize),
-) -> Result<LoraAdapter> {
-    if !alpha.is_finite() {
-        return Err(adapter_error(Malformed::Other(format!("adapter.lora.alpha is {alpha}"))));
-    }
+/// `(target, lora_a index, lora_b index)`.
+type PairIndices = (String, usize, usize);
+
+/// Pairs llama.cpp adapter tensors by name: `(target, lora_a index, lora_b index)` per pair, and the 1-D
+/// `*_norm` tensors llama.cpp skips. Any other name is an error.
+fn pair_names(infos: &[&TensorInfo]) -> Result<(Vec<PairIndices>, Vec<String>)> {
     let mut halves = Halves::default();
     let mut skipped = Vec::new();
-    for (i, (t, _)) in tensors.iter().enumerate() {
+    for (i, t) in infos.iter().enumerate() {
         let (base, is_a) = if let Some(b) = t.name.strip_suffix(".lora_a") {
             (b, true)
         } else if let Some(b) = t.name.strip_suffix(".lora_b") {
@@ -226,18 +289,26 @@ fn build(
         };
         halves.add(base, is_a, i);
     }
+    Ok((halves.complete(".lora_a", ".lora_b")?, skipped))
+}
 
-    let halves = halves.complete(".lora_a", ".lora_b")?;
-    let mut pairs = Vec::with_capacity(halves.len());
-    for (target, a, b) in halves {
-        let ((ta, da), (tb, db)) = (tensors[a], tensors[b]);
-        let a_values = to_f32(ta.ty, da, &ta.dims, &ta.name)?;
-        let b_values = to_f32(tb.ty, db, &tb.dims, &tb.name)?;
-        release(a);
-        release(b);
-        pairs.push(gguf_pair(&target, ta, tb, a_values, b_values)?);
+fn check_alpha(alpha: f32) -> Result<()> {
+    if alpha.is_finite() {
+        Ok(())
+    } else {
+        Err(adapter_error(Malformed::Other(format!("adapter.lora.alpha is {alpha}"))))
     }
-    Ok(LoraAdapter { source, architecture, alpha, pairs, skipped })
+}
+
+fn check_factor_type(t: &TensorInfo) -> Result<()> {
+    if quant::can_dequantize(t.ty) {
+        Ok(())
+    } else {
+        Err(adapter_error(Malformed::Other(format!(
+            "tensor {:?} has type {}; adapter tensors must be f32, f16, bf16 or q8_0",
+            t.name, t.ty
+        ))))
+    }
 }
 
 fn two_dims(t: &TensorInfo) -> Result<(usize, usize)> {
@@ -248,37 +319,52 @@ fn two_dims(t: &TensorInfo) -> Result<(usize, usize)> {
     }
 }
 
-/// Builds a pair from llama.cpp's layout: linear `lora_a` ne [n_in, r], `lora_b` ne [r, n_out]; token_embd
-/// (flipped, PR #11131) `lora_a` ne [r, n_vocab], `lora_b` ne [r, n_embd].
-fn gguf_pair(target: &str, ta: &TensorInfo, tb: &TensorInfo, a: Vec<f32>, b: Vec<f32>) -> Result<LoraPair> {
+/// The shape of a pair, known before its factors are read.
+struct PairShape {
+    scale_rank: usize,
+    rows: usize,
+    cols: usize,
+    rank: usize,
+}
+
+impl PairShape {
+    fn pair(self, target: String, factors: Factors) -> LoraPair {
+        LoraPair { target, scale_rank: self.scale_rank, rows: self.rows, cols: self.cols, rank: self.rank, factors }
+    }
+}
+
+fn is_token_embd(target: &str) -> bool {
+    target.starts_with("token_embd")
+}
+
+/// Checks llama.cpp's layout and gives the pair's shape: linear `lora_a` ne [n_in, r], `lora_b` ne [r, n_out];
+/// token_embd (flipped, PR #11131) `lora_a` ne [r, n_vocab], `lora_b` ne [r, n_embd]. Rank = `lora_b.ne[0]`.
+fn gguf_shape(target: &str, ta: &TensorInfo, tb: &TensorInfo) -> Result<PairShape> {
     let (a0, a1) = two_dims(ta)?;
     let (b0, b1) = two_dims(tb)?;
-    let rank_error = |ra: usize, rb: usize| {
-        adapter_error(Malformed::Other(format!(
-            "{target}: rank mismatch, lora_a dims {:?} give rank {ra}, lora_b dims {:?} give rank {rb}",
-            ta.dims, tb.dims
-        )))
-    };
-    if target.starts_with("token_embd") {
+    let (rank_a, shape) = if is_token_embd(target) {
         // delta (n_vocab x n_embd) = A_np (n_vocab x r) @ B_np^T (r x n_embd)
-        if a0 != b0 {
-            return Err(rank_error(a0, b0));
-        }
-        Ok(LoraPair {
-            target: target.to_owned(),
-            scale_rank: b0,
-            rows: a1,
-            cols: b1,
-            rank: a0,
-            left: a,
-            right: transpose(&b, b1, b0),
-        })
+        (a0, PairShape { scale_rank: b0, rows: a1, cols: b1, rank: b0 })
     } else {
         // delta (n_out x n_in) = B_np (n_out x r) @ A_np (r x n_in)
-        if a1 != b0 {
-            return Err(rank_error(a1, b0));
-        }
-        Ok(LoraPair { target: target.to_owned(), scale_rank: b0, rows: b1, cols: a0, rank: b0, left: b, right: a })
+        (a1, PairShape { scale_rank: b0, rows: b1, cols: a0, rank: b0 })
+    };
+    if rank_a != b0 {
+        return Err(adapter_error(Malformed::Other(format!(
+            "{target}: rank mismatch, lora_a dims {:?} give rank {rank_a}, lora_b dims {:?} give rank {b0}",
+            ta.dims, tb.dims
+        ))));
+    }
+    Ok(shape)
+}
+
+/// `(left, right)` from the f32 values of `lora_a` and `lora_b` in llama.cpp's layout (see [`gguf_shape`]).
+fn gguf_factors(target: &str, tb: &TensorInfo, a: Vec<f32>, b: Vec<f32>) -> (Vec<f32>, Vec<f32>) {
+    if is_token_embd(target) {
+        let (rank, n_embd) = (tb.dims[0] as usize, tb.dims[1] as usize);
+        (a, transpose(&b, n_embd, rank))
+    } else {
+        (b, a)
     }
 }
 
@@ -331,8 +417,7 @@ pub fn from_ggla(bytes: &[u8], source: &str) -> Result<LoraAdapter> {
             rows: n_out,
             cols: n_in,
             rank: ra,
-            left: b_data,
-            right: transpose(&a_data, n_in, ra),
+            factors: Factors::Loaded { left: b_data, right: transpose(&a_data, n_in, ra) },
         });
     }
     Ok(LoraAdapter { source: source.to_owned(), architecture: None, alpha: file.alpha as f32, pairs, skipped })
@@ -344,8 +429,14 @@ mod tests {
 
     #[test]
     fn scale_follows_llama_cpp() {
-        let pair =
-            LoraPair { target: "t".into(), scale_rank: 8, rows: 1, cols: 1, rank: 8, left: vec![], right: vec![] };
+        let pair = LoraPair {
+            target: "t".into(),
+            scale_rank: 8,
+            rows: 1,
+            cols: 1,
+            rank: 8,
+            factors: Factors::Loaded { left: vec![], right: vec![] },
+        };
         let mut adapter =
             LoraAdapter { source: "x".into(), architecture: None, alpha: 16.0, pairs: vec![], skipped: vec![] };
         assert_eq!(adapter.pair_scale(&pair, 1.0), 2.0);
@@ -370,8 +461,9 @@ mod tests {
         let p = &adapter.pairs[0];
         assert_eq!(p.target, "blk.0.attn_v.weight");
         assert_eq!((p.rows, p.cols, p.rank), (3, 2, 1));
-        assert_eq!(p.left, vec![1.0, 10.0, 100.0]);
-        assert_eq!(p.right, vec![1.0, 2.0]);
+        let (left, right) = p.load().unwrap();
+        assert_eq!(&*left, &[1.0, 10.0, 100.0]);
+        assert_eq!(&*right, &[1.0, 2.0]);
         assert_eq!(adapter.pair_scale(p, 1.0), 2.0);
     }
 }

@@ -19,6 +19,16 @@ pub struct GgufFile {
     index: HashMap<String, usize>,
 }
 
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("len", &self.map.len())
+            .field("tensors", &self.header.tensors.len())
+            .finish()
+    }
+}
+
 impl GgufFile {
     /// Opens and validates `path`. Errors name the file and, for malformed files, the byte offset.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {

@@ -522,20 +522,16 @@ impl<'a> PatchPlan<'a> {
         let src_row_bytes = src_info.ty.row_bytes(cols as u64).unwrap_or(0) as usize;
         let model_row_bytes = info.ty.row_bytes(cols as u64).unwrap_or(0) as usize;
         let out_row_bytes = plan.out_type.row_bytes(cols as u64).unwrap_or(0) as usize;
-        let terms: Vec<Term<'_>> = patch
-            .terms
-            .iter()
-            .map(|&(a, p)| {
-                let input = &self.adapters[a];
-                let pair = &input.adapter.pairs[p];
-                Term {
-                    left: &pair.left,
-                    right: &pair.right,
-                    rank: pair.rank,
-                    scale: input.adapter.pair_scale(pair, input.scale),
-                }
-            })
-            .collect();
+        // This tensor's factors, in f32 (read from mapped adapters now, dropped when the tensor is done).
+        let mut factors = Vec::with_capacity(patch.terms.len());
+        for &(a, p) in &patch.terms {
+            let input = &self.adapters[a];
+            let pair = &input.adapter.pairs[p];
+            let (left, right) = pair.load()?;
+            factors.push((left, right, pair.rank, input.adapter.pair_scale(pair, input.scale)));
+        }
+        let terms: Vec<Term<'_>> =
+            factors.iter().map(|(left, right, rank, scale)| Term { left, right, rank: *rank, scale: *scale }).collect();
 
         let compare_with_model = patch.base_index.is_some() && quant::can_dequantize(info.ty);
         let chunk_rows = (CHUNK_ELEMENTS / cols.max(1)).max(ROW_GROUP) / ROW_GROUP * ROW_GROUP;
