@@ -55,6 +55,9 @@ pub struct LoraPair {
     pub rank: usize,
     /// The factors.
     pub factors: Factors,
+    /// DoRA magnitude vector (one value per row), when the adapter is DoRA: the merge is then
+    /// `W' = m / ‖W + ΔW‖_row · (W + ΔW)` (PEFT's `DoraLinearVariant.merge_safe`), not `W + ΔW`.
+    pub magnitude: Option<Vec<f32>>,
 }
 
 impl LoraPair {
@@ -225,13 +228,14 @@ pub fn from_gguf(file: Arc<GgufFile>) -> Result<LoraAdapter> {
     let infos: Vec<&TensorInfo> = file.tensors().iter().collect();
     let (halves, skipped) = pair_names(&infos)?;
     let mut pairs = Vec::with_capacity(halves.len());
-    for (target, a, b) in halves {
+    for (target, a, b, m) in halves {
         let (ta, tb) = (infos[a], infos[b]);
         for t in [ta, tb] {
             check_factor_type(t)?;
         }
         let shape = gguf_shape(&target, ta, tb)?;
-        pairs.push(shape.pair(target, Factors::Mapped { file: Arc::clone(&file), a, b }));
+        let magnitude = m.map(|m| magnitude(&target, infos[m], file.tensor_data(m), shape.rows)).transpose()?;
+        pairs.push(shape.pair(target, Factors::Mapped { file: Arc::clone(&file), a, b }, magnitude));
     }
     Ok(LoraAdapter {
         source: file.path().display().to_string(),
@@ -254,42 +258,74 @@ pub fn from_tensors(
     let infos: Vec<&TensorInfo> = tensors.iter().map(|(t, _)| *t).collect();
     let (halves, skipped) = pair_names(&infos)?;
     let mut pairs = Vec::with_capacity(halves.len());
-    for (target, a, b) in halves {
+    for (target, a, b, m) in halves {
         let ((ta, da), (tb, db)) = (tensors[a], tensors[b]);
         let shape = gguf_shape(&target, ta, tb)?;
         let a_values = to_f32(ta.ty, da, &ta.dims, &ta.name)?;
         let b_values = to_f32(tb.ty, db, &tb.dims, &tb.name)?;
         let (left, right) = gguf_factors(&target, tb, a_values, b_values);
-        pairs.push(shape.pair(target, Factors::Loaded { left, right }));
+        let magnitude = m.map(|m| magnitude(&target, tensors[m].0, tensors[m].1, shape.rows)).transpose()?;
+        pairs.push(shape.pair(target, Factors::Loaded { left, right }, magnitude));
     }
     Ok(LoraAdapter { source, architecture, alpha, pairs, skipped })
 }
 
-/// `(target, lora_a index, lora_b index)`.
-type PairIndices = (String, usize, usize);
+/// `(target, lora_a index, lora_b index, DoRA magnitude index)`.
+type PairIndices = (String, usize, usize, Option<usize>);
 
 /// Pairs llama.cpp adapter tensors by name: `(target, lora_a index, lora_b index)` per pair, and the 1-D
 /// `*_norm` tensors llama.cpp skips. Any other name is an error.
 fn pair_names(infos: &[&TensorInfo]) -> Result<(Vec<PairIndices>, Vec<String>)> {
     let mut halves = Halves::default();
     let mut skipped = Vec::new();
+    let mut magnitudes: Vec<(String, usize)> = Vec::new();
     for (i, t) in infos.iter().enumerate() {
         let (base, is_a) = if let Some(b) = t.name.strip_suffix(".lora_a") {
             (b, true)
         } else if let Some(b) = t.name.strip_suffix(".lora_b") {
             (b, false)
+        } else if let Some(b) = t.name.strip_suffix(".dora_m") {
+            magnitudes.push((b.to_owned(), i));
+            continue;
         } else if t.dims.len() == 1 && t.name.contains("_norm") {
             skipped.push(t.name.clone());
             continue;
         } else {
             return Err(adapter_error(Malformed::Other(format!(
-                "tensor {:?} has an unexpected suffix (expected .lora_a or .lora_b)",
+                "tensor {:?} has an unexpected suffix (expected .lora_a, .lora_b or .dora_m)",
                 t.name
             ))));
         };
         halves.add(base, is_a, i);
     }
-    Ok((halves.complete(".lora_a", ".lora_b")?, skipped))
+    let mut pairs: Vec<PairIndices> =
+        halves.complete(".lora_a", ".lora_b")?.into_iter().map(|(t, a, b)| (t, a, b, None)).collect();
+    for (target, i) in magnitudes {
+        let pair = pairs.iter_mut().find(|p| p.0 == target).ok_or_else(|| {
+            adapter_error(Malformed::Other(format!("{target}.dora_m has no matching {target}.lora_a/.lora_b")))
+        })?;
+        pair.3 = Some(i);
+    }
+    Ok((pairs, skipped))
+}
+
+/// Checks a DoRA magnitude tensor against its pair (1-D, one value per row, finite) and reads it.
+fn magnitude(target: &str, t: &TensorInfo, data: &[u8], rows: usize) -> Result<Vec<f32>> {
+    if is_token_embd(target) {
+        return Err(adapter_error(Malformed::Other(format!("{target}.dora_m: DoRA on token_embd is not supported"))));
+    }
+    if t.dims.len() != 1 || t.dims[0] as usize != rows {
+        return Err(adapter_error(Malformed::Other(format!(
+            "{target}.dora_m has dims {:?}, expected [{rows}] (one magnitude per row)",
+            t.dims
+        ))));
+    }
+    check_factor_type(t)?;
+    let values = to_f32(t.ty, data, &t.dims, &t.name)?;
+    if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+        return Err(adapter_error(Malformed::Other(format!("{target}.dora_m holds {bad}"))));
+    }
+    Ok(values)
 }
 
 fn check_alpha(alpha: f32) -> Result<()> {
@@ -328,8 +364,16 @@ struct PairShape {
 }
 
 impl PairShape {
-    fn pair(self, target: String, factors: Factors) -> LoraPair {
-        LoraPair { target, scale_rank: self.scale_rank, rows: self.rows, cols: self.cols, rank: self.rank, factors }
+    fn pair(self, target: String, factors: Factors, magnitude: Option<Vec<f32>>) -> LoraPair {
+        LoraPair {
+            target,
+            scale_rank: self.scale_rank,
+            rows: self.rows,
+            cols: self.cols,
+            rank: self.rank,
+            factors,
+            magnitude,
+        }
     }
 }
 
@@ -418,6 +462,7 @@ pub fn from_ggla(bytes: &[u8], source: &str) -> Result<LoraAdapter> {
             cols: n_in,
             rank: ra,
             factors: Factors::Loaded { left: b_data, right: transpose(&a_data, n_in, ra) },
+            magnitude: None,
         });
     }
     Ok(LoraAdapter { source: source.to_owned(), architecture: None, alpha: file.alpha as f32, pairs, skipped })

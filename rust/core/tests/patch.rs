@@ -75,3 +75,78 @@ fn cancelled_run_leaves_no_output() {
         .count();
     assert_eq!(leftovers, 0);
 }
+
+/// A DoRA pair: W' = m / ‖W + s·B@A‖_row · (W + s·B@A), checked against an f64 recomputation.
+#[test]
+fn dora_merge_rescales_rows_to_the_magnitudes() {
+    use ggml_lora_core::adapter::from_tensors;
+    use ggml_lora_core::gguf::TensorInfo;
+    use ggml_lora_core::quant;
+
+    let model = GgufFile::open(fixture("llama-gqa/base-f16.gguf")).unwrap();
+    let (index, w_info) = model.tensor("blk.0.attn_v.weight").unwrap();
+    let (rows, cols, rank) = (w_info.n_rows() as usize, w_info.row_len() as usize, 4usize);
+    let mut w = vec![0f32; rows * cols];
+    quant::dequantize_rows(w_info.ty, model.tensor_data(index), cols, &mut w).unwrap();
+
+    let value = |i: usize, salt: usize| (((i * 7919 + salt * 104729) % 1000) as f32 / 1000.0 - 0.5) * 0.02;
+    let a: Vec<f32> = (0..rank * cols).map(|i| value(i, 1)).collect(); // numpy (r, n_in)
+    let b: Vec<f32> = (0..rows * rank).map(|i| value(i, 2)).collect(); // numpy (n_out, r)
+    let m: Vec<f32> = (0..rows).map(|i| 0.5 + value(i, 3) * 10.0).collect();
+    let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let info = |name: &str, dims: Vec<u64>| TensorInfo {
+        name: name.into(),
+        nbytes: dims.iter().product::<u64>() * 4,
+        dims,
+        ty: GgmlType::F32,
+        offset: 0,
+    };
+    let (ia, ib, im) = (
+        info("blk.0.attn_v.weight.lora_a", vec![cols as u64, rank as u64]),
+        info("blk.0.attn_v.weight.lora_b", vec![rank as u64, rows as u64]),
+        info("blk.0.attn_v.weight.dora_m", vec![rows as u64]),
+    );
+    let (da, db, dm) = (bytes(&a), bytes(&b), bytes(&m));
+    let scale = 0.75f32;
+    let adapter =
+        from_tensors("dora".into(), Some("llama".into()), 0.0, &[(&ia, &da), (&ib, &db), (&im, &dm)]).unwrap();
+    assert!(adapter.pairs[0].magnitude.is_some());
+    let adapters = vec![AdapterInput { adapter: Arc::new(adapter), scale }];
+    let options = PatchOptions { out_type: Some(GgmlType::F32), ..Default::default() };
+    let plan = PatchPlan::new(&model, None, &adapters, options).unwrap();
+    let out = scratch("dora.gguf");
+    let report = plan.run(&out, &mut |_| Ok(())).unwrap();
+    let merged = GgufFile::open(&out).unwrap();
+    let (j, _) = merged.tensor("blk.0.attn_v.weight").unwrap();
+    let got: Vec<f32> =
+        merged.tensor_data(j).chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    for r in 0..rows {
+        let row: Vec<f64> = (0..cols)
+            .map(|c| {
+                let delta: f64 = (0..rank).map(|k| b[r * rank + k] as f64 * a[k * cols + c] as f64).sum();
+                w[r * cols + c] as f64 + scale as f64 * delta
+            })
+            .collect();
+        let norm = row.iter().map(|v| v * v).sum::<f64>().sqrt();
+        for c in 0..cols {
+            let expected = m[r] as f64 / norm * row[c];
+            let err = (got[r * cols + c] as f64 - expected).abs();
+            assert!(err <= 1e-6 * expected.abs().max(1e-3), "row {r} col {c}: {} vs {expected}", got[r * cols + c]);
+        }
+        let out_norm = (0..cols).map(|c| (got[r * cols + c] as f64).powi(2)).sum::<f64>().sqrt();
+        assert!((out_norm - m[r] as f64).abs() <= 1e-5 * m[r] as f64, "row {r}: norm {out_norm} vs magnitude {}", m[r]);
+    }
+    assert_eq!(report.tensors.len(), 1);
+
+    // DoRA together with another adapter on the same tensor is refused before writing.
+    let twice = vec![
+        AdapterInput { adapter: Arc::clone(&adapters[0].adapter), scale: 1.0 },
+        AdapterInput { adapter: Arc::clone(&adapters[0].adapter), scale: 1.0 },
+    ];
+    let err = PatchPlan::new(&model, None, &twice, PatchOptions::default()).err().unwrap();
+    assert!(err.to_string().contains("DoRA"), "{err}");
+    // A magnitude of the wrong length is refused when the adapter is built.
+    let short = info("blk.0.attn_v.weight.dora_m", vec![rows as u64 - 1]);
+    let err = from_tensors("x".into(), None, 0.0, &[(&ia, &da), (&ib, &db), (&short, &dm[4..])]).unwrap_err();
+    assert!(err.to_string().contains("one magnitude per row"), "{err}");
+}

@@ -96,12 +96,12 @@ impl NativeAdapter {
         self.inner.skipped.clone()
     }
 
-    /// `(target tensor, rows, cols, rank, scale at user scale 1)` per pair.
-    fn pairs(&self) -> Vec<(String, usize, usize, usize, f32)> {
+    /// `(target tensor, rows, cols, rank, scale at user scale 1, DoRA)` per pair.
+    fn pairs(&self) -> Vec<(String, usize, usize, usize, f32, bool)> {
         self.inner
             .pairs
             .iter()
-            .map(|p| (p.target.clone(), p.rows, p.cols, p.rank, self.inner.pair_scale(p, 1.0)))
+            .map(|p| (p.target.clone(), p.rows, p.cols, p.rank, self.inner.pair_scale(p, 1.0), p.magnitude.is_some()))
             .collect()
     }
 }

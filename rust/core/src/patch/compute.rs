@@ -23,6 +23,9 @@ pub struct Term<'a> {
     pub rank: usize,
     /// llama.cpp's scale for this adapter and pair.
     pub scale: f32,
+    /// DoRA magnitudes (one per row of the tensor) when the pair is DoRA; the plan makes such a term the only
+    /// one of its tensor.
+    pub magnitude: Option<&'a [f32]>,
 }
 
 /// What one chunk of rows needs.
@@ -107,10 +110,13 @@ fn process_group(job: &ChunkJob<'_>, s: &mut Scratch, row0: usize, rows: usize, 
     delta.fill(0.0);
     let patched = resize(&mut s.patched, n);
     patched.copy_from_slice(src);
+    let first = job.first_row + row0;
     for term in job.terms {
-        let first = job.first_row + row0;
         let left = &term.left[first * term.rank..(first + rows) * term.rank];
         add_low_rank(left, term.right, term.rank, cols, term.scale, patched, delta);
+        if let Some(m) = term.magnitude {
+            dora_rescale(&m[first..first + rows], cols, src, patched, delta);
+        }
     }
 
     if let Some(ty) = job.intermediate.filter(|t| *t != GgmlType::F32) {
@@ -143,4 +149,20 @@ fn process_group(job: &ChunkJob<'_>, s: &mut Scratch, row0: usize, rows: usize, 
     };
     let sums = row_sums(src, delta, requant, model, cols);
     Ok(sums)
+}
+
+/// PEFT's DoRA merge (`DoraLinearVariant.merge_safe`) on rows already holding `W + ΔW`:
+/// `W' = m_row / ‖W + ΔW‖_row · (W + ΔW)` (f32 multiply, the norm accumulated in f64 and rounded to f32, as
+/// torch's f32 `linalg.norm` gives the correctly rounded value up to an ulp). `delta` becomes `W' − W` so the
+/// quality report measures the change DoRA actually asks for.
+fn dora_rescale(magnitudes: &[f32], cols: usize, src: &[f32], patched: &mut [f32], delta: &mut [f32]) {
+    for (r, &m) in magnitudes.iter().enumerate() {
+        let row = r * cols..(r + 1) * cols;
+        let norm = patched[row.clone()].iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt() as f32;
+        let factor = m / norm;
+        for ((p, d), &w) in patched[row.clone()].iter_mut().zip(&mut delta[row.clone()]).zip(&src[row]) {
+            *p *= factor;
+            *d = *p - w;
+        }
+    }
 }

@@ -259,6 +259,21 @@ impl<'a> PatchPlan<'a> {
             }
         }
 
+        for plan in &tensors {
+            let Some(patch) = &plan.patch else { continue };
+            let is_dora = |&(a, p): &(usize, usize)| adapters[a].adapter.pairs[p].magnitude.is_some();
+            if patch.terms.len() > 1 && patch.terms.iter().any(is_dora) {
+                let sources: Vec<&str> =
+                    patch.terms.iter().map(|&(a, _)| adapters[a].adapter.source.as_str()).collect();
+                return Err(incompatible(Incompatible::Other(format!(
+                    "tensor {:?} is patched by a DoRA adapter and other adapters ({}): DoRA rescales the whole \
+                     merged row, so it must be the only adapter on a tensor; patch in two runs",
+                    model.tensors()[plan.model_index].name,
+                    sources.join(", ")
+                ))));
+            }
+        }
+
         let mut cannot_quantize: Vec<(GgmlType, String)> = Vec::new();
         for plan in tensors.iter_mut() {
             let info = &model.tensors()[plan.model_index];
@@ -528,10 +543,19 @@ impl<'a> PatchPlan<'a> {
             let input = &self.adapters[a];
             let pair = &input.adapter.pairs[p];
             let (left, right) = pair.load()?;
-            factors.push((left, right, pair.rank, input.adapter.pair_scale(pair, input.scale)));
+            let magnitude = pair.magnitude.as_deref();
+            factors.push((left, right, pair.rank, input.adapter.pair_scale(pair, input.scale), magnitude));
         }
-        let terms: Vec<Term<'_>> =
-            factors.iter().map(|(left, right, rank, scale)| Term { left, right, rank: *rank, scale: *scale }).collect();
+        let terms: Vec<Term<'_>> = factors
+            .iter()
+            .map(|(left, right, rank, scale, magnitude)| Term {
+                left,
+                right,
+                rank: *rank,
+                scale: *scale,
+                magnitude: *magnitude,
+            })
+            .collect();
 
         let compare_with_model = patch.base_index.is_some() && quant::can_dequantize(info.ty);
         let chunk_rows = (CHUNK_ELEMENTS / cols.max(1)).max(ROW_GROUP) / ROW_GROUP * ROW_GROUP;
