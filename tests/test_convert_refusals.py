@@ -37,7 +37,7 @@ def test_dora_refused_with_patch_engine_note(tmp_path):
     folder, _, _ = make_adapter(tmp_path / "a", {"use_dora": True}, modules=ONE)
     with pytest.raises(ConversionError, match="DoRA") as exc:
         peft_to_lora(folder, BASE)
-    assert "patch engine" in str(exc.value) and "planned" in str(exc.value)
+    assert "cannot represent DoRA" in str(exc.value) and "ggml-lora patch --lora PEFT_DIR" in str(exc.value)
 
 
 def test_dora_magnitude_tensor_refused_even_without_flag(tmp_path):

@@ -125,7 +125,7 @@ class PatchResult:
 
 def load_adapter(adapter: PathLike | _native.Adapter, *, model: PathLike | None = None) -> _native.Adapter:
     """Load a LoRA adapter: a llama.cpp GGUF adapter, a legacy ggla file, or a PEFT directory (converted in
-    memory; ``model`` supplies the architecture and naming)."""
+    memory; ``model`` supplies the architecture and naming; DoRA adapters included, merged exactly)."""
     if isinstance(adapter, _native.Adapter):
         return adapter
     path = Path(adapter)
@@ -134,7 +134,8 @@ def load_adapter(adapter: PathLike | _native.Adapter, *, model: PathLike | None 
             raise ValueError(f"{path}: converting a PEFT adapter directory needs the model it applies to")
         from .convert import peft_to_lora
 
-        lora = peft_to_lora(path, base=model)
+        # DoRA is allowed here: the engine merges it exactly (llama.cpp's adapter format cannot hold it).
+        lora = peft_to_lora(path, base=model, allow_dora=True)
         tensors = []
         for name, array in lora.tensors.items():
             data = np.ascontiguousarray(array, dtype=np.float32)

@@ -12,7 +12,7 @@ import numpy as np
 
 from .errors import ConversionError
 from .mapping import BaseInfo, NameMapper, read_base
-from .peft import AdapterConfig, read_peft_dir
+from .peft import DORA_REFUSAL, AdapterConfig, read_peft_dir
 from .transforms import embedding_factors, linear_factors, permute_lora_b
 from .writers import GGLA_OUTTYPES, GGUF_OUTTYPES, write_ggla, write_gguf
 
@@ -23,6 +23,13 @@ _SUFFIXES = {
     ".lora_embedding_A": ("embedding", "A"),
     ".lora_embedding_B": ("embedding", "B"),
 }
+#: PEFT's saved key of a DoRA magnitude vector (PEFT versions differ; with or without the adapter name).
+_MAGNITUDE_SUFFIXES = (
+    ".lora_magnitude_vector.default.weight",
+    ".lora_magnitude_vector.weight",
+    ".lora_magnitude_vector.default",
+    ".lora_magnitude_vector",
+)
 DEFAULT_GGUF_NAME = "ggml-adapter-model.gguf"
 DEFAULT_GGLA_NAME = "ggml-adapter-model.bin"
 
@@ -36,12 +43,18 @@ class LoraTensors:
     (n_vocab, r) [ne (r, n_vocab)], ``lora_b`` (n_embd, r). The delta llama.cpp applies to a tensor is
     ``s * lora_b @ lora_a`` (``s * lora_a @ lora_b.T`` for token_embd) with ``s = alpha / r`` (r = the
     tensor's rank), or ``s = 1`` when ``alpha == 0`` (then the PEFT scale is already folded into ``lora_b``).
+
+    DoRA (only from ``peft_to_lora(..., allow_dora=True)``; then ``dora`` is True and ``alpha`` is 0): each DoRA
+    tensor also has ``"<model tensor>.dora_m"``, the float32 magnitude vector (n_out,) in the GGUF row order, and
+    the merged weight is ``(m / ||W + s*B@A||_row) * (W + s*B@A)`` with ``s`` the user's adapter scale alone
+    (PEFT's scale is folded into ``lora_b``; the norm is over each row of the (n_out, n_in) weight).
     """
 
     architecture: str
     alpha: float
     tensors: dict[str, np.ndarray]
     metadata: dict[str, Any] = field(default_factory=dict)
+    dora: bool = False
 
     def scale(self, name: str) -> float:
         """The scale llama.cpp applies to the tensor ``name`` (``"blk.0.attn_q.weight"``), at adapter scale 1."""
@@ -52,18 +65,32 @@ class LoraTensors:
 @dataclass
 class _Module:
     module: str
-    kind: str
+    kind: str | None
     a: np.ndarray | None = None
     b: np.ndarray | None = None
     keys: list[str] = field(default_factory=list)
+    m: np.ndarray | None = None  # DoRA magnitude vector
+    m_key: str | None = None
 
 
 def _group(tensors: dict[str, np.ndarray]) -> list[_Module]:
     modules: dict[str, _Module] = {}
     for key, value in sorted(tensors.items()):
         if "lora_magnitude_vector" in key:
-            raise ConversionError(f"tensor {key!r}: DoRA magnitude vector - DoRA cannot be expressed as a LoRA "
-                                  "adapter (exact DoRA merging in the patch engine is planned)")
+            for suffix in _MAGNITUDE_SUFFIXES:
+                if key.endswith(suffix):
+                    break
+            else:
+                raise ConversionError(f"tensor {key!r}: not a DoRA magnitude vector key PEFT writes")
+            if not key.startswith(PREFIX):
+                raise ConversionError(f"tensor {key!r}: expected PEFT's {PREFIX!r} prefix")
+            module = key[len(PREFIX): -len(suffix)]
+            entry = modules.setdefault(module, _Module(module, None))
+            if entry.m is not None:
+                raise ConversionError(f"module {module!r}: duplicate DoRA magnitude vector ({entry.m_key!r} and "
+                                      f"{key!r})")
+            entry.m, entry.m_key = value, key
+            continue
         for suffix, (kind, which) in _SUFFIXES.items():
             if key.endswith(suffix):
                 break
@@ -78,6 +105,8 @@ def _group(tensors: dict[str, np.ndarray]) -> list[_Module]:
             raise ConversionError(f"tensor {key!r}: expected PEFT's {PREFIX!r} prefix")
         module = key[len(PREFIX): -len(suffix)]
         entry = modules.setdefault(module, _Module(module, kind))
+        if entry.kind is None:
+            entry.kind = kind
         if entry.kind != kind:
             raise ConversionError(f"module {module!r} has both linear and embedding LoRA factors")
         if getattr(entry, which.lower()) is not None:
@@ -131,14 +160,19 @@ def _llama_alpha(entries: list[tuple[str, int, float, float]], config: AdapterCo
     return value
 
 
-def peft_to_lora(peft_dir: str | os.PathLike[str], base: Any) -> LoraTensors:
+def peft_to_lora(peft_dir: str | os.PathLike[str], base: Any, *, allow_dora: bool = False) -> LoraTensors:
     """Read a PEFT LoRA adapter folder and return its tensors in llama.cpp's GGUF naming and layout.
 
     ``base`` is the model the adapter applies to: a GGUF model file (only its metadata and tensor shapes are
     read) or a Hugging Face model folder with ``config.json``. No torch, no network. Raises
     :class:`ConversionError` for anything that cannot be converted exactly.
+
+    DoRA adapters (``use_dora``) are refused unless ``allow_dora``; with it, every linear module's magnitude
+    vector is returned as ``"<tensor>.dora_m"`` (rows in GGUF order, the same row transforms as ``lora_b``),
+    PEFT's scale is folded into every ``lora_b``, ``alpha`` is 0 and ``dora`` is True (see :class:`LoraTensors`).
+    Only the patch engine can apply the result; llama.cpp's adapter files cannot represent it.
     """
-    adapter = read_peft_dir(peft_dir)
+    adapter = read_peft_dir(peft_dir, allow_dora=allow_dora)
     info: BaseInfo = read_base(base)
     mapper = NameMapper(info)
     config = adapter.config
@@ -148,7 +182,20 @@ def peft_to_lora(peft_dir: str | os.PathLike[str], base: Any) -> LoraTensors:
     pieces: list[tuple[str, np.ndarray, np.ndarray]] = []
     entries: list[tuple[str, int, float, float]] = []
     seen: dict[str, str] = {}
-    for m in _group(adapter.tensors):
+    magnitudes: dict[str, np.ndarray] = {}
+    modules = _group(adapter.tensors)
+    for m in modules:
+        if m.m is not None and not config.use_dora:
+            if not allow_dora:
+                raise ConversionError(f"tensor {m.m_key!r}: DoRA magnitude vector: " + DORA_REFUSAL)
+            raise ConversionError(f"tensor {m.m_key!r}: a DoRA magnitude vector, but adapter_config.json does not "
+                                  "set use_dora; refusing the inconsistent adapter")
+        if config.use_dora and m.kind == "embedding":
+            raise ConversionError(f"module {m.module!r}: DoRA on an embedding (lora_embedding_A/B) is not supported")
+        if config.use_dora and m.m is None:
+            raise ConversionError(f"module {m.module!r}: adapter_config.json sets use_dora but the module has no "
+                                  "DoRA magnitude vector (lora_magnitude_vector)")
+    for m in modules:
         a = _as_f32(m.keys[0], m.a)  # type: ignore[arg-type]
         b = _as_f32(m.keys[-1], m.b)  # type: ignore[arg-type]
         if a.ndim != 2 or b.ndim != 2:
@@ -157,6 +204,12 @@ def peft_to_lora(peft_dir: str | os.PathLike[str], base: Any) -> LoraTensors:
         if a.shape[0] != b.shape[1]:
             raise ConversionError(f"module {m.module!r}: lora_A {a.shape} and lora_B {b.shape} disagree on the rank")
         rank = a.shape[0]
+        mag = None
+        if m.m is not None:
+            mag = _as_f32(m.m_key or m.module, m.m)
+            if mag.ndim != 1 or mag.shape[0] != b.shape[0]:
+                raise ConversionError(f"module {m.module!r}: DoRA magnitude vector has shape {mag.shape}, expected "
+                                      f"({b.shape[0]},) (one value per output feature, as lora_B's rows)")
         r_cfg, alpha, scale = config.module_scale(m.module)
         if rank != r_cfg:
             raise ConversionError(f"module {m.module!r}: factors have rank {rank} but adapter_config.json gives "
@@ -205,7 +258,10 @@ def peft_to_lora(peft_dir: str | os.PathLike[str], base: Any) -> LoraTensors:
                 if blk is None or blk >= info.n_blocks:
                     raise ConversionError(f"{name!r}: cannot find its block's head counts")
                 n_head = info.n_head[blk]
-                lora_b = permute_lora_b(lora_b, n_head, n_head if which == "q" else info.n_head_kv[blk])
+                n_kv = n_head if which == "q" else info.n_head_kv[blk]
+                lora_b = permute_lora_b(lora_b, n_head, n_kv)
+                if mag is not None:  # the magnitude's rows move with lora_b's (and the base weight's) rows
+                    mag = permute_lora_b(mag.reshape(-1, 1), n_head, n_kv).reshape(-1)
         if info.tensor_shapes is not None:
             shape = info.tensor_shapes.get(name)
             if shape is None:
@@ -216,8 +272,14 @@ def peft_to_lora(peft_dir: str | os.PathLike[str], base: Any) -> LoraTensors:
                                       f"base tensor is {tuple(shape)} (numpy order)")
         pieces.append((name, lora_a, lora_b))
         entries.append((name, rank, alpha, scale))
+        if mag is not None:
+            if is_embd or mag.shape[0] != lora_b.shape[0]:  # defensive: the transforms above keep rows aligned
+                raise ConversionError(f"module {m.module!r} -> {name!r}: cannot carry its DoRA magnitude vector "
+                                      "through the tensor's row transforms")
+            magnitudes[name] = mag
 
-    llama_alpha = _llama_alpha(entries, config)
+    # DoRA normalises W + s*B@A per row, so the engine's scale must be the user's scale alone: fold PEFT's.
+    llama_alpha = None if magnitudes else _llama_alpha(entries, config)
     if llama_alpha is not None and not np.isfinite(np.float32(llama_alpha)):
         raise ConversionError(f"lora_alpha {llama_alpha} does not fit adapter.lora.alpha (a FLOAT32)")
     tensors: dict[str, np.ndarray] = {}
@@ -233,6 +295,8 @@ def peft_to_lora(peft_dir: str | os.PathLike[str], base: Any) -> LoraTensors:
                 )
         tensors[name + ".lora_a"] = np.ascontiguousarray(lora_a, dtype=np.float32)
         tensors[name + ".lora_b"] = np.ascontiguousarray(lora_b, dtype=np.float32)
+        if name in magnitudes:
+            tensors[name + ".dora_m"] = np.ascontiguousarray(magnitudes[name], dtype=np.float32)
     metadata: dict[str, Any] = {"general.name": adapter.path.resolve().name or "adapter"}
     if config.base_model_name_or_path:
         metadata["general.base_model.count"] = _u32(1)
@@ -242,6 +306,7 @@ def peft_to_lora(peft_dir: str | os.PathLike[str], base: Any) -> LoraTensors:
         alpha=float(llama_alpha) if llama_alpha is not None else 0.0,
         tensors=tensors,
         metadata=metadata,
+        dora=bool(magnitudes),
     )
 
 

@@ -97,6 +97,7 @@ class AdapterConfig:
     r: int
     lora_alpha: float
     use_rslora: bool = False
+    use_dora: bool = False
     fan_in_fan_out: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -161,8 +162,17 @@ def _truthy(config: dict[str, Any], key: str) -> bool:
     return v not in (None, False, {}, [], "", 0)
 
 
-def parse_config(config: Any) -> AdapterConfig:
-    """Validate a parsed ``adapter_config.json`` and refuse everything that is not a plain LoRA product."""
+#: Why a DoRA adapter cannot become a llama.cpp adapter file, and what merges it instead.
+DORA_REFUSAL = (
+    "llama.cpp's adapter format cannot represent DoRA (each output row is rescaled by a magnitude vector divided "
+    "by the row norm of the merged weight, which needs the base weights). `ggml-lora patch --lora PEFT_DIR` "
+    "(Python: `ggml_lora.patch(model, PEFT_DIR)`) merges it exactly"
+)
+
+
+def parse_config(config: Any, *, allow_dora: bool = False) -> AdapterConfig:
+    """Validate a parsed ``adapter_config.json`` and refuse everything that is not a plain LoRA product
+    (DoRA is accepted only with ``allow_dora``; then :attr:`AdapterConfig.use_dora` says whether it is set)."""
     if not isinstance(config, dict):
         raise ConversionError("adapter_config.json: expected a JSON object")
     peft_type = config.get("peft_type")
@@ -173,12 +183,11 @@ def parse_config(config: Any) -> AdapterConfig:
             f"adapter_config.json: peft_type {peft_type!r} is not supported: only plain LoRA (peft_type 'LORA') can "
             "be written as a llama.cpp LoRA adapter (LoHa, LoKr, IA3, AdaLoRA, OFT, ... are different products)"
         )
-    if _truthy(config, "use_dora"):
-        raise ConversionError(
-            "adapter_config.json: use_dora is set: DoRA rescales each output row by a magnitude vector divided by the "
-            "norm of the merged weight, which a LoRA adapter file cannot express. Exact DoRA merging in ggml-lora's "
-            "patch engine (which has the base weights) is planned; until then this adapter cannot be converted"
-        )
+    use_dora = _truthy(config, "use_dora")
+    if use_dora and not allow_dora:
+        raise ConversionError("adapter_config.json: use_dora is set: " + DORA_REFUSAL)
+    if use_dora and config["use_dora"] is not True:
+        raise ConversionError(f"adapter_config.json: use_dora must be true or false, got {config['use_dora']!r:.60}")
     if _truthy(config, "modules_to_save"):
         raise ConversionError(
             f"adapter_config.json: modules_to_save = {config['modules_to_save']!r:.120}: the adapter carries fully "
@@ -223,6 +232,7 @@ def parse_config(config: Any) -> AdapterConfig:
         r=r,
         lora_alpha=alpha,
         use_rslora=flags["use_rslora"],
+        use_dora=use_dora,
         fan_in_fan_out=flags["fan_in_fan_out"],
         rank_pattern=patterns["rank_pattern"],
         alpha_pattern=patterns["alpha_pattern"],
@@ -243,8 +253,9 @@ class PeftAdapter:
     weights_file: Path
 
 
-def read_peft_dir(peft_dir: str | os.PathLike[str]) -> PeftAdapter:
-    """Read and validate a PEFT adapter directory (no torch, no network)."""
+def read_peft_dir(peft_dir: str | os.PathLike[str], *, allow_dora: bool = False) -> PeftAdapter:
+    """Read and validate a PEFT adapter directory (no torch, no network). DoRA (``use_dora``) is refused unless
+    ``allow_dora``."""
     path = Path(peft_dir)
     if not path.is_dir():
         raise ConversionError(f"{path}: not a directory (expected a PEFT adapter folder with {CONFIG_NAME})")
@@ -255,7 +266,7 @@ def read_peft_dir(peft_dir: str | os.PathLike[str]) -> PeftAdapter:
         raw = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConversionError(f"{cfg_path}: not valid JSON: {exc}") from None
-    config = parse_config(raw)
+    config = parse_config(raw, allow_dora=allow_dora)
     if (path / SAFETENSORS_NAME).is_file():
         weights = path / SAFETENSORS_NAME
         tensors = load_safetensors(weights)
