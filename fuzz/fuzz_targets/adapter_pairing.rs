@@ -194,6 +194,11 @@ fn adapter(u: &mut Unstructured<'_>, m: &Model) -> UResult<AdapterParts> {
         if u.ratio(1u8, 16u8)? {
             push(u, format!("{target}.lora_c"), vec![4])?;
         }
+        if u.ratio(1u8, 4u8)? {
+            // A DoRA magnitude: usually one per output row, sometimes the wrong length.
+            let len = if u.ratio(7u8, 8u8)? { n_out } else { dim(u, 1)? };
+            push(u, format!("{target}.dora_m"), vec![len])?;
+        }
     }
     let alpha = if u.ratio(1u8, 8u8)? { u.arbitrary()? } else { f32::from(u.int_in_range(0..=32u8)?) };
     let arch = if u.ratio(1u8, 2u8)? { None } else { Some((*u.choose(ARCHS)?).to_owned()) };
