@@ -216,10 +216,8 @@ def patch(
     out_path = Path(out) if out is not None else default_output_path(model)
 
     names = [Path(a.source).name for a, _ in loaded]
-    from . import __version__
-
     extra = {
-        "ggml_lora.version": __version__,
+        "ggml_lora.version": _native.__version__,
         "ggml_lora.adapters": MetadataValue(names, GGUFValueType.ARRAY, GGUFValueType.STRING),
         "ggml_lora.adapter_scales": MetadataValue([s for _, s in loaded], GGUFValueType.ARRAY, GGUFValueType.FLOAT32),
     }
