@@ -481,6 +481,7 @@ mod tests {
             cols: 1,
             rank: 8,
             factors: Factors::Loaded { left: vec![], right: vec![] },
+            magnitude: None,
         };
         let mut adapter =
             LoraAdapter { source: "x".into(), architecture: None, alpha: 16.0, pairs: vec![], skipped: vec![] };
