@@ -601,3 +601,18 @@ def test_bf16_intermediate_rounds_w_prime_to_bf16(tmp_path: Path) -> None:
         assert np.all(np.abs(values - expected) <= np.abs(expected) * 2.0**-8 + 1e-30), t.name
     with ggml_lora.open(out) as f:
         assert f.metadata["ggml_lora.intermediate"] == "bf16"
+
+
+def test_imatrix_quantized_model_gets_a_note(tmp_path: Path) -> None:
+    with ggml_lora.open(LLAMA / "base-q4_0.gguf") as f:
+        metadata = dict(f.fields)
+        metadata["quantize.imatrix.file"] = "imatrix.dat"
+        tensors = {n: (f.raw(n), i.type, i.shape) for n, i in f.tensors.items()}
+        model = ggml_lora.write(tmp_path / "imatrix-q4_0.gguf", metadata, tensors)
+    result = ggml_lora.patch(model, ADAPTER_QV, base=BASE_F16, out=tmp_path / "out.gguf")
+    assert len(result.notes) == 1 and "importance matrix (imatrix.dat)" in result.notes[0]
+    assert "note: the model was quantized with an importance matrix" in result.summary()
+    plain = ggml_lora.patch(LLAMA / "base-q4_0.gguf", ADAPTER_QV, base=BASE_F16, out=tmp_path / "plain.gguf")
+    assert plain.notes == []
+    as_f16 = ggml_lora.patch(model, ADAPTER_QV, base=BASE_F16, out=tmp_path / "f16.gguf", out_type="f16")
+    assert as_f16.notes == []  # nothing is requantized

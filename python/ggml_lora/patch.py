@@ -75,6 +75,7 @@ class PatchResult:
     seconds: float
     used_base: bool = False
     suggestions: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def lost(self) -> list[TensorQuality]:
@@ -120,6 +121,7 @@ class PatchResult:
                 f"(e.g. {lost[0].name}: {lost[0].retained:.1%} retained, cos {lost[0].cosine:.2f})"
             )
             lines += [f"  suggestion: {s}" for s in self.suggestions]
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -232,7 +234,7 @@ def patch(
         def callback(done: int, total: int, tensor: str, bytes_done: int, bytes_total: int) -> None:
             user_progress(PatchProgress(done, total, tensor, bytes_done, bytes_total))
 
-    path, rows, copied, bytes_written, seconds = _native.patch(
+    path, rows, copied, bytes_written, seconds, notes = _native.patch(
         os.fspath(model),
         loaded,
         os.fspath(base) if base is not None else None,
@@ -251,6 +253,7 @@ def patch(
         bytes_written=bytes_written,
         seconds=seconds,
         used_base=base is not None,
+        notes=notes,
     )
     result.suggestions = _suggestions(result, base, out_type)
     return result

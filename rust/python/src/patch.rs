@@ -108,7 +108,7 @@ impl NativeAdapter {
 
 type TensorRow = (String, &'static str, &'static str, bool, usize, f64, f64, f64, f64);
 
-/// Runs a patch; returns `(out path, per-tensor rows, tensors copied, bytes written, seconds)` where a row is
+/// Runs a patch; returns `(out path, per-tensor rows, tensors copied, bytes written, seconds, notes)` where a row is
 /// `(name, model type, out type, from base, n adapters, relative change, retained, cosine, error ratio)`.
 #[pyfunction]
 #[pyo3(signature = (model, adapters, base, out, *, out_type = None, intermediate = None, threads = None,
@@ -126,7 +126,7 @@ fn patch(
     sync: bool,
     extra_metadata: Vec<(String, String, Option<String>, Bound<'_, PyAny>)>,
     progress: Option<Py<PyAny>>,
-) -> PyResult<(PathBuf, Vec<TensorRow>, usize, u64, f64)> {
+) -> PyResult<(PathBuf, Vec<TensorRow>, usize, u64, f64, Vec<String>)> {
     let mut metadata: Vec<(String, Value)> = Vec::with_capacity(extra_metadata.len());
     for (key, ty, elem, obj) in extra_metadata {
         let elem = elem.as_deref().map(value_type).transpose()?;
@@ -183,5 +183,5 @@ fn patch(
             )
         })
         .collect();
-    Ok((report.out, rows, report.copied, report.bytes_written, report.seconds))
+    Ok((report.out, rows, report.copied, report.bytes_written, report.seconds, report.notes))
 }

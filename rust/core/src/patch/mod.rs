@@ -133,6 +133,8 @@ pub struct PatchReport {
     pub bytes_written: u64,
     /// Wall time of the run, in seconds.
     pub seconds: f64,
+    /// Things the user should know about the result (see [`PatchPlan::notes`]).
+    pub notes: Vec<String>,
 }
 
 struct PatchedTensor {
@@ -156,6 +158,7 @@ pub struct PatchPlan<'a> {
     options: PatchOptions,
     tensors: Vec<TensorPlan>,
     metadata: Vec<(String, Value)>,
+    notes: Vec<String>,
 }
 
 fn architecture(file: &GgufFile) -> Option<String> {
@@ -335,7 +338,8 @@ impl<'a> PatchPlan<'a> {
         }
 
         let metadata = Self::output_metadata(model, &tensors, &options);
-        Ok(PatchPlan { model, base, adapters, options, tensors, metadata })
+        let notes = Self::collect_notes(model, &tensors);
+        Ok(PatchPlan { model, base, adapters, options, tensors, metadata, notes })
     }
 
     fn output_metadata(model: &GgufFile, tensors: &[TensorPlan], options: &PatchOptions) -> Vec<(String, Value)> {
@@ -377,6 +381,25 @@ impl<'a> PatchPlan<'a> {
             }
         }
         metadata
+    }
+
+    fn collect_notes(model: &GgufFile, tensors: &[TensorPlan]) -> Vec<String> {
+        let mut notes = Vec::new();
+        let requantized = tensors.iter().filter(|t| t.patch.is_some() && !t.out_type.is_plain()).count();
+        let imatrix = model.header().metadata.iter().find(|(k, _)| k.starts_with("quantize.imatrix."));
+        if let (Some(_), true) = (imatrix, requantized > 0) {
+            let file = model.header().get("quantize.imatrix.file").and_then(Value::as_str).unwrap_or("unknown file");
+            notes.push(format!(
+                "the model was quantized with an importance matrix ({file}); the {requantized} patched tensors are \
+                 requantized with ggml's reference quantizer, without it (untouched tensors keep theirs)"
+            ));
+        }
+        notes
+    }
+
+    /// Things worth telling the user about this patch (e.g. an importance matrix that patched tensors lose).
+    pub fn notes(&self) -> &[String] {
+        &self.notes
     }
 
     /// Names of the tensors that will be patched, in file order.
@@ -458,6 +481,7 @@ impl<'a> PatchPlan<'a> {
                     tensors: reports,
                     bytes_written: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0),
                     seconds: start.elapsed().as_secs_f64(),
+                    notes: self.notes.clone(),
                 }),
                 (Ok(_), _) => Err(Error::WriterState("writer stopped before the output was complete".into())),
             }
