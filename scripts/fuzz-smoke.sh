@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Smoke run of every cargo-fuzz target: builds them, rebuilds the seed corpora from ../shared/fixtures, runs each
-# target for FUZZ_SECONDS (default 15) with the GGUF dictionary, prints executions and coverage per target, and
+# target for FUZZ_SECONDS (default 20) with the GGUF dictionary, prints executions and coverage per target, and
 # exits non-zero if any target crashes, leaks, times out or fails to build. Crash inputs land in
 # fuzz/artifacts/<target>/ (reproduce: see FUZZING.md).
 #
@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RUSTC_BOOTSTRAP=1
-SECONDS_PER_TARGET="${FUZZ_SECONDS:-15}"
+SECONDS_PER_TARGET="${FUZZ_SECONDS:-20}"
 TARGETS=(gguf_parse ggla_parse adapter_pairing quant_roundtrip)
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
