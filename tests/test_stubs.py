@@ -23,3 +23,13 @@ def test_package_is_typed() -> None:
     package = Path(ggml_lora.__file__).parent
     assert (package / "py.typed").is_file()
     assert (package / "_native.pyi").is_file()
+
+
+def test_package_type_checks_against_the_stubs(tmp_path: Path) -> None:
+    """mypy over the Python package (which uses the native module only through its stubs) finds no error."""
+    package = Path(__file__).resolve().parents[1] / "python" / "ggml_lora"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "cache"), str(package)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, f"mypy found errors:\n{proc.stdout}\n{proc.stderr}"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .gguf import GGUFValueType, MetadataValue, PathLike, write
+from .gguf import GGUFValueType, MetadataValue, PathLike, TensorValue, write
 from .quants import quantize
 
 
@@ -54,7 +54,7 @@ def write_example_model(path: PathLike, ggml_type: str = "q4_0", seed: int = 0) 
     file_types = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}
     metadata = example_metadata()
     metadata["general.file_type"] = MetadataValue(file_types[ggml_type], GGUFValueType.UINT32)
-    tensors: dict[str, object] = {}
+    tensors: dict[str, TensorValue] = {}
     for name, w in example_model_tensors(seed=seed).items():
         if w.ndim == 1 or ggml_type == "f32":
             tensors[name] = w

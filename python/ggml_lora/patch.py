@@ -146,12 +146,14 @@ def load_adapter(adapter: PathLike | _native.Adapter, *, model: PathLike | None 
     return _native.Adapter.open(os.fspath(path))
 
 
-def _adapter_list(adapter: AdapterSpec | Sequence[AdapterSpec], scale: float) -> list[tuple[object, float]]:
+def _adapter_list(
+    adapter: AdapterSpec | Sequence[AdapterSpec], scale: float
+) -> list[tuple[PathLike | _native.Adapter, float]]:
     if isinstance(adapter, (str, os.PathLike, _native.Adapter)):
         return [(adapter, scale)]
     if isinstance(adapter, tuple) and len(adapter) == 2 and isinstance(adapter[1], (int, float)):
         return [(adapter[0], float(adapter[1]))]
-    items: list[tuple[object, float]] = []
+    items: list[tuple[PathLike | _native.Adapter, float]] = []
     for item in adapter:  # type: ignore[union-attr]
         if isinstance(item, tuple):
             if len(item) != 2:
