@@ -245,15 +245,19 @@ def test_allow_dora_leaves_plain_lora_unchanged(tmp_path):
     assert all(np.array_equal(allowed.tensors[k], plain.tensors[k]) for k in plain.tensors)
 
 
-def test_gpt2_conv1d_dora_magnitude_per_output_feature(tmp_path):
-    # fan_in_fan_out Conv1D (c_attn, fused qkv): PEFT's magnitude is per output feature = lora_B rows, no transform
-    src = GPT2 / "lora-c_attn/adapter"
-    folder = tmp_path / "a"
+def dora_copy(src, folder):
+    """A copy of a real PEFT folder with use_dora switched on: (folder, config, its tensors) to add magnitudes to."""
     shutil.copytree(src, folder)
     cfg = json.loads((folder / "adapter_config.json").read_text())
     cfg["use_dora"] = True
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
-    tensors = dict(load_safetensors(folder / "adapter_model.safetensors"))
+    return folder, cfg, dict(load_safetensors(folder / "adapter_model.safetensors"))
+
+
+def test_gpt2_conv1d_dora_magnitude_per_output_feature(tmp_path):
+    # fan_in_fan_out Conv1D (c_attn, fused qkv): PEFT's magnitude is per output feature = lora_B rows, no transform
+    src = GPT2 / "lora-c_attn/adapter"
+    folder, cfg, tensors = dora_copy(src, tmp_path / "a")
     rng = np.random.default_rng(1)
     mags = {}
     for i in range(2):
@@ -272,12 +276,7 @@ def test_gpt2_conv1d_dora_magnitude_per_output_feature(tmp_path):
 
 def test_phi3_fused_dora_magnitude_unchanged(tmp_path):
     src = ARCH / "phi3/peft-a"
-    folder = tmp_path / "a"
-    shutil.copytree(src, folder)
-    cfg = json.loads((folder / "adapter_config.json").read_text())
-    cfg["use_dora"] = True
-    (folder / "adapter_config.json").write_text(json.dumps(cfg))
-    tensors = dict(load_safetensors(folder / "adapter_model.safetensors"))
+    folder, cfg, tensors = dora_copy(src, tmp_path / "a")
     rng = np.random.default_rng(2)
     mags = {}
     for key in [k for k in tensors if k.endswith(".lora_B.weight")]:

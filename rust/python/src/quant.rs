@@ -1,7 +1,7 @@
 //! Quantization kernels for Python. Arrays arrive C-contiguous (the Python wrapper ensures it).
 
 use ggml_lora_core::{quant, Error, GgmlType};
-use numpy::{PyArray1, PyArrayMethods, PyReadonlyArrayDyn};
+use numpy::{Element, PyArray1, PyArrayMethods, PyReadonlyArrayDyn};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -35,26 +35,7 @@ fn quantize_rows<'py>(
     let row_bytes =
         ty.row_bytes(row_len as u64).ok_or(Error::RowLength { ty, row_len, block: ty.block_size() }).py_err()? as usize;
     let n = src.len() / row_len * row_bytes;
-    match out {
-        Some(out) => {
-            {
-                let mut dst = out.try_readwrite().map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
-                let dst = dst.as_slice_mut().map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
-                check_out_len(dst.len(), n)?;
-                py.detach(|| quant::quantize_rows_par(ty, src, row_len, dst)).py_err()?;
-            }
-            Ok(out)
-        }
-        None => {
-            let values = py
-                .detach(|| {
-                    let mut dst = vec![0u8; n];
-                    quant::quantize_rows_par(ty, src, row_len, &mut dst).map(|_| dst)
-                })
-                .py_err()?;
-            Ok(PyArray1::from_vec(py, values))
-        }
-    }
+    fill_or_allocate(py, out, n, |dst| quant::quantize_rows_par(ty, src, row_len, dst))
 }
 
 /// Dequantizes a C-contiguous uint8 array holding rows of `row_len` elements of `type_name` to a flat
@@ -84,21 +65,31 @@ fn dequantize_rows<'py>(
         .py_err();
     }
     let n = src.len() / row_bytes * row_len;
+    fill_or_allocate(py, out, n, |dst| quant::dequantize_rows_par(ty, src, row_len, dst))
+}
+
+/// Runs `kernel` (GIL released) into `out` when given (it must hold exactly `n` elements), else into a new array.
+fn fill_or_allocate<'py, T: Element + Default + Clone + Send>(
+    py: Python<'py>,
+    out: Option<Bound<'py, PyArray1<T>>>,
+    n: usize,
+    kernel: impl Fn(&mut [T]) -> Result<(), Error> + Send + Sync,
+) -> PyResult<Bound<'py, PyArray1<T>>> {
     match out {
         Some(out) => {
             {
                 let mut dst = out.try_readwrite().map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
                 let dst = dst.as_slice_mut().map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
                 check_out_len(dst.len(), n)?;
-                py.detach(|| quant::dequantize_rows_par(ty, src, row_len, dst)).py_err()?;
+                py.detach(|| kernel(dst)).py_err()?;
             }
             Ok(out)
         }
         None => {
             let values = py
                 .detach(|| {
-                    let mut dst = vec![0f32; n];
-                    quant::dequantize_rows_par(ty, src, row_len, &mut dst).map(|_| dst)
+                    let mut dst = vec![T::default(); n];
+                    kernel(&mut dst).map(|_| dst)
                 })
                 .py_err()?;
             Ok(PyArray1::from_vec(py, values))

@@ -284,6 +284,11 @@ pub struct Sums {
 }
 
 impl Sums {
+    /// From the six sums in field order (how the kernels accumulate them).
+    fn from_array([delta_sq, src_sq, applied_dot_delta, applied_sq, error_sq, vs_model_dot_delta]: [f64; 6]) -> Sums {
+        Sums { delta_sq, src_sq, applied_dot_delta, applied_sq, error_sq, vs_model_dot_delta }
+    }
+
     /// Element-wise sum (sums of disjoint row ranges combine by addition).
     pub fn combine(self, o: Sums) -> Sums {
         Sums {
@@ -349,14 +354,7 @@ unsafe fn row_sums_avx2(src: &[f32], delta: &[f32], requant: &[f32], model: &[f3
             unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
             *s = lanes.iter().map(|&x| x as f64).sum();
         }
-        total = total.combine(Sums {
-            delta_sq: row[0],
-            src_sq: row[1],
-            applied_dot_delta: row[2],
-            applied_sq: row[3],
-            error_sq: row[4],
-            vs_model_dot_delta: row[5],
-        });
+        total = total.combine(Sums::from_array(row));
         if full < end {
             // The last few elements of a row whose length is not a multiple of 8 (f16/f32 tensors only).
             let tail = full..end;
@@ -417,14 +415,7 @@ fn row_sums_body(src: &[f32], delta: &[f32], requant: &[f32], model: &[f32], col
             row[4] += (q - w - d) * (q - w - d);
             row[5] += (q - m) * d;
         }
-        total = total.combine(Sums {
-            delta_sq: row[0],
-            src_sq: row[1],
-            applied_dot_delta: row[2],
-            applied_sq: row[3],
-            error_sq: row[4],
-            vs_model_dot_delta: row[5],
-        });
+        total = total.combine(Sums::from_array(row));
     }
     total
 }

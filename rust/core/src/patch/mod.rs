@@ -497,7 +497,7 @@ impl<'a> PatchPlan<'a> {
         bytes_total: u64,
         progress: &mut dyn FnMut(&Progress<'_>) -> Result<()>,
     ) -> Result<Vec<TensorReport>> {
-        let send = |m: Message| to_writer.send(m).map_err(|_| Error::WriterState("the writer stopped early".into()));
+        let send = |m: Message| send_to_writer(to_writer, m);
         let mut reports = Vec::new();
         let mut bytes_done = 0u64;
         let n = self.tensors.len();
@@ -604,7 +604,7 @@ impl<'a> PatchPlan<'a> {
             let chunk_sums = pool.install(|| compute::process_chunk(&job, &mut out))?;
             sums = sums.combine(chunk_sums);
             let out_len = out.len() as u64;
-            to_writer.send(Message::Data(out)).map_err(|_| Error::WriterState("the writer stopped early".into()))?;
+            send_to_writer(to_writer, Message::Data(out))?;
             src_file.release_pages(src_start + src_range.start..src_start + src_range.end);
             if compare_with_model {
                 self.model.release_pages(model_start + model_range.start..model_start + model_range.end);
@@ -620,6 +620,12 @@ enum Message {
     Data(Vec<u8>),
     Copy { offset: u64, len: u64 },
     Finish,
+}
+
+/// Hands a message to the writer thread; it only refuses when the writer has stopped (its own error, e.g. a
+/// full disk, is what the run then reports).
+fn send_to_writer(to_writer: &SyncSender<Message>, message: Message) -> Result<()> {
+    to_writer.send(message).map_err(|_| Error::WriterState("the writer stopped early".into()))
 }
 
 /// The writer thread: writes chunks in order, returns buffers for reuse, and commits on `Finish`. If the
