@@ -66,9 +66,9 @@ fuzz_target!(|data: &[u8]| {
         let n = floats.len() / row_len * row_len;
         let src = &floats[..n];
         let mut q = vec![0u8; n / bs * bb];
-        let serial = quantize_rows(ty, src, row_len, &mut q);
+        let serial = quantize_rows(ty, src, row_len, &mut q, None);
         let mut q_par = vec![0u8; q.len()];
-        let par = quantize_rows_par(ty, src, row_len, &mut q_par);
+        let par = quantize_rows_par(ty, src, row_len, &mut q_par, None);
         match src.iter().position(|v| !v.is_finite()) {
             Some(first) => {
                 for r in [&serial, &par] {
@@ -99,7 +99,7 @@ fuzz_target!(|data: &[u8]| {
         // Float types round-trip exactly once rounded: requantizing the dequantized values gives the same bytes.
         if matches!(ty, GgmlType::F16 | GgmlType::BF16 | GgmlType::F32) && back.iter().all(|v| v.is_finite()) {
             let mut q2 = vec![0u8; q.len()];
-            quantize_rows(ty, &back, row_len, &mut q2).unwrap();
+            quantize_rows(ty, &back, row_len, &mut q2, None).unwrap();
             assert_eq!(q, q2);
         }
     } else {

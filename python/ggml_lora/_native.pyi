@@ -50,7 +50,11 @@ def write_gguf(
     sync: bool = True,
 ) -> str: ...
 def quantize_rows(
-    x: npt.NDArray[np.float32], type_name: str, row_len: int, out: npt.NDArray[np.uint8] | None = None
+    x: npt.NDArray[np.float32],
+    type_name: str,
+    row_len: int,
+    out: npt.NDArray[np.uint8] | None = None,
+    imatrix: npt.NDArray[np.float32] | None = None,
 ) -> npt.NDArray[np.uint8]: ...
 def dequantize_rows(
     data: npt.NDArray[np.uint8], type_name: str, row_len: int, out: npt.NDArray[np.float32] | None = None

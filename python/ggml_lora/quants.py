@@ -28,13 +28,27 @@ def _check_out(out: np.ndarray, dtype: type, shape: tuple[int, ...]) -> np.ndarr
     return out.reshape(-1)
 
 
-def quantize(x: npt.ArrayLike, type: object, *, out: npt.NDArray[np.uint8] | None = None) -> npt.NDArray[np.uint8]:
+def _supported(flag: str) -> str:
+    return ", ".join(row[0] for row in _native.type_table() if row[4 if flag == "quantize" else 5])
+
+
+def quantize(
+    x: npt.ArrayLike,
+    type: object,
+    *,
+    imatrix: npt.ArrayLike | None = None,
+    out: npt.NDArray[np.uint8] | None = None,
+) -> npt.NDArray[np.uint8]:
     """Quantize ``x`` (converted to float32) row by row to ggml ``type``.
 
     Returns a uint8 array of shape ``x.shape[:-1] + (bytes_per_row,)`` holding the exact bytes ggml's
-    ``quantize_row_*_ref`` writes. ``x.shape[-1]`` must be a multiple of the type's block size. NaN or
-    infinite input raises ``ValueError``. Rows are quantized in parallel with the GIL released. ``out``, a
-    C-contiguous uint8 array of the result's shape, is filled and returned instead of allocating a new array.
+    ``quantize_<type>`` writes (what llama-quantize writes). ``x.shape[-1]`` must be a multiple of the type's block
+    size. NaN or infinite input raises ``ValueError``. Rows are quantized in parallel with the GIL released.
+
+    ``imatrix``: one importance weight per column (length ``x.shape[-1]``, finite and non-negative), as
+    llama-imatrix computes them; types whose ggml quantizer takes an importance matrix then quantize as
+    ``llama-quantize --imatrix`` does, the others (q8_0, f16, bf16, f32) ignore it, as ggml does.
+    ``out``, a C-contiguous uint8 array of the result's shape, is filled and returned instead of allocating.
     """
     info = type_info(type)
     # np.asarray first: np.ascontiguousarray turns a 0-d array into a 1-d one, which would hide the check below.
@@ -45,15 +59,20 @@ def quantize(x: npt.ArrayLike, type: object, *, out: npt.NDArray[np.uint8] | Non
         raise ValueError("cannot quantize a 0-dimensional array: rows need at least one dimension")
     array = np.ascontiguousarray(array)
     if not info.can_quantize:
-        raise ValueError(f"quantizing to {info.name} is not supported (supported: f32, f16, bf16, q8_0, q4_0)")
+        raise ValueError(f"quantizing to {info.name} is not supported (supported: {_supported('quantize')})")
     row_len = array.shape[-1]
     _check_row_length(row_len, info.name, info.block_size)
     row_bytes = row_len // info.block_size * info.type_size
     result_shape = array.shape[:-1] + (row_bytes,)
     flat_out = _check_out(out, np.uint8, result_shape) if out is not None else None
+    weights = None
+    if imatrix is not None:
+        weights = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if weights.shape != (row_len,):
+            raise ValueError(f"imatrix must hold one weight per column: shape ({row_len},), got {weights.shape}")
     if array.size == 0:
         return out if out is not None else np.zeros(result_shape, dtype=np.uint8)
-    flat = _native.quantize_rows(array.reshape(-1), info.name, row_len, flat_out)
+    flat = _native.quantize_rows(array.reshape(-1), info.name, row_len, flat_out, weights)
     return out if out is not None else flat.reshape(result_shape)
 
 
@@ -68,7 +87,7 @@ def dequantize(
     if not shape or any(d < 0 for d in shape):
         raise ValueError(f"invalid shape {shape}")
     if not info.can_dequantize:
-        raise ValueError(f"dequantizing {info.name} is not supported (supported: f32, f16, bf16, q8_0, q4_0)")
+        raise ValueError(f"dequantizing {info.name} is not supported (supported: {_supported('dequantize')})")
     raw = np.ascontiguousarray(data)
     if raw.dtype != np.uint8:
         raw = raw.view(np.uint8) if raw.flags.c_contiguous else np.ascontiguousarray(raw).view(np.uint8)

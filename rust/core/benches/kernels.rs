@@ -50,7 +50,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for ty in [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::F16, GgmlType::BF16, GgmlType::F32] {
         let bytes = rows * ty.row_bytes(COLS as u64).unwrap() as usize;
         let mut q = vec![0u8; bytes];
-        quantize_rows_par(ty, &src, COLS, &mut q)?;
+        quantize_rows_par(ty, &src, COLS, &mut q, None)?;
         let mut back = vec![0f32; rows * COLS];
         for op in ["quantize", "dequantize"] {
             let name = format!("{ty} {op}");
@@ -61,7 +61,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 time(iters, || {
                     pool.install(|| {
                         if op == "quantize" {
-                            quantize_rows_par(ty, black_box(&src), COLS, black_box(&mut q)).unwrap()
+                            quantize_rows_par(ty, black_box(&src), COLS, black_box(&mut q), None).unwrap()
                         } else {
                             dequantize_rows_par(ty, black_box(&q), COLS, black_box(&mut back)).unwrap()
                         }

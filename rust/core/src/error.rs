@@ -53,6 +53,16 @@ pub enum Error {
         value: f32,
     },
 
+    /// Importance-matrix weights that do not fit the rows being quantized: the wrong count, or a value that is
+    /// negative or not finite (`index` is then the first such weight).
+    #[error("importance matrix for {ty}: {reason}")]
+    Imatrix {
+        /// Target type.
+        ty: GgmlType,
+        /// What is wrong, with expected vs found.
+        reason: String,
+    },
+
     /// A row length that is not a multiple of the type's block size.
     #[error("row length {row_len} is not a multiple of the {ty} block size {block}")]
     RowLength {
@@ -75,8 +85,8 @@ pub enum Error {
         found: usize,
     },
 
-    /// An operation this project does not implement for a type (e.g. quantizing to q6_k).
-    #[error("{op} is not supported for type {ty} (supported: f32, f16, bf16, q8_0, q4_0)")]
+    /// An operation this project does not implement for a type (e.g. quantizing to an i-quant).
+    #[error("{op} is not supported for type {ty}")]
     UnsupportedType {
         /// "quantize" or "dequantize".
         op: &'static str,

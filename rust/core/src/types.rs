@@ -43,14 +43,14 @@ macro_rules! ggml_types {
             }
 
             /// Number of elements in one block (1 for plain element types).
-            pub fn block_size(self) -> usize {
+            pub const fn block_size(self) -> usize {
                 match self {
                     $(GgmlType::$variant => $block,)*
                 }
             }
 
             /// Bytes taken by one block.
-            pub fn block_bytes(self) -> usize {
+            pub const fn block_bytes(self) -> usize {
                 match self {
                     $(GgmlType::$variant => $bytes,)*
                 }

@@ -57,7 +57,7 @@ fn requantizing_the_f16_model_reproduces_llama_quantize() {
             let mut values = vec![0f32; src.n_elements() as usize];
             quant::dequantize_rows(src.ty, f16.tensor_data(j), row_len, &mut values).unwrap();
             let mut out = vec![0u8; t.nbytes as usize];
-            quant::quantize_rows_par(t.ty, &values, row_len, &mut out).unwrap();
+            quant::quantize_rows_par(t.ty, &values, row_len, &mut out, None).unwrap();
             assert!(out == q.tensor_data(i), "{rel}: {} differs", t.name);
             checked += 1;
         }

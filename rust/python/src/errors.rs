@@ -57,6 +57,7 @@ pub fn to_py(err: Error) -> PyErr {
         Error::InFile { .. }
         | Error::InTensor { .. }
         | Error::NonFinite { .. }
+        | Error::Imatrix { .. }
         | Error::RowLength { .. }
         | Error::BufferSize { .. }
         | Error::UnsupportedType { .. }

@@ -1,7 +1,7 @@
 //! Quantization kernels for Python. Arrays arrive C-contiguous (the Python wrapper ensures it).
 
 use ggml_lora_core::{quant, Error, GgmlType};
-use numpy::{Element, PyArray1, PyArrayMethods, PyReadonlyArrayDyn};
+use numpy::{Element, PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -19,23 +19,28 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 /// Quantizes a C-contiguous float32 array, rows of `row_len`, to a flat uint8 array (rows in parallel,
 /// GIL released); into `out` (flat, C-contiguous, exactly the right size) when given, else a new array.
 #[pyfunction]
-#[pyo3(signature = (x, type_name, row_len, out = None))]
+#[pyo3(signature = (x, type_name, row_len, out = None, imatrix = None))]
 fn quantize_rows<'py>(
     py: Python<'py>,
     x: PyReadonlyArrayDyn<'py, f32>,
     type_name: &str,
     row_len: usize,
     out: Option<Bound<'py, PyArray1<u8>>>,
+    imatrix: Option<PyReadonlyArray1<'py, f32>>,
 ) -> PyResult<Bound<'py, PyArray1<u8>>> {
     let ty = ggml_type(type_name)?;
     let src = x.as_slice().map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let weights = match &imatrix {
+        Some(w) => Some(w.as_slice().map_err(|e| PyValueError::new_err(e.to_string()))?),
+        None => None,
+    };
     if row_len == 0 || src.len() % row_len != 0 {
         return Err(PyValueError::new_err(format!("{} elements do not form rows of {row_len}", src.len())));
     }
     let row_bytes =
         ty.row_bytes(row_len as u64).ok_or(Error::RowLength { ty, row_len, block: ty.block_size() }).py_err()? as usize;
     let n = src.len() / row_len * row_bytes;
-    fill_or_allocate(py, out, n, |dst| quant::quantize_rows_par(ty, src, row_len, dst))
+    fill_or_allocate(py, out, n, |dst| quant::quantize_rows_par(ty, src, row_len, dst, weights))
 }
 
 /// Dequantizes a C-contiguous uint8 array holding rows of `row_len` elements of `type_name` to a flat

@@ -125,12 +125,12 @@ fn process_group(job: &ChunkJob<'_>, s: &mut Scratch, row0: usize, rows: usize, 
             s.rounded.resize(bytes, 0);
         }
         let rounded = &mut s.rounded[..bytes];
-        quant::quantize_rows(ty, patched, n, rounded)?;
+        quant::quantize_rows(ty, patched, n, rounded, None)?;
         quant::dequantize_rows(ty, rounded, n, patched)?;
     }
 
     let first_element = (job.first_row + row0) * cols;
-    quant::quantize_rows(job.out_ty, patched, cols, out).map_err(|e| match e {
+    quant::quantize_rows(job.out_ty, patched, cols, out, None).map_err(|e| match e {
         // Report the element's index in the whole tensor, not in this group of rows.
         Error::NonFinite { ty, index, value } => Error::NonFinite { ty, index: first_element + index, value },
         other => other,

@@ -4,7 +4,7 @@
 //! subnormals and ties come out exactly as ggml writes them. The bulk row kernels use F16C when the CPU has it (same
 //! bits for every finite input; non-finite inputs are refused by the quantize entry points anyway).
 
-use super::BlockFormat;
+use super::{BlockFormat, Quantize};
 use crate::GgmlType;
 
 /// `GGML_FP32_TO_FP16`: ggml's `ggml_compute_fp32_to_fp16` (round to nearest even; overflow gives ±inf; NaN gives
@@ -102,13 +102,9 @@ pub struct F32;
 
 impl BlockFormat for F32 {
     const TYPE: GgmlType = GgmlType::F32;
-    const BLOCK_SIZE: usize = 1;
-    const BLOCK_BYTES: usize = 4;
 
-    /// A little-endian copy (what ggml's `ggml_cpy` to f32 writes).
-    fn quantize_blocks(src: &[f32], dst: &mut [u8]) -> bool {
-        debug_assert_eq!(dst.len(), src.len() * 4);
-        convert_checked::<4>(src, dst, |x| x.to_le_bytes())
+    fn dequantize_block(src: &[u8], dst: &mut [f32]) {
+        Self::dequantize_blocks(src, dst)
     }
 
     fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
@@ -119,23 +115,26 @@ impl BlockFormat for F32 {
     }
 }
 
+impl Quantize for F32 {
+    fn quantize_block(src: &[f32], dst: &mut [u8]) {
+        Self::quantize_blocks(src, dst);
+    }
+
+    /// A little-endian copy (what ggml's `ggml_cpy` to f32 writes).
+    fn quantize_blocks(src: &[f32], dst: &mut [u8]) -> bool {
+        debug_assert_eq!(dst.len(), src.len() * 4);
+        convert_checked::<4>(src, dst, |x| x.to_le_bytes())
+    }
+}
+
 /// The f16 element type (`GGML_TYPE_F16`): little-endian IEEE half.
 pub struct F16;
 
 impl BlockFormat for F16 {
     const TYPE: GgmlType = GgmlType::F16;
-    const BLOCK_SIZE: usize = 1;
-    const BLOCK_BYTES: usize = 2;
 
-    /// `ggml_fp32_to_fp16_row` (each element through [`f32_to_f16_bits`]; F16C `vcvtps2ph` when available, which
-    /// gives the same bits for every finite input).
-    fn quantize_blocks(src: &[f32], dst: &mut [u8]) -> bool {
-        debug_assert_eq!(dst.len(), src.len() * 2);
-        #[cfg(target_arch = "x86_64")]
-        if let Some(ok) = super::x86::f32_to_f16_row(src, dst) {
-            return ok;
-        }
-        convert_checked::<2>(src, dst, |x| f32_to_f16_bits(x).to_le_bytes())
+    fn dequantize_block(src: &[u8], dst: &mut [f32]) {
+        Self::dequantize_blocks(src, dst)
     }
 
     /// `ggml_fp16_to_fp32_row` (each element through [`f16_bits_to_f32`]; F16C `vcvtph2ps` when available).
@@ -151,13 +150,46 @@ impl BlockFormat for F16 {
     }
 }
 
+impl Quantize for F16 {
+    fn quantize_block(src: &[f32], dst: &mut [u8]) {
+        Self::quantize_blocks(src, dst);
+    }
+
+    /// `ggml_fp32_to_fp16_row` (each element through [`f32_to_f16_bits`]; F16C `vcvtps2ph` when available, which
+    /// gives the same bits for every finite input).
+    fn quantize_blocks(src: &[f32], dst: &mut [u8]) -> bool {
+        debug_assert_eq!(dst.len(), src.len() * 2);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(ok) = super::x86::f32_to_f16_row(src, dst) {
+            return ok;
+        }
+        convert_checked::<2>(src, dst, |x| f32_to_f16_bits(x).to_le_bytes())
+    }
+}
+
 /// The bf16 element type (`GGML_TYPE_BF16`): the upper half of an f32, little-endian.
 pub struct BF16;
 
 impl BlockFormat for BF16 {
     const TYPE: GgmlType = GgmlType::BF16;
-    const BLOCK_SIZE: usize = 1;
-    const BLOCK_BYTES: usize = 2;
+
+    fn dequantize_block(src: &[u8], dst: &mut [f32]) {
+        Self::dequantize_blocks(src, dst)
+    }
+
+    /// `ggml_bf16_to_fp32_row` (each element through [`bf16_bits_to_f32`]).
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
+        debug_assert_eq!(src.len(), dst.len() * 2);
+        for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
+            *d = bf16_bits_to_f32(u16::from_le_bytes([s[0], s[1]]));
+        }
+    }
+}
+
+impl Quantize for BF16 {
+    fn quantize_block(src: &[f32], dst: &mut [u8]) {
+        Self::quantize_blocks(src, dst);
+    }
 
     /// `ggml_fp32_to_bf16_row_ref` (each element through [`f32_to_bf16_bits`]).
     fn quantize_blocks(src: &[f32], dst: &mut [u8]) -> bool {
@@ -167,14 +199,6 @@ impl BlockFormat for BF16 {
             let u = x.to_bits();
             ((u.wrapping_add(0x7FFF + ((u >> 16) & 1)) >> 16) as u16).to_le_bytes()
         })
-    }
-
-    /// `ggml_bf16_to_fp32_row` (each element through [`bf16_bits_to_f32`]).
-    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
-        debug_assert_eq!(src.len(), dst.len() * 2);
-        for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
-            *d = bf16_bits_to_f32(u16::from_le_bytes([s[0], s[1]]));
-        }
     }
 }
 

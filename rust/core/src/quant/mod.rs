@@ -1,14 +1,18 @@
-//! Row (de)quantization kernels for f32, f16, bf16, q8_0 and q4_0, bit-exact with ggml's reference code.
+//! Row (de)quantization kernels, bit-exact with ggml's reference code.
 //!
-//! - q4_0 / q8_0 reproduce `quantize_row_q4_0_ref` / `quantize_row_q8_0_ref` and `dequantize_row_q4_0` /
-//!   `dequantize_row_q8_0` of `ggml/src/ggml-quants.c` (what llama-quantize writes without an importance matrix;
-//!   not ggml-cpu's SIMD `quantize_row_q8_0`, which rounds ties to even).
-//! - f16 / bf16 use ggml's `ggml_compute_fp32_to_fp16` / `ggml_compute_fp32_to_bf16` and their inverses.
+//! **The reference** is `ggml/src/ggml-quants.c` compiled without floating-point contraction
+//! (`-ffp-contract=off`: the x86 build without FMA, the only build every port can match): `quantize_<type>` (what
+//! `llama-quantize` calls: `quantize_row_<type>_ref` without an importance matrix, `quantize_row_<type>_impl` with
+//! one) and `dequantize_row_<type>`; for f16/bf16 ggml's `ggml_compute_fp32_to_fp16` / `_bf16` and inverses. q8_0
+//! is `quantize_row_q8_0_ref`, not ggml-cpu's SIMD `quantize_row_q8_0` (which rounds ties to even).
 //!
-//! Every format implements [`BlockFormat`]; [`quantize_rows`] and friends validate the buffers, refuse non-finite
-//! input (ggml would silently write garbage blocks) and dispatch in one place ([`kernels`]). The hot loops have an
-//! explicit AVX2/F16C version chosen at run time (all `unsafe` lives in the private `x86` module) and a portable
-//! scalar version that gives the same bytes.
+//! **Layout.** One file per block type, each a `Block…` struct implementing [`BlockFormat`] (and [`Quantize`] for
+//! the types this crate can write). The traits have defaulted many-block and row-level methods, so a type writes
+//! only its per-block code and overrides what it speeds up. Block sizes come from the one type table
+//! ([`GgmlType::block_size`]). Explicit SIMD lives in one module per instruction set (`x86/`, the only `unsafe`
+//! of the kernels); it never imports the block files (they call it), and every SIMD path has a portable version
+//! that gives the same bytes. [`kernels`] is the one dispatch point; [`quantize_rows`] and friends validate the
+//! buffers, refuse non-finite input (ggml would silently write garbage blocks) and invalid importance weights.
 
 use rayon::prelude::*;
 
@@ -24,25 +28,73 @@ pub use float::{bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_
 pub use q4_0::{BlockQ4_0, QK4_0};
 pub use q8_0::{BlockQ8_0, QK8_0};
 
-/// A storage format made of fixed-size blocks (plain float types are blocks of one element).
+/// A storage format made of fixed-size blocks (plain float types are blocks of one element) that this crate can
+/// read.
 ///
-/// The slice functions work on whole blocks: `src.len()` / `dst.len()` must be `n * BLOCK_SIZE` elements and
-/// `n * BLOCK_BYTES` bytes for the same `n` (they may panic otherwise). Byte slices may have any alignment.
+/// Slices handed to the methods hold whole blocks: `src.len()` / `dst.len()` are `n * BLOCK_SIZE` elements and
+/// `n * BLOCK_BYTES` bytes for the same `n` (the methods may panic otherwise). Byte slices may have any alignment.
 pub trait BlockFormat {
     /// The ggml type this format stores.
     const TYPE: GgmlType;
-    /// Elements per block.
-    const BLOCK_SIZE: usize;
-    /// Bytes per block.
-    const BLOCK_BYTES: usize;
+    /// Elements per block (from the type table).
+    const BLOCK_SIZE: usize = Self::TYPE.block_size();
+    /// Bytes per block (from the type table).
+    const BLOCK_BYTES: usize = Self::TYPE.block_bytes();
 
-    /// Quantizes whole blocks of `src` into `dst`. Returns false if `src` holds a NaN or an infinity; `dst` is then
-    /// partly written and unspecified.
-    fn quantize_blocks(src: &[f32], dst: &mut [u8]) -> bool;
+    /// ggml's `dequantize_row_<type>` for one block: `src` is `BLOCK_BYTES` bytes, `dst` `BLOCK_SIZE` values.
+    /// Never fails: NaN/inf scales simply propagate.
+    fn dequantize_block(src: &[u8], dst: &mut [f32]);
 
-    /// Dequantizes whole blocks of `src` into `dst` (never fails: NaN/inf scales simply propagate).
-    fn dequantize_blocks(src: &[u8], dst: &mut [f32]);
+    /// Dequantizes whole blocks; the default runs [`BlockFormat::dequantize_block`] over them.
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
+        for (x, y) in src.chunks_exact(Self::BLOCK_BYTES).zip(dst.chunks_exact_mut(Self::BLOCK_SIZE)) {
+            Self::dequantize_block(x, y);
+        }
+    }
 }
+
+/// A [`BlockFormat`] this crate can also write, bit-exact with ggml's quantizer.
+pub trait Quantize: BlockFormat {
+    /// True when ggml's quantizer for this type uses an importance matrix (`quantize_row_<type>_impl`); false
+    /// when ggml ignores one (q8_0 and the float types), and so do [`quantize_rows`] and friends.
+    const TAKES_IMATRIX: bool = false;
+
+    /// ggml's reference quantizer (`quantize_row_<type>_ref`) for one block of finite values: `src` is
+    /// `BLOCK_SIZE` values, `dst` `BLOCK_BYTES` bytes.
+    fn quantize_block(src: &[f32], dst: &mut [u8]);
+
+    /// Quantizes whole blocks without an importance matrix. Returns false if `src` holds a NaN or an infinity
+    /// (`dst` is then partly written and unspecified). The default checks each block, then runs
+    /// [`Quantize::quantize_block`].
+    fn quantize_blocks(src: &[f32], dst: &mut [u8]) -> bool {
+        for (x, y) in src.chunks_exact(Self::BLOCK_SIZE).zip(dst.chunks_exact_mut(Self::BLOCK_BYTES)) {
+            if !all_finite(x) {
+                return false;
+            }
+            Self::quantize_block(x, y);
+        }
+        true
+    }
+
+    /// ggml's `quantize_row_<type>_impl`: one whole row of finite values (`src.len()` a multiple of
+    /// `BLOCK_SIZE`) with one finite, non-negative importance weight per column (`weights.len() == src.len()`).
+    /// Only called when [`Quantize::TAKES_IMATRIX`]; the default ignores the weights.
+    fn quantize_row_weighted(src: &[f32], weights: &[f32], dst: &mut [u8]) {
+        let _ = weights;
+        Self::quantize_blocks(src, dst);
+    }
+}
+
+/// True when every value of `x` is finite (no NaN, no ±inf).
+#[inline]
+pub(crate) fn all_finite(x: &[f32]) -> bool {
+    float::max_abs_bits(x) < 0x7F80_0000
+}
+
+/// [`Quantize::quantize_blocks`] of one type: whole blocks, false on non-finite input.
+pub type QuantizeBlocks = fn(&[f32], &mut [u8]) -> bool;
+/// [`Quantize::quantize_row_weighted`] of one type: one row, its importance weights, its bytes.
+pub type QuantizeRowWeighted = fn(&[f32], &[f32], &mut [u8]);
 
 /// The kernels of one format, as [`kernels`] hands them out.
 #[derive(Clone, Copy)]
@@ -53,44 +105,65 @@ pub struct Kernels {
     pub block_size: usize,
     /// Bytes per block.
     pub block_bytes: usize,
-    /// [`BlockFormat::quantize_blocks`].
-    pub quantize: fn(&[f32], &mut [u8]) -> bool,
+    /// [`Quantize::quantize_blocks`], or `None` for types this crate can only read.
+    pub quantize: Option<QuantizeBlocks>,
+    /// [`Quantize::quantize_row_weighted`] for types whose ggml quantizer takes an importance matrix.
+    pub quantize_weighted: Option<QuantizeRowWeighted>,
     /// [`BlockFormat::dequantize_blocks`].
     pub dequantize: fn(&[u8], &mut [f32]),
 }
 
 impl Kernels {
-    fn of<B: BlockFormat>() -> Kernels {
+    fn read_only<B: BlockFormat>() -> Kernels {
         Kernels {
             ty: B::TYPE,
             block_size: B::BLOCK_SIZE,
             block_bytes: B::BLOCK_BYTES,
-            quantize: B::quantize_blocks,
+            quantize: None,
+            quantize_weighted: None,
             dequantize: B::dequantize_blocks,
+        }
+    }
+
+    fn read_write<B: Quantize>() -> Kernels {
+        Kernels {
+            quantize: Some(B::quantize_blocks),
+            quantize_weighted: if B::TAKES_IMATRIX { Some(B::quantize_row_weighted) } else { None },
+            ..Kernels::read_only::<B>()
         }
     }
 }
 
-/// The one dispatch point: the kernels for `ty`, or [`Error::UnsupportedType`] naming `op`.
-pub fn kernels(ty: GgmlType, op: &'static str) -> Result<Kernels> {
-    Ok(match ty {
-        GgmlType::F32 => Kernels::of::<F32>(),
-        GgmlType::F16 => Kernels::of::<F16>(),
-        GgmlType::BF16 => Kernels::of::<BF16>(),
-        GgmlType::Q8_0 => Kernels::of::<BlockQ8_0>(),
-        GgmlType::Q4_0 => Kernels::of::<BlockQ4_0>(),
-        _ => return Err(Error::UnsupportedType { op, ty }),
+/// The one dispatch point: the kernels for `ty`, or `None` for types this crate cannot even read.
+pub fn kernels(ty: GgmlType) -> Option<Kernels> {
+    Some(match ty {
+        GgmlType::F32 => Kernels::read_write::<F32>(),
+        GgmlType::F16 => Kernels::read_write::<F16>(),
+        GgmlType::BF16 => Kernels::read_write::<BF16>(),
+        GgmlType::Q8_0 => Kernels::read_write::<BlockQ8_0>(),
+        GgmlType::Q4_0 => Kernels::read_write::<BlockQ4_0>(),
+        _ => return None,
     })
 }
 
-/// True for the types this crate can quantize to: F32, F16, BF16, Q8_0, Q4_0.
-pub fn can_quantize(ty: GgmlType) -> bool {
-    kernels(ty, "quantize").is_ok()
+/// The kernels for `ty` when they can quantize, else [`Error::UnsupportedType`] (op "quantize").
+fn quantize_kernels(ty: GgmlType) -> Result<(Kernels, QuantizeBlocks)> {
+    kernels(ty).and_then(|k| k.quantize.map(|q| (k, q))).ok_or(Error::UnsupportedType { op: "quantize", ty })
 }
 
-/// True for the types this crate can dequantize: the same set as [`can_quantize`].
+/// True for the types this crate can quantize to (bit-exact with ggml).
+pub fn can_quantize(ty: GgmlType) -> bool {
+    kernels(ty).is_some_and(|k| k.quantize.is_some())
+}
+
+/// True for the types this crate can dequantize (every type it can quantize, and read-only ones).
 pub fn can_dequantize(ty: GgmlType) -> bool {
-    kernels(ty, "dequantize").is_ok()
+    kernels(ty).is_some()
+}
+
+/// True when quantizing to `ty` uses an importance matrix (ggml's quantizer for it takes one).
+pub fn takes_imatrix(ty: GgmlType) -> bool {
+    kernels(ty).is_some_and(|k| k.quantize_weighted.is_some())
 }
 
 /// Elements handed to one rayon task (a whole number of blocks): 128 KiB of f32, so per-task overhead is a
@@ -109,9 +182,16 @@ fn row_bytes(k: &Kernels, row_len: usize) -> Result<usize> {
     })
 }
 
-/// Validates a quantize call; returns the kernels.
-fn check_quantize(ty: GgmlType, src: &[f32], row_len: usize, dst: &[u8]) -> Result<Kernels> {
-    let k = kernels(ty, "quantize")?;
+/// Validates a quantize call; returns the kernels, the block quantizer and the weighted row quantizer to use
+/// (`None` when there are no weights or the type ignores them).
+fn check_quantize(
+    ty: GgmlType,
+    src: &[f32],
+    row_len: usize,
+    dst: &[u8],
+    imatrix: Option<&[f32]>,
+) -> Result<(Kernels, QuantizeBlocks, Option<QuantizeRowWeighted>)> {
+    let (k, quantize) = quantize_kernels(ty)?;
     let rb = row_bytes(&k, row_len)?;
     if !src.len().is_multiple_of(row_len) {
         return Err(Error::BufferSize {
@@ -124,12 +204,26 @@ fn check_quantize(ty: GgmlType, src: &[f32], row_len: usize, dst: &[u8]) -> Resu
     if dst.len() != expected {
         return Err(Error::BufferSize { what: "quantize destination (bytes)", expected, found: dst.len() });
     }
-    Ok(k)
+    if let Some(w) = imatrix {
+        if w.len() != row_len {
+            return Err(Error::Imatrix {
+                ty,
+                reason: format!("expected one weight per column ({row_len}), found {}", w.len()),
+            });
+        }
+        if let Some(index) = w.iter().position(|v| !v.is_finite() || *v < 0.0) {
+            return Err(Error::Imatrix {
+                ty,
+                reason: format!("weight {index} is {}; weights must be finite and non-negative", w[index]),
+            });
+        }
+    }
+    Ok((k, quantize, imatrix.and(k.quantize_weighted)))
 }
 
 /// Validates a dequantize call; returns the kernels.
 fn check_dequantize(ty: GgmlType, src: &[u8], row_len: usize, dst: &[f32]) -> Result<Kernels> {
-    let k = kernels(ty, "dequantize")?;
+    let k = kernels(ty).ok_or(Error::UnsupportedType { op: "dequantize", ty })?;
     let rb = row_bytes(&k, row_len)?;
     if !src.len().is_multiple_of(rb) {
         return Err(Error::BufferSize {
@@ -151,34 +245,71 @@ fn non_finite(ty: GgmlType, src: &[f32]) -> Error {
     Error::NonFinite { ty, index, value: src[index] }
 }
 
+/// One weighted row: refuses non-finite input (the weighted quantizers search iteratively and never see it).
+fn quantize_row_weighted_checked(weighted: QuantizeRowWeighted, src: &[f32], weights: &[f32], dst: &mut [u8]) -> bool {
+    if !all_finite(src) {
+        return false;
+    }
+    weighted(src, weights, dst);
+    true
+}
+
 /// Quantizes `src` (rows of `row_len` f32 each) to `ty` into `dst` (`rows * row_bytes` bytes), on this thread.
 ///
-/// The bytes equal ggml's reference quantizers (see the module docs). Errors: [`Error::UnsupportedType`] (op
-/// "quantize") for types other than F32/F16/BF16/Q8_0/Q4_0; [`Error::RowLength`] when `row_len` is 0 or not a
-/// multiple of the block size; [`Error::BufferSize`] when `src` is not whole rows or `dst` has the wrong size;
-/// [`Error::NonFinite`] with the flat index of the first NaN/±inf (for every target type). The sizes are checked
+/// `imatrix` holds one importance weight per column (llama-imatrix's `in_sum2 / counts`); types whose ggml
+/// quantizer takes one ([`takes_imatrix`]) then follow `quantize_row_<type>_impl`, the others ignore it, as
+/// ggml does. The bytes equal ggml's `quantize_<type>` (see the module docs). Errors:
+/// [`Error::UnsupportedType`] (op "quantize") for types this crate cannot write; [`Error::RowLength`] when
+/// `row_len` is 0 or not a multiple of the block size; [`Error::BufferSize`] when `src` is not whole rows or `dst`
+/// has the wrong size; [`Error::Imatrix`] for a weight count other than `row_len` or a negative or non-finite
+/// weight; [`Error::NonFinite`] with the flat index of the first NaN/±inf. The sizes and weights are checked
 /// before anything is written; after a `NonFinite` error `dst` is partly written and unspecified.
-pub fn quantize_rows(ty: GgmlType, src: &[f32], row_len: usize, dst: &mut [u8]) -> Result<()> {
-    let k = check_quantize(ty, src, row_len, dst)?;
-    if (k.quantize)(src, dst) {
+pub fn quantize_rows(ty: GgmlType, src: &[f32], row_len: usize, dst: &mut [u8], imatrix: Option<&[f32]>) -> Result<()> {
+    let (k, quantize, weighted) = check_quantize(ty, src, row_len, dst, imatrix)?;
+    let ok = match (weighted, imatrix) {
+        (Some(weighted), Some(w)) => {
+            let rb = row_bytes(&k, row_len)?;
+            src.chunks_exact(row_len)
+                .zip(dst.chunks_exact_mut(rb))
+                .all(|(s, d)| quantize_row_weighted_checked(weighted, s, w, d))
+        }
+        _ => quantize(src, dst),
+    };
+    if ok {
         Ok(())
     } else {
         Err(non_finite(ty, src))
     }
 }
 
-/// [`quantize_rows`] with the work split across the current rayon pool, in chunks of whole blocks (a row is a run
-/// of whole blocks and blocks are independent, so the bytes are identical to [`quantize_rows`], and so is the
-/// reported first non-finite index).
-pub fn quantize_rows_par(ty: GgmlType, src: &[f32], row_len: usize, dst: &mut [u8]) -> Result<()> {
-    let k = check_quantize(ty, src, row_len, dst)?;
-    let blocks = (PAR_CHUNK_ELEMS / k.block_size).max(1);
-    let ok = if src.len() <= blocks * k.block_size {
-        (k.quantize)(src, dst)
-    } else {
-        src.par_chunks(blocks * k.block_size)
-            .zip(dst.par_chunks_mut(blocks * k.block_bytes))
-            .all(|(s, d)| (k.quantize)(s, d))
+/// [`quantize_rows`] with the work split across the current rayon pool: chunks of whole blocks without weights,
+/// whole rows with them. Blocks (and weighted rows) are independent, so the bytes are identical to
+/// [`quantize_rows`], and so is the reported first non-finite index.
+pub fn quantize_rows_par(
+    ty: GgmlType,
+    src: &[f32],
+    row_len: usize,
+    dst: &mut [u8],
+    imatrix: Option<&[f32]>,
+) -> Result<()> {
+    let (k, quantize, weighted) = check_quantize(ty, src, row_len, dst, imatrix)?;
+    let ok = match (weighted, imatrix) {
+        (Some(weighted), Some(w)) => {
+            let rb = row_bytes(&k, row_len)?;
+            src.par_chunks(row_len)
+                .zip(dst.par_chunks_mut(rb))
+                .all(|(s, d)| quantize_row_weighted_checked(weighted, s, w, d))
+        }
+        _ => {
+            let blocks = (PAR_CHUNK_ELEMS / k.block_size).max(1);
+            if src.len() <= blocks * k.block_size {
+                quantize(src, dst)
+            } else {
+                src.par_chunks(blocks * k.block_size)
+                    .zip(dst.par_chunks_mut(blocks * k.block_bytes))
+                    .all(|(s, d)| quantize(s, d))
+            }
+        }
     };
     if ok {
         Ok(())
@@ -208,6 +339,16 @@ pub fn dequantize_rows_par(ty: GgmlType, src: &[u8], row_len: usize, dst: &mut [
             .for_each(|(s, d)| (k.dequantize)(s, d));
     }
     Ok(())
+}
+
+/// ggml's `nearest_int`: round to nearest with ties to even, through the float trick `fval + 12582912.0f`
+/// (valid for |fval| <= 4194303, which every caller guarantees).
+#[inline]
+#[allow(dead_code)] // used by the k-quant and legacy-quant block files
+pub(crate) fn nearest_int(fval: f32) -> i32 {
+    debug_assert!(fval.abs() <= 4_194_303.0);
+    let val = fval + 12_582_912.0;
+    ((val.to_bits() & 0x007F_FFFF) as i32) - 0x0040_0000
 }
 
 /// C's conversion of a float to `int8_t` as x86 code performs it: truncate toward zero to int32 (`cvttss2si`,
@@ -282,23 +423,25 @@ mod tests {
     #[test]
     fn dispatch_matches_the_type_table() {
         for &ty in GgmlType::ALL {
-            let k = kernels(ty, "quantize");
+            let k = kernels(ty);
             assert_eq!(can_quantize(ty), TYPES.contains(&ty));
             assert_eq!(can_dequantize(ty), TYPES.contains(&ty));
-            if let Ok(k) = k {
+            if let Some(k) = k {
                 assert_eq!(k.ty, ty);
                 assert_eq!(k.block_size, ty.block_size());
                 assert_eq!(k.block_bytes, ty.block_bytes());
             }
         }
-        let mut dst = vec![0u8; 210];
+        // ggml has a quantizer for iq2_xxs but this crate only reads it; nothing reads q8_1 (a dot-product
+        // intermediate that never appears in model files) or the integer types.
+        let mut dst = vec![0u8; 66];
         assert!(matches!(
-            quantize_rows(GgmlType::Q6_K, &[0.0; 256], 256, &mut dst),
-            Err(Error::UnsupportedType { op: "quantize", ty: GgmlType::Q6_K })
+            quantize_rows(GgmlType::IQ2_XXS, &[0.0; 256], 256, &mut dst, None),
+            Err(Error::UnsupportedType { op: "quantize", ty: GgmlType::IQ2_XXS })
         ));
         assert!(matches!(
-            dequantize_rows(GgmlType::Q4_1, &[0; 20], 32, &mut [0.0; 32]),
-            Err(Error::UnsupportedType { op: "dequantize", ty: GgmlType::Q4_1 })
+            dequantize_rows(GgmlType::Q8_1, &[0; 40], 32, &mut [0.0; 32]),
+            Err(Error::UnsupportedType { op: "dequantize", ty: GgmlType::Q8_1 })
         ));
     }
 
@@ -308,7 +451,7 @@ mod tests {
         let mut dst = vec![0u8; 54];
         for row_len in [0, 16, 48] {
             assert!(matches!(
-                quantize_rows(GgmlType::Q4_0, &src, row_len, &mut dst),
+                quantize_rows(GgmlType::Q4_0, &src, row_len, &mut dst, None),
                 Err(Error::RowLength { ty: GgmlType::Q4_0, block: 32, .. })
             ));
             assert!(matches!(
@@ -317,20 +460,20 @@ mod tests {
             ));
         }
         assert!(matches!(
-            quantize_rows(GgmlType::F16, &src, 0, &mut dst),
+            quantize_rows(GgmlType::F16, &src, 0, &mut dst, None),
             Err(Error::RowLength { row_len: 0, block: 1, .. })
         ));
         // 96 elements are not whole rows of 64.
         assert!(matches!(
-            quantize_rows(GgmlType::Q4_0, &src, 64, &mut dst),
+            quantize_rows(GgmlType::Q4_0, &src, 64, &mut dst, None),
             Err(Error::BufferSize { expected: 128, found: 96, .. })
         ));
         assert!(matches!(
-            quantize_rows(GgmlType::Q4_0, &src, 32, &mut [0u8; 53]),
+            quantize_rows(GgmlType::Q4_0, &src, 32, &mut [0u8; 53], None),
             Err(Error::BufferSize { expected: 54, found: 53, .. })
         ));
         assert!(matches!(
-            quantize_rows_par(GgmlType::Q8_0, &src, 96, &mut dst),
+            quantize_rows_par(GgmlType::Q8_0, &src, 96, &mut dst, None),
             Err(Error::BufferSize { expected: 102, found: 54, .. })
         ));
         assert!(matches!(
@@ -342,7 +485,7 @@ mod tests {
             Err(Error::BufferSize { expected: 64, found: 32, .. })
         ));
         // Empty input: zero rows, fine.
-        quantize_rows(GgmlType::Q4_0, &[], 32, &mut []).unwrap();
+        quantize_rows(GgmlType::Q4_0, &[], 32, &mut [], None).unwrap();
         dequantize_rows_par(GgmlType::BF16, &[], 7, &mut []).unwrap();
     }
 
@@ -359,9 +502,9 @@ mod tests {
                     let mut dst = vec![0u8; n / 64 * rb];
                     for par in [false, true] {
                         let r = if par {
-                            quantize_rows_par(ty, &src, 64, &mut dst)
+                            quantize_rows_par(ty, &src, 64, &mut dst, None)
                         } else {
-                            quantize_rows(ty, &src, 64, &mut dst)
+                            quantize_rows(ty, &src, 64, &mut dst, None)
                         };
                         match r {
                             Err(Error::NonFinite { ty: t, index, value }) => {
@@ -387,8 +530,8 @@ mod tests {
             let bytes = n / row_len * ty.row_bytes(row_len as u64).unwrap() as usize;
             let mut a = vec![0u8; bytes];
             let mut b = vec![1u8; bytes];
-            quantize_rows(ty, src, row_len, &mut a).unwrap();
-            pool.install(|| quantize_rows_par(ty, src, row_len, &mut b)).unwrap();
+            quantize_rows(ty, src, row_len, &mut a, None).unwrap();
+            pool.install(|| quantize_rows_par(ty, src, row_len, &mut b, None)).unwrap();
             assert!(a == b, "{ty}");
             let mut fa = vec![0f32; n];
             let mut fb = vec![1f32; n];

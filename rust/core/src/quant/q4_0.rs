@@ -1,7 +1,7 @@
 //! q4_0: blocks of 32 weights as an f16 scale and 32 unsigned 4-bit codes (`x = d * (q - 8)`).
 
-use super::float::{f16_bits_to_f32, f32_to_f16_bits, max_abs_bits};
-use super::{c_float_to_i8, BlockFormat};
+use super::float::{f16_bits_to_f32, f32_to_f16_bits};
+use super::{c_float_to_i8, BlockFormat, Quantize};
 use crate::GgmlType;
 
 /// Elements per q4_0 block (`QK4_0`).
@@ -80,11 +80,10 @@ impl BlockQ4_0 {
 /// non-finite value.
 pub(super) fn quantize_blocks_scalar(src: &[f32], dst: &mut [u8]) -> bool {
     for (x, y) in src.chunks_exact(QK4_0).zip(dst.chunks_exact_mut(18)) {
-        if max_abs_bits(x) >= 0x7F80_0000 {
+        if !super::all_finite(x) {
             return false;
         }
-        let x: &[f32; QK4_0] = x.try_into().expect("chunks_exact gives whole blocks");
-        y.copy_from_slice(&BlockQ4_0::quantize(x).to_bytes());
+        BlockQ4_0::quantize_block(x, y);
     }
     true
 }
@@ -92,32 +91,42 @@ pub(super) fn quantize_blocks_scalar(src: &[f32], dst: &mut [u8]) -> bool {
 /// Portable `dequantize_row_q4_0` over whole blocks.
 pub(super) fn dequantize_blocks_scalar(src: &[u8], dst: &mut [f32]) {
     for (x, y) in src.chunks_exact(18).zip(dst.chunks_exact_mut(QK4_0)) {
-        let b = BlockQ4_0::from_bytes(x.try_into().expect("chunks_exact gives whole blocks"));
-        b.dequantize(y.try_into().expect("chunks_exact gives whole blocks"));
+        BlockQ4_0::dequantize_block(x, y);
     }
 }
 
 impl BlockFormat for BlockQ4_0 {
     const TYPE: GgmlType = GgmlType::Q4_0;
-    const BLOCK_SIZE: usize = QK4_0;
-    const BLOCK_BYTES: usize = 18;
 
-    /// `quantize_row_q4_0_ref` (see [`BlockQ4_0::quantize`]); AVX2 when available, same bytes.
-    fn quantize_blocks(src: &[f32], dst: &mut [u8]) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        if let Some(ok) = super::x86::q4_0_quantize(src, dst) {
-            return ok;
-        }
-        quantize_blocks_scalar(src, dst)
+    /// See [`BlockQ4_0::dequantize`].
+    fn dequantize_block(src: &[u8], dst: &mut [f32]) {
+        let b = BlockQ4_0::from_bytes(src.try_into().expect("one whole block"));
+        b.dequantize(dst.try_into().expect("one whole block"));
     }
 
-    /// `dequantize_row_q4_0` (see [`BlockQ4_0::dequantize`]); AVX2 when available, same values.
+    /// `dequantize_row_q4_0`; AVX2 when available, same values.
     fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if super::x86::q4_0_dequantize(src, dst) {
             return;
         }
         dequantize_blocks_scalar(src, dst)
+    }
+}
+
+impl Quantize for BlockQ4_0 {
+    /// See [`BlockQ4_0::quantize`].
+    fn quantize_block(src: &[f32], dst: &mut [u8]) {
+        dst.copy_from_slice(&BlockQ4_0::quantize(src.try_into().expect("one whole block")).to_bytes());
+    }
+
+    /// `quantize_row_q4_0_ref`; AVX2 when available, same bytes.
+    fn quantize_blocks(src: &[f32], dst: &mut [u8]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(ok) = super::x86::q4_0_quantize(src, dst, Self::quantize_block) {
+            return ok;
+        }
+        quantize_blocks_scalar(src, dst)
     }
 }
 

@@ -1,5 +1,5 @@
-//! Explicit x86-64 SIMD kernels (AVX2, F16C), selected at run time. This is the only file of the crate's
-//! quantization code that uses `unsafe`.
+//! Explicit x86-64 SIMD kernels (AVX2, F16C), selected at run time. This folder is the only place of the crate's
+//! quantization code that uses `unsafe`; it takes slices and never imports the block files.
 //!
 //! Each safe wrapper returns `None`/`false` when the CPU lacks the feature, so the caller falls back to the portable
 //! scalar code, which gives the same bytes (the unit tests compare the two on the same inputs). The kernels do
@@ -9,8 +9,14 @@
 use std::arch::x86_64::*;
 
 use super::float::{f16_bits_to_f32, f32_to_f16_bits};
-use super::q4_0::{BlockQ4_0, QK4_0};
-use super::q8_0::{BlockQ8_0, QK8_0};
+
+/// Elements per q4_0 / q8_0 block.
+const QK4_0: usize = 32;
+const QK8_0: usize = 32;
+
+/// A portable quantizer of one whole block (`src` one block of values, `dst` its bytes): what the SIMD kernels
+/// hand the rare blocks they do not handle themselves, so this module never depends on the block files.
+pub(in crate::quant) type ScalarBlock = fn(&[f32], &mut [u8]);
 
 fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2")
@@ -20,18 +26,19 @@ fn has_avx2_f16c() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")
 }
 
-/// q4_0 quantize of whole blocks with AVX2; `None` without AVX2. See [`BlockQ4_0::quantize`].
-pub(super) fn q4_0_quantize(src: &[f32], dst: &mut [u8]) -> Option<bool> {
+/// q4_0 quantize of whole blocks with AVX2 (blocks whose inverse scale overflows go to `scalar`); `None` without
+/// AVX2. Same bytes as `quantize_row_q4_0_ref`.
+pub(in crate::quant) fn q4_0_quantize(src: &[f32], dst: &mut [u8], scalar: ScalarBlock) -> Option<bool> {
     if !has_avx2() {
         return None;
     }
     assert!(src.len().is_multiple_of(QK4_0) && dst.len() == src.len() / QK4_0 * 18, "q4_0 quantize: buffer sizes");
     // SAFETY: AVX2 is available (checked above); the kernel only touches memory through in-bounds slice chunks.
-    Some(unsafe { q4_0_quantize_avx2(src, dst) })
+    Some(unsafe { q4_0_quantize_avx2(src, dst, scalar) })
 }
 
-/// q4_0 dequantize of whole blocks with AVX2; false without AVX2. See [`BlockQ4_0::dequantize`].
-pub(super) fn q4_0_dequantize(src: &[u8], dst: &mut [f32]) -> bool {
+/// q4_0 dequantize of whole blocks with AVX2; false without AVX2. Same values as `dequantize_row_q4_0`.
+pub(in crate::quant) fn q4_0_dequantize(src: &[u8], dst: &mut [f32]) -> bool {
     if !has_avx2() {
         return false;
     }
@@ -41,18 +48,19 @@ pub(super) fn q4_0_dequantize(src: &[u8], dst: &mut [f32]) -> bool {
     true
 }
 
-/// q8_0 quantize of whole blocks with AVX2; `None` without AVX2. See [`BlockQ8_0::quantize`].
-pub(super) fn q8_0_quantize(src: &[f32], dst: &mut [u8]) -> Option<bool> {
+/// q8_0 quantize of whole blocks with AVX2 (blocks whose inverse scale overflows go to `scalar`); `None` without
+/// AVX2. Same bytes as `quantize_row_q8_0_ref`.
+pub(in crate::quant) fn q8_0_quantize(src: &[f32], dst: &mut [u8], scalar: ScalarBlock) -> Option<bool> {
     if !has_avx2() {
         return None;
     }
     assert!(src.len().is_multiple_of(QK8_0) && dst.len() == src.len() / QK8_0 * 34, "q8_0 quantize: buffer sizes");
     // SAFETY: AVX2 is available (checked above); the kernel only touches memory through in-bounds slice chunks.
-    Some(unsafe { q8_0_quantize_avx2(src, dst) })
+    Some(unsafe { q8_0_quantize_avx2(src, dst, scalar) })
 }
 
-/// q8_0 dequantize of whole blocks with AVX2; false without AVX2. See [`BlockQ8_0::dequantize`].
-pub(super) fn q8_0_dequantize(src: &[u8], dst: &mut [f32]) -> bool {
+/// q8_0 dequantize of whole blocks with AVX2; false without AVX2. Same values as `dequantize_row_q8_0`.
+pub(in crate::quant) fn q8_0_dequantize(src: &[u8], dst: &mut [f32]) -> bool {
     if !has_avx2() {
         return false;
     }
@@ -64,7 +72,7 @@ pub(super) fn q8_0_dequantize(src: &[u8], dst: &mut [f32]) -> bool {
 
 /// f32 -> f16 (little-endian bytes) with F16C, round to nearest even; `None` without F16C/AVX2, else whether every
 /// input was finite (the output is then unspecified).
-pub(super) fn f32_to_f16_row(src: &[f32], dst: &mut [u8]) -> Option<bool> {
+pub(in crate::quant) fn f32_to_f16_row(src: &[f32], dst: &mut [u8]) -> Option<bool> {
     if !has_avx2_f16c() {
         return None;
     }
@@ -75,7 +83,7 @@ pub(super) fn f32_to_f16_row(src: &[f32], dst: &mut [u8]) -> Option<bool> {
 }
 
 /// f16 (little-endian bytes) -> f32 with F16C; false without F16C/AVX2.
-pub(super) fn f16_to_f32_row(src: &[u8], dst: &mut [f32]) -> bool {
+pub(in crate::quant) fn f16_to_f32_row(src: &[u8], dst: &mut [f32]) -> bool {
     if !has_avx2_f16c() {
         return false;
     }
@@ -126,7 +134,7 @@ unsafe fn abs_bits_and_max(v: &[__m256; 4]) -> ([__m256i; 4], u32) {
 }
 
 #[target_feature(enable = "avx2")]
-unsafe fn q4_0_quantize_avx2(src: &[f32], dst: &mut [u8]) -> bool {
+unsafe fn q4_0_quantize_avx2(src: &[f32], dst: &mut [u8], scalar: ScalarBlock) -> bool {
     let half8 = _mm256_set1_ps(8.5);
     let fifteen = _mm256_set1_epi32(15);
     for (x, y) in src.chunks_exact(QK4_0).zip(dst.chunks_exact_mut(18)) {
@@ -151,9 +159,8 @@ unsafe fn q4_0_quantize_avx2(src: &[f32], dst: &mut [u8]) -> bool {
         let d = max / -8.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         if !id.is_finite() {
-            // Tiny block (see BlockQ4_0::quantize): leave it to the scalar definition.
-            let block = BlockQ4_0::quantize(x.try_into().expect("whole block"));
-            y.copy_from_slice(&block.to_bytes());
+            // Tiny block (see the block file): leave it to the scalar definition.
+            scalar(x, y);
             continue;
         }
         y[..2].copy_from_slice(&f32_to_f16_bits(d).to_le_bytes());
@@ -175,7 +182,7 @@ unsafe fn q4_0_quantize_avx2(src: &[f32], dst: &mut [u8]) -> bool {
 }
 
 #[target_feature(enable = "avx2")]
-unsafe fn q8_0_quantize_avx2(src: &[f32], dst: &mut [u8]) -> bool {
+unsafe fn q8_0_quantize_avx2(src: &[f32], dst: &mut [u8], scalar: ScalarBlock) -> bool {
     // roundf(v) for |v| < 2^23 is trunc(v + copysign(0.5 - 2^-25, v)) with one f32 addition: the largest float
     // below 0.5 rounds down, exact halves round away (see the tests, which compare against f32::round).
     let almost_half = _mm256_set1_ps(f32::from_bits(0x3EFF_FFFF));
@@ -191,9 +198,8 @@ unsafe fn q8_0_quantize_avx2(src: &[f32], dst: &mut [u8]) -> bool {
         let d = f32::from_bits(amax_bits) / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         if !id.is_finite() {
-            // Tiny block (see BlockQ8_0::quantize): leave it to the scalar definition.
-            let block = BlockQ8_0::quantize(x.try_into().expect("whole block"));
-            y.copy_from_slice(&block.to_bytes());
+            // Tiny block (see the block file): leave it to the scalar definition.
+            scalar(x, y);
             continue;
         }
         y[..2].copy_from_slice(&f32_to_f16_bits(d).to_le_bytes());
