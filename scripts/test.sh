@@ -6,5 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet --disable-pip-version-check ".[test]"
 cargo test --quiet
+# The exhaustive kernel checks (every f32 through the f16 conversions, every f32 in [-127, 127] through q8_0's
+# rounding) take minutes in a debug build and about 15 s each in release, so they run here in release.
+cargo test --release --quiet -p ggml-lora-core --lib -- --ignored exhaustively
 python -m pytest -q
 bash scripts/fuzz-smoke.sh

@@ -205,6 +205,8 @@ impl Quantize for BF16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "x86_64")]
+    use crate::quant::test_util::NO_SIMD;
 
     /// Reference f32 -> f16 from the `half` crate (round to nearest even) with ggml's NaN rule applied on top.
     fn half_ref(x: f32) -> u16 {
@@ -276,11 +278,26 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "exhaustive over 2^32 values; run with --release --ignored"]
+    #[ignore = "exhaustive over 2^32 values: run in release by scripts/test.sh (about 15 s)"]
     fn f16_matches_half_exhaustively() {
-        for u in 0..=u32::MAX {
-            let x = f32::from_bits(u);
-            assert_eq!(f32_to_f16_bits(x), half_ref(x), "bits {u:#010x}");
+        // The scalar conversion against the `half` crate for every bit pattern, and the F16C row kernel (called
+        // directly, x86-64) against the scalar one for every finite pattern, in chunks.
+        const CHUNK: u32 = 1 << 16;
+        let mut src = vec![0f32; CHUNK as usize];
+        let mut simd = vec![0u8; 2 * CHUNK as usize];
+        for start in (0..=u32::MAX - (CHUNK - 1)).step_by(CHUNK as usize) {
+            for (k, x) in src.iter_mut().enumerate() {
+                let u = start + k as u32;
+                *x = f32::from_bits(u);
+                assert_eq!(f32_to_f16_bits(*x), half_ref(*x), "bits {u:#010x}");
+            }
+            #[cfg(target_arch = "x86_64")]
+            if src.iter().all(|x| x.is_finite()) {
+                assert_eq!(crate::quant::x86::f32_to_f16_row(&src, &mut simd), Some(true), "{NO_SIMD}");
+                for (x, h) in src.iter().zip(simd.chunks_exact(2)) {
+                    assert_eq!(u16::from_le_bytes([h[0], h[1]]), f32_to_f16_bits(*x), "F16C on {:#010x}", x.to_bits());
+                }
+            }
         }
     }
 
@@ -340,6 +357,18 @@ mod tests {
         assert!(max_abs_bits(&src) < 0x7F80_0000);
         let mut h = vec![0u8; src.len() * 2];
         assert!(F16::quantize_blocks(&src, &mut h));
+        // The F16C kernels, called directly on x86-64 (the dispatcher would fall back to the scalar code).
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut simd = vec![0u8; src.len() * 2];
+            assert_eq!(crate::quant::x86::f32_to_f16_row(&src, &mut simd), Some(true), "{NO_SIMD}");
+            assert!(simd == h);
+            let mut back = vec![0f32; src.len()];
+            assert!(crate::quant::x86::f16_to_f32_row(&h, &mut back), "{NO_SIMD}");
+            for (y, c) in back.iter().zip(h.chunks_exact(2)) {
+                assert_eq!(y.to_bits(), f16_bits_to_f32(u16::from_le_bytes([c[0], c[1]])).to_bits());
+            }
+        }
         let mut b = vec![0u8; src.len() * 2];
         assert!(BF16::quantize_blocks(&src, &mut b));
         let mut f = vec![0u8; src.len() * 4];

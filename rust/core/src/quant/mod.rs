@@ -366,6 +366,13 @@ fn c_float_to_i8(v: f32) -> i8 {
 
 #[cfg(test)]
 pub(crate) mod test_util {
+    /// Why a SIMD-vs-portable test fails on an x86-64 CPU without the instructions it tests: rather than pass by
+    /// comparing the portable code with itself (the dispatcher's fallback).
+    #[cfg(target_arch = "x86_64")]
+    pub const NO_SIMD: &str =
+        "this x86-64 CPU lacks AVX2/F16C: the SIMD-vs-portable comparison cannot run (it would compare the portable \
+         code with itself)";
+
     /// Lower-case hex, for readable byte comparisons.
     pub fn hex(b: &[u8]) -> String {
         b.iter().map(|x| format!("{x:02x}")).collect()

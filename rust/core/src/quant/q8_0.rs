@@ -123,15 +123,33 @@ impl Quantize for BlockQ8_0 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "x86_64")]
+    use crate::quant::test_util::NO_SIMD;
     use crate::quant::test_util::{hex, lcg_block_values};
 
+    /// The AVX2 kernel, called directly (never the dispatcher, whose fallback is the portable code itself); fails
+    /// on an x86-64 CPU without AVX2.
+    #[cfg(target_arch = "x86_64")]
+    fn simd_quantize(src: &[f32], dst: &mut [u8]) -> bool {
+        crate::quant::x86::q8_0_quantize(src, dst, BlockQ8_0::quantize_block).expect(NO_SIMD)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn simd_dequantize(src: &[u8], dst: &mut [f32]) {
+        assert!(crate::quant::x86::q8_0_dequantize(src, dst), "{NO_SIMD}");
+    }
+
+    /// The portable kernel's bytes for one block, checked equal to the AVX2 kernel's on x86-64.
     fn quant(x: &[f32; 32]) -> Vec<u8> {
-        let mut out = vec![0u8; 34];
-        assert!(BlockQ8_0::quantize_blocks(x, &mut out));
         let mut scalar = vec![0u8; 34];
         assert!(quantize_blocks_scalar(x, &mut scalar));
-        assert_eq!(hex(&out), hex(&scalar), "dispatched kernel vs scalar on {x:?}");
-        out
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut simd = vec![0u8; 34];
+            assert!(simd_quantize(x, &mut simd));
+            assert_eq!(hex(&simd), hex(&scalar), "AVX2 kernel vs portable on {x:?}");
+        }
+        scalar
     }
 
     fn block(head: &[f32]) -> [f32; 32] {
@@ -225,7 +243,13 @@ mod tests {
             src.resize(src.len().next_multiple_of(32), 0.0);
         }
         let mut q = vec![0u8; src.len() / 32 * 34];
-        assert!(BlockQ8_0::quantize_blocks(&src, &mut q));
+        assert!(quantize_blocks_scalar(&src, &mut q));
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut simd = vec![0u8; q.len()];
+            assert!(simd_quantize(&src, &mut simd));
+            assert!(simd == q, "AVX2 kernel vs portable");
+        }
         for (bi, x) in src.chunks(32).enumerate() {
             assert_eq!(&q[bi * 34..bi * 34 + 2], &[0x00, 0x3C]);
             for (j, &v) in x.iter().enumerate() {
@@ -235,7 +259,7 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "exhaustive over every f32 in [-127, 127]; run with --release --ignored"]
+    #[ignore = "exhaustive over every f32 in [-127, 127]: run in release by scripts/test.sh (about 15 s)"]
     fn simd_rounding_is_roundf_exhaustively() {
         // Blocks of [127, 31 values]: scale 1, so each code must be roundf(value).
         let end = 127.0f32.to_bits();
@@ -254,7 +278,10 @@ mod tests {
                 src.push(0.0);
             }
             let q = &mut q[..src.len() / 32 * 34];
-            assert!(BlockQ8_0::quantize_blocks(&src, q));
+            #[cfg(target_arch = "x86_64")]
+            assert!(simd_quantize(&src, q));
+            #[cfg(not(target_arch = "x86_64"))]
+            assert!(quantize_blocks_scalar(&src, q));
             for (x, y) in src.chunks(32).zip(q.chunks(34)) {
                 for (&v, &c) in x.iter().zip(&y[2..]) {
                     assert_eq!(c as i8, v.round() as i8, "roundf({v:e})");
@@ -264,17 +291,18 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn simd_matches_scalar_on_random_and_edge_blocks() {
         let blocks = lcg_block_values(4000);
         let mut a = vec![0u8; blocks.len() / 32 * 34];
         let mut b = a.clone();
-        assert!(BlockQ8_0::quantize_blocks(&blocks, &mut a));
+        assert!(simd_quantize(&blocks, &mut a));
         assert!(quantize_blocks_scalar(&blocks, &mut b));
         assert!(a == b);
         let raw: Vec<u8> = (0..34 * 500 + 1).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
         let mut fa = vec![0f32; 500 * 32];
         let mut fb = fa.clone();
-        BlockQ8_0::dequantize_blocks(&raw[1..], &mut fa);
+        simd_dequantize(&raw[1..], &mut fa);
         dequantize_blocks_scalar(&raw[1..], &mut fb);
         assert!(fa.iter().zip(&fb).all(|(p, q)| p.to_bits() == q.to_bits()));
         let mut y = [0f32; 32];
