@@ -3,6 +3,7 @@
 //! - [`types`]: ggml tensor types, block sizes.
 //! - [`quant`]: f32/f16/bf16/q8_0/q4_0 kernels, bit-exact with ggml's reference quantizers.
 //! - [`gguf`]: memory-mapped GGUF reader and streaming, atomic GGUF writer.
+//! - [`imatrix`]: importance matrices (llama-imatrix output, GGUF and legacy).
 //! - [`atomic`]: temporary-file-then-rename output files.
 #![deny(missing_docs)]
 
@@ -11,6 +12,7 @@ pub mod atomic;
 pub mod error;
 pub mod ggla;
 pub mod gguf;
+pub mod imatrix;
 pub mod patch;
 pub mod quant;
 pub mod types;
