@@ -212,6 +212,8 @@ fn options(u: &mut Unstructured<'_>) -> UResult<PatchOptions> {
         threads: Some(1),
         sync: false,
         extra_metadata: vec![("ggml_lora.fuzz".into(), Value::U8(1))],
+        keep_lora: if u.ratio(1u8, 4u8)? { Some(u.int_in_range(0..=10u8)? as f64 / 8.0) } else { None },
+        ..Default::default()
     })
 }
 

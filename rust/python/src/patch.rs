@@ -138,6 +138,7 @@ fn patch(
         threads,
         sync,
         extra_metadata: metadata,
+        ..PatchOptions::default()
     };
     let inputs: Vec<AdapterInput> =
         adapters.iter().map(|(a, scale)| AdapterInput { adapter: Arc::clone(&a.inner), scale: *scale }).collect();

@@ -46,6 +46,8 @@ pub struct ChunkJob<'a> {
     pub out_ty: GgmlType,
     /// Round W' to this type before quantizing (F16 or BF16 reproduces the convert → quantize pipeline).
     pub intermediate: Option<GgmlType>,
+    /// Importance weights for `out_ty`'s quantizer (one per column), when it takes them.
+    pub imatrix: Option<&'a [f32]>,
 }
 
 #[derive(Default)]
@@ -130,7 +132,7 @@ fn process_group(job: &ChunkJob<'_>, s: &mut Scratch, row0: usize, rows: usize, 
     }
 
     let first_element = (job.first_row + row0) * cols;
-    quant::quantize_rows(job.out_ty, patched, cols, out, None).map_err(|e| match e {
+    quant::quantize_rows(job.out_ty, patched, cols, out, job.imatrix).map_err(|e| match e {
         // Report the element's index in the whole tensor, not in this group of rows.
         Error::NonFinite { ty, index, value } => Error::NonFinite { ty, index: first_element + index, value },
         other => other,

@@ -19,6 +19,7 @@ pub use kernel::Sums;
 use crate::adapter::LoraAdapter;
 use crate::error::{Error, Incompatible, Result};
 use crate::gguf::{Array, GgufFile, GgufWriter, TensorSpec, Value, ValueType, WriteOptions};
+use crate::imatrix::Imatrix;
 use crate::quant;
 use crate::types::GgmlType;
 
@@ -42,6 +43,17 @@ pub struct AdapterInput {
 pub struct PatchOptions {
     /// Type of every patched tensor; `None` keeps each tensor's type in the model.
     pub out_type: Option<GgmlType>,
+    /// Per-tensor output types, like llama-quantize's `--tensor-type`: the first pattern (a regular expression,
+    /// matched anywhere in the tensor name, case-insensitively) that matches a patched tensor sets its type,
+    /// before `out_type`. Untouched tensors are copied as they are.
+    pub tensor_types: Vec<(String, GgmlType)>,
+    /// Importance weights for the patched tensors, used by every output type whose ggml quantizer takes them (as
+    /// `llama-quantize --imatrix` does); tensors it has no entry for are quantized without.
+    pub imatrix: Option<std::sync::Arc<Imatrix>>,
+    /// When set, a patched tensor whose requantization to its type would keep less than this share of the LoRA
+    /// change ([`TensorReport::retained`]) is written in the next larger type of its family instead ([`larger_type`]),
+    /// repeatedly, until it keeps enough or the family ends.
+    pub keep_lora: Option<f64>,
     /// Round W' to this type (F16 or BF16) before quantizing, as the PEFT merge → convert → quantize pipeline
     /// does; `None` quantizes from f32 (most accurate).
     pub intermediate: Option<GgmlType>,
@@ -83,6 +95,15 @@ pub struct TensorReport {
     pub n_adapters: usize,
     /// The raw sums (see [`Sums`]).
     pub sums: Sums,
+    /// Whether its quantizer used importance weights.
+    pub used_imatrix: bool,
+    /// When the keep-LoRA rule moved it to a larger type: the type it would have had, and what that type would
+    /// have retained.
+    pub promoted_from: Option<(GgmlType, f64)>,
+    /// Elements per row (with the rows, what a type change costs in bytes).
+    pub row_len: u64,
+    /// Number of rows.
+    pub rows: u64,
 }
 
 impl TensorReport {
@@ -106,6 +127,40 @@ impl TensorReport {
     pub fn error_ratio(&self) -> f64 {
         ratio(self.sums.error_sq.sqrt(), self.sums.delta_sq.sqrt())
     }
+
+    /// Bytes the output spends on this tensor beyond what its planned type would have taken (0 unless promoted).
+    pub fn extra_bytes(&self) -> u64 {
+        match self.promoted_from {
+            Some((from, _)) => tensor_bytes(self.out_type, self.row_len, self.rows).saturating_sub(tensor_bytes(
+                from,
+                self.row_len,
+                self.rows,
+            )),
+            None => 0,
+        }
+    }
+}
+
+fn tensor_bytes(ty: GgmlType, row_len: u64, rows: u64) -> u64 {
+    ty.row_bytes(row_len).unwrap_or(0).saturating_mul(rows)
+}
+
+/// The next larger type of `ty`'s family, which the keep-LoRA rule moves a tensor to: q2_K → q3_K → q4_K → q5_K →
+/// q6_K → q8_0 → f16, q4_0 → q5_0 → q8_0, q4_1 → q5_1 → q8_0; `None` for f16, bf16, f32 and the types this crate
+/// cannot write.
+pub fn larger_type(ty: GgmlType) -> Option<GgmlType> {
+    use GgmlType::*;
+    Some(match ty {
+        Q2_K => Q3_K,
+        Q3_K => Q4_K,
+        Q4_K => Q5_K,
+        Q5_K => Q6_K,
+        Q6_K | Q5_0 | Q5_1 => Q8_0,
+        Q4_0 => Q5_0,
+        Q4_1 => Q5_1,
+        Q8_0 => F16,
+        _ => return None,
+    })
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -148,6 +203,20 @@ struct TensorPlan {
     model_index: usize,
     out_type: GgmlType,
     patch: Option<PatchedTensor>,
+}
+
+/// Compiles `--tensor-type` patterns (case-insensitive, as llama-quantize lower-cases them).
+fn compile_tensor_types(patterns: &[(String, GgmlType)]) -> Result<Vec<(regex::Regex, GgmlType)>> {
+    patterns
+        .iter()
+        .map(|(p, ty)| {
+            regex::RegexBuilder::new(p).case_insensitive(true).build().map(|r| (r, *ty)).map_err(|e| {
+                incompatible(Incompatible::Other(format!(
+                    "tensor type pattern {p:?} is not a valid regular expression: {e}"
+                )))
+            })
+        })
+        .collect()
 }
 
 /// A validated patch, ready to run.
@@ -277,6 +346,14 @@ impl<'a> PatchPlan<'a> {
             }
         }
 
+        let tensor_types = compile_tensor_types(&options.tensor_types)?;
+        if let Some(keep) = options.keep_lora {
+            if !(0.0..=1.0).contains(&keep) {
+                return Err(incompatible(Incompatible::Other(format!(
+                    "the share of the LoRA change to keep must be between 0 and 1, not {keep}"
+                ))));
+            }
+        }
         let mut cannot_quantize: Vec<(GgmlType, String)> = Vec::new();
         for plan in tensors.iter_mut() {
             let info = &model.tensors()[plan.model_index];
@@ -318,7 +395,12 @@ impl<'a> PatchPlan<'a> {
                     ty: info.ty,
                 }));
             }
-            let out_type = options.out_type.unwrap_or(info.ty);
+            let out_type = tensor_types
+                .iter()
+                .find(|(pattern, _)| pattern.is_match(&info.name))
+                .map(|(_, ty)| *ty)
+                .or(options.out_type)
+                .unwrap_or(info.ty);
             if !quant::can_quantize(out_type) {
                 cannot_quantize.push((out_type, info.name.clone()));
             } else if out_type.row_bytes(info.row_len()).is_none() {
@@ -337,14 +419,45 @@ impl<'a> PatchPlan<'a> {
             return Err(incompatible(Incompatible::CannotQuantize { ty, tensors: names.join(", ") }));
         }
 
+        if let Some(imatrix) = &options.imatrix {
+            Self::check_imatrix(model, &tensors, imatrix)?;
+        }
         let metadata = Self::output_metadata(model, &tensors, &options);
-        let notes = Self::collect_notes(model, &tensors);
+        let notes = Self::collect_notes(model, &tensors, &options);
         Ok(PatchPlan { model, base, adapters, options, tensors, metadata, notes })
+    }
+
+    /// The importance matrix must belong to this model: at least one entry names one of its tensors, and the entry
+    /// of every patched tensor has one weight per column.
+    fn check_imatrix(model: &GgufFile, tensors: &[TensorPlan], imatrix: &Imatrix) -> Result<()> {
+        if !imatrix.entries.keys().any(|name| model.tensor(name).is_some()) {
+            return Err(incompatible(Incompatible::Other(format!(
+                "importance matrix {}: none of its {} entries names a tensor of {} (is it for another model?)",
+                imatrix.source,
+                imatrix.entries.len(),
+                model.path().display()
+            ))));
+        }
+        for plan in tensors.iter().filter(|t| t.patch.is_some()) {
+            let info = &model.tensors()[plan.model_index];
+            if let Some(w) = imatrix.weights(&info.name) {
+                if w.len() as u64 != info.row_len() {
+                    return Err(incompatible(Incompatible::Other(format!(
+                        "importance matrix {}: entry {:?} has {} weights, expected {} (one per column of the tensor)",
+                        imatrix.source,
+                        info.name,
+                        w.len(),
+                        info.row_len()
+                    ))));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn output_metadata(model: &GgufFile, tensors: &[TensorPlan], options: &PatchOptions) -> Vec<(String, Value)> {
         let mut metadata = model.header().metadata.clone();
-        if options.out_type.is_some() {
+        if options.out_type.is_some() || !options.tensor_types.is_empty() || options.keep_lora.is_some() {
             // llama.cpp guesses a file's type from its most common tensor type; keep general.file_type in step.
             let mut counts: Vec<(GgmlType, usize)> = Vec::new();
             for t in tensors.iter().filter(|t| model.tensors()[t.model_index].dims.len() >= 2) {
@@ -383,11 +496,26 @@ impl<'a> PatchPlan<'a> {
         metadata
     }
 
-    fn collect_notes(model: &GgufFile, tensors: &[TensorPlan]) -> Vec<String> {
+    fn collect_notes(model: &GgufFile, tensors: &[TensorPlan], options: &PatchOptions) -> Vec<String> {
         let mut notes = Vec::new();
         let requantized = tensors.iter().filter(|t| t.patch.is_some() && !t.out_type.is_plain()).count();
         let imatrix = model.header().metadata.iter().find(|(k, _)| k.starts_with("quantize.imatrix."));
-        if let (Some(_), true) = (imatrix, requantized > 0) {
+        if let Some(given) = &options.imatrix {
+            let without: Vec<&str> = tensors
+                .iter()
+                .filter(|t| t.patch.is_some() && quant::takes_imatrix(t.out_type))
+                .map(|t| model.tensors()[t.model_index].name.as_str())
+                .filter(|name| given.weights(name).is_none())
+                .collect();
+            if !without.is_empty() {
+                notes.push(format!(
+                    "the importance matrix {} has no entry for {} patched tensor(s), quantized without one: {}",
+                    given.source,
+                    without.len(),
+                    without.join(", ")
+                ));
+            }
+        } else if let (Some(_), true) = (imatrix, requantized > 0) {
             let file = model.header().get("quantize.imatrix.file").and_then(Value::as_str).unwrap_or("unknown file");
             notes.push(format!(
                 "the model was quantized with an importance matrix ({file}); the {requantized} patched tensors are \
@@ -446,12 +574,19 @@ impl<'a> PatchPlan<'a> {
         progress: &mut dyn FnMut(&Progress<'_>) -> Result<()>,
     ) -> Result<PatchReport> {
         let start = Instant::now();
+        let promotions = match self.options.keep_lora {
+            Some(keep) => self.promotions(pool, keep)?,
+            None => vec![None; self.tensors.len()],
+        };
+        let out_types: Vec<GgmlType> =
+            self.tensors.iter().zip(&promotions).map(|(t, p)| p.as_ref().map_or(t.out_type, |p| p.to)).collect();
         let specs: Vec<TensorSpec> = self
             .tensors
             .iter()
-            .map(|t| {
+            .zip(&out_types)
+            .map(|(t, &ty)| {
                 let info = &self.model.tensors()[t.model_index];
-                TensorSpec { name: info.name.clone(), dims: info.dims.clone(), ty: t.out_type }
+                TensorSpec { name: info.name.clone(), dims: info.dims.clone(), ty }
             })
             .collect();
         let writer = GgufWriter::create(out, &self.metadata, specs, WriteOptions { sync: self.options.sync })?;
@@ -463,7 +598,7 @@ impl<'a> PatchPlan<'a> {
         let model_file = self.model.file();
         std::thread::scope(|scope| {
             let writer_thread = scope.spawn(move || write_loop(writer, from_compute, recycle_tx, model_file));
-            let computed = self.compute_loop(pool, &to_writer, &recycle_rx, &sizes, bytes_total, progress);
+            let computed = self.compute_loop(pool, &to_writer, &recycle_rx, &sizes, bytes_total, &promotions, progress);
             let finish = match &computed {
                 Ok(_) => to_writer.send(Message::Finish).is_ok(),
                 Err(_) => false,
@@ -495,6 +630,7 @@ impl<'a> PatchPlan<'a> {
         recycled: &Receiver<Vec<u8>>,
         sizes: &[u64],
         bytes_total: u64,
+        promotions: &[Option<Promotion>],
         progress: &mut dyn FnMut(&Progress<'_>) -> Result<()>,
     ) -> Result<Vec<TensorReport>> {
         let send = |m: Message| send_to_writer(to_writer, m);
@@ -510,25 +646,33 @@ impl<'a> PatchPlan<'a> {
                     bytes_done += sizes[i];
                 }
                 Some(patch) => {
-                    let sums = self
-                        .patch_tensor(pool, plan, patch, to_writer, recycled, &mut |rows_bytes| {
-                            bytes_done += rows_bytes;
-                            progress(&Progress {
-                                tensors_done: i,
-                                tensors_total: n,
-                                tensor: &info.name,
-                                bytes_done,
-                                bytes_total,
-                            })
+                    let out_type = promotions[i].as_ref().map_or(plan.out_type, |p| p.to);
+                    let mut emit = |out: Vec<u8>| {
+                        bytes_done += out.len() as u64;
+                        send(Message::Data(out))?;
+                        progress(&Progress {
+                            tensors_done: i,
+                            tensors_total: n,
+                            tensor: &info.name,
+                            bytes_done,
+                            bytes_total,
                         })
+                    };
+                    let mut buffer = || recycled.try_recv().unwrap_or_default();
+                    let sums = self
+                        .patch_tensor(pool, plan, patch, out_type, true, &mut buffer, &mut emit)
                         .map_err(|e| Error::InTensor { name: info.name.clone(), source: Box::new(e) })?;
                     reports.push(TensorReport {
                         name: info.name.clone(),
                         model_type: info.ty,
-                        out_type: plan.out_type,
+                        out_type,
                         from_base: patch.base_index.is_some(),
                         n_adapters: patch.terms.len(),
                         sums,
+                        used_imatrix: self.imatrix_for(&info.name, out_type).is_some(),
+                        promoted_from: promotions[i].as_ref().map(|p| (p.from, p.retained_before)),
+                        row_len: info.row_len(),
+                        rows: info.n_rows(),
                     });
                 }
             }
@@ -537,14 +681,56 @@ impl<'a> PatchPlan<'a> {
         Ok(reports)
     }
 
+    /// The importance weights the quantizer of tensor `name` uses when written as `ty`.
+    fn imatrix_for(&self, name: &str, ty: GgmlType) -> Option<&[f32]> {
+        self.options.imatrix.as_deref().filter(|_| quant::takes_imatrix(ty)).and_then(|m| m.weights(name))
+    }
+
+    /// The keep-LoRA rule: for every patched tensor, compute it (without writing) in its planned type and then in
+    /// larger types of its family until it retains at least `keep` of the LoRA change; `Some` where it moved.
+    fn promotions(&self, pool: &rayon::ThreadPool, keep: f64) -> Result<Vec<Option<Promotion>>> {
+        let mut result = vec![None; self.tensors.len()];
+        for (i, plan) in self.tensors.iter().enumerate() {
+            let Some(patch) = &plan.patch else { continue };
+            let info = &self.model.tensors()[plan.model_index];
+            let mut ty = plan.out_type;
+            let mut first_retained = None;
+            while let Some(next) =
+                larger_type(ty).filter(|t| quant::can_quantize(*t) && t.row_bytes(info.row_len()).is_some())
+            {
+                let mut scratch = Vec::new();
+                let mut buffer = || std::mem::take(&mut scratch);
+                let mut discard = |_: Vec<u8>| Ok(());
+                let sums = self
+                    .patch_tensor(pool, plan, patch, ty, false, &mut buffer, &mut discard)
+                    .map_err(|e| Error::InTensor { name: info.name.clone(), source: Box::new(e) })?;
+                let retained = ratio(sums.vs_model_dot_delta, sums.delta_sq);
+                first_retained.get_or_insert(retained);
+                if sums.delta_sq == 0.0 || retained >= keep {
+                    break;
+                }
+                ty = next;
+            }
+            if ty != plan.out_type {
+                result[i] =
+                    Some(Promotion { from: plan.out_type, to: ty, retained_before: first_retained.unwrap_or(0.0) });
+            }
+        }
+        Ok(result)
+    }
+
+    /// Computes one patched tensor written as `out_type`, chunk by chunk: each chunk's bytes go to `emit` in row
+    /// order, in a buffer from `buffer` (recycled). With `release`, mapped source pages are dropped once used.
+    #[allow(clippy::too_many_arguments)]
     fn patch_tensor(
         &self,
         pool: &rayon::ThreadPool,
         plan: &TensorPlan,
         patch: &PatchedTensor,
-        to_writer: &SyncSender<Message>,
-        recycled: &Receiver<Vec<u8>>,
-        on_chunk: &mut dyn FnMut(u64) -> Result<()>,
+        out_type: GgmlType,
+        release: bool,
+        buffer: &mut dyn FnMut() -> Vec<u8>,
+        emit: &mut dyn FnMut(Vec<u8>) -> Result<()>,
     ) -> Result<Sums> {
         let info = &self.model.tensors()[plan.model_index];
         let (src_file, src_index) = match (self.base, patch.base_index) {
@@ -560,7 +746,8 @@ impl<'a> PatchPlan<'a> {
         let rows = info.n_rows() as usize;
         let src_row_bytes = src_info.ty.row_bytes(cols as u64).unwrap_or(0) as usize;
         let model_row_bytes = info.ty.row_bytes(cols as u64).unwrap_or(0) as usize;
-        let out_row_bytes = plan.out_type.row_bytes(cols as u64).unwrap_or(0) as usize;
+        let out_row_bytes = out_type.row_bytes(cols as u64).unwrap_or(0) as usize;
+        let imatrix = self.imatrix_for(&info.name, out_type);
         // This tensor's factors, in f32 (read from mapped adapters now, dropped when the tensor is done).
         let mut factors = Vec::with_capacity(patch.terms.len());
         for &(a, p) in &patch.terms {
@@ -587,7 +774,7 @@ impl<'a> PatchPlan<'a> {
         let mut row = 0;
         while row < rows {
             let n = chunk_rows.min(rows - row);
-            let mut out = recycled.try_recv().unwrap_or_default();
+            let mut out = buffer();
             out.resize(n * out_row_bytes, 0);
             let src_range = row * src_row_bytes..(row + n) * src_row_bytes;
             let model_range = row * model_row_bytes..(row + n) * model_row_bytes;
@@ -598,22 +785,31 @@ impl<'a> PatchPlan<'a> {
                 first_row: row,
                 cols,
                 terms: &terms,
-                out_ty: plan.out_type,
+                out_ty: out_type,
                 intermediate: self.options.intermediate,
+                imatrix,
             };
             let chunk_sums = pool.install(|| compute::process_chunk(&job, &mut out))?;
             sums = sums.combine(chunk_sums);
-            let out_len = out.len() as u64;
-            send_to_writer(to_writer, Message::Data(out))?;
-            src_file.release_pages(src_start + src_range.start..src_start + src_range.end);
-            if compare_with_model {
-                self.model.release_pages(model_start + model_range.start..model_start + model_range.end);
+            emit(out)?;
+            if release {
+                src_file.release_pages(src_start + src_range.start..src_start + src_range.end);
+                if compare_with_model {
+                    self.model.release_pages(model_start + model_range.start..model_start + model_range.end);
+                }
             }
-            on_chunk(out_len)?;
             row += n;
         }
         Ok(sums)
     }
+}
+
+/// A tensor the keep-LoRA rule moved to a larger type.
+#[derive(Clone, Debug)]
+struct Promotion {
+    from: GgmlType,
+    to: GgmlType,
+    retained_before: f64,
 }
 
 enum Message {
