@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+from _helpers import hf_permute
 from test_convert_helpers import ARCH, GPT2, LLAMA_GQA, make_adapter, write_safetensors
 
 from ggml_lora import gguf
@@ -39,11 +40,6 @@ DORA_CONFIG = {
     "fan_in_fan_out": False,
     "target_modules": ["q_proj", "k_proj", "v_proj"],
 }
-
-
-def hf_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's convert_hf_to_gguf LlamaModel.permute (restated): rows (head, half, i) -> (head, i, half)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def dora_merge(w: np.ndarray, delta: np.ndarray, m: np.ndarray) -> np.ndarray:
