@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs everything the tests need, then runs every test: Rust (cargo test), Python (pytest) and a smoke run
-# of every fuzz target (cargo-fuzz, installed if missing).
+# Installs everything the tests need, then runs every test: Rust (cargo test), Python (pytest), the mutation check
+# (scripts/mutations.py: code broken on purpose must turn the tests red) and a smoke run of every fuzz target
+# (cargo-fuzz, installed if missing).
 # This is the README's test command; .ci/run calls it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,4 +11,5 @@ cargo test --quiet
 # rounding) take minutes in a debug build and about 15 s each in release, so they run here in release.
 cargo test --release --quiet -p ggml-lora-core --lib -- --ignored exhaustively
 python -m pytest -q
+python scripts/mutations.py
 bash scripts/fuzz-smoke.sh

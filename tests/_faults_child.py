@@ -42,13 +42,23 @@ def action_write(args: dict) -> dict:
 
 
 def action_patch(args: dict) -> dict:
+    """``ggml_lora.patch``; with ``pause_at`` (a fraction), the progress callback prints
+    ``{"paused": {bytes_done, bytes_total}}`` once that share of the output is done, and then blocks forever (the
+    parent kills the child there)."""
     import ggml_lora
 
     if args.get("limit"):
         limit_fsize(args["limit"])
+    progress = None
+    if args.get("pause_at") is not None:
+        def progress(p: ggml_lora.PatchProgress) -> None:
+            if args["pause_at"] * p.bytes_total <= p.bytes_done < p.bytes_total:
+                print(json.dumps({"paused": {"bytes_done": p.bytes_done, "bytes_total": p.bytes_total}}), flush=True)
+                while True:
+                    time.sleep(3600)
     return _outcome(lambda: str(ggml_lora.patch(args["model"], args["adapter"], base=args.get("base"),
                                                 out=args["out"], threads=args.get("threads"),
-                                                sync=args.get("sync", True)).out))
+                                                sync=args.get("sync", True), progress=progress).out))
 
 
 def action_convert(args: dict) -> dict:
@@ -71,7 +81,6 @@ def action_open_all(args: dict) -> dict:
             for name in f.tensors:
                 f.raw(name)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.monotonic()
     for path in args["files"]:
         try:
             with ggml_lora.open(path) as f:
@@ -82,8 +91,7 @@ def action_open_all(args: dict) -> dict:
             assert str(exc), path
             counts["error"] += 1
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"ok": True, "value": {**counts, "rss_before_kb": base_rss, "rss_after_kb": peak,
-                                  "seconds": time.monotonic() - t0}}
+    return {"ok": True, "value": {**counts, "rss_before_kb": base_rss, "rss_after_kb": peak}}
 
 
 def main() -> None:

@@ -154,3 +154,15 @@ def assert_reads_like_gguf_py(path: Path) -> None:
             assert raw.dtype == np.uint8 and raw.shape == (t.n_bytes,)
             assert np.array_equal(raw, np.ascontiguousarray(t.data).reshape(-1).view(np.uint8))
             assert np.array_equal(raw, file_bytes[t.data_offset : t.data_offset + t.n_bytes])
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault suite's figures of this run (hostile inputs tried, faults injected; RELIABILITY.md keeps the
+    table). A report, not a test: it runs after every test whatever their order."""
+    import sys
+
+    figures = getattr(sys.modules.get("test_faults"), "FIGURES", None)
+    if figures:
+        terminalreporter.write_sep("-", "fault-suite figures")
+        for key, value in sorted(figures.items()):
+            terminalreporter.write_line(f"  {key}: {value}")

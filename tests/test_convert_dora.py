@@ -1,6 +1,10 @@
 """DoRA export for the patch engine: ``peft_to_lora(..., allow_dora=True)`` returns each module's magnitude
 vector as ``<tensor>.dora_m`` in GGUF row order (q/k rotary permutation like lora_b), PEFT's scale folded into
-lora_b and alpha 0; the default and ``convert()`` keep refusing DoRA. numpy + safetensors only."""
+lora_b and alpha 0; the default and ``convert()`` keep refusing DoRA. numpy + safetensors only.
+
+Oracle: PEFT's DoRA merge (``DoraLinearVariant.merge_safe``) and scaling restated in float64 numpy, llama.cpp's
+q/k row permutation restated (``_helpers.hf_permute``), the HF weights and adapters read with the safetensors
+library itself (``safetensors.numpy``), and the fixtures' PEFT merge truth."""
 
 from __future__ import annotations
 
@@ -10,11 +14,12 @@ import shutil
 
 import numpy as np
 import pytest
+from _helpers import hf_permute
+from safetensors.numpy import load_file as load_safetensors
 from test_convert_helpers import ARCH, GPT2, LLAMA_GQA, make_adapter, write_safetensors
 
 from ggml_lora import gguf
 from ggml_lora.convert import ConversionError, convert, peft_to_lora
-from ggml_lora.convert.peft import load_safetensors
 
 GQA_BASE = LLAMA_GQA / "base-f16.gguf"
 GQA_HF = LLAMA_GQA / "hf"
@@ -39,11 +44,6 @@ DORA_CONFIG = {
     "fan_in_fan_out": False,
     "target_modules": ["q_proj", "k_proj", "v_proj"],
 }
-
-
-def hf_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's convert_hf_to_gguf LlamaModel.permute (restated): rows (head, half, i) -> (head, i, half)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def dora_merge(w: np.ndarray, delta: np.ndarray, m: np.ndarray) -> np.ndarray:

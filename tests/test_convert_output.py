@@ -1,4 +1,8 @@
-"""Converter outputs: GGUF outtypes (f16/bf16/q8_0), the legacy ggla file, default paths, and the CLI."""
+"""Converter outputs: GGUF outtypes (f16/bf16/q8_0), the legacy ggla file, default paths, and the CLI.
+
+Oracles: llama.cpp's own f32 adapter (``ref-adapter-f32.gguf``) read by gguf-py, gguf-py's quantization and
+llama.cpp's outtype rule (restated from its sources, see ``llama_cpp_outtype_rule``), an independent ggla reader
+(``test_convert_helpers.read_ggla``), PEFT's merge truth files, and float64 numpy."""
 
 from __future__ import annotations
 
@@ -17,42 +21,69 @@ R8 = LLAMA_GQA / "lora-r8"
 BASE = LLAMA_GQA / "base-f16.gguf"
 
 
-@pytest.mark.parametrize("outtype, rtol", [("f16", 2**-11), ("bf16", 2**-8), ("q8_0", None)])
-def test_gguf_outtypes(tmp_path, outtype, rtol):
-    lora = peft_to_lora(R8 / "adapter", BASE)
+def llama_cpp_outtype_rule(want: np.ndarray, outtype: str) -> tuple[str, bytes]:
+    """The (type, bytes) llama.cpp's converters write for a 2-D lora_a/lora_b tensor at ``--outtype``, computed
+    with gguf-py, the library they call. Reference: ``ModelBase.prepare_tensors`` in llama.cpp's
+    ``conversion/base.py`` (checked by :func:`test_outtype_rule_is_the_one_in_llama_cpp_sources`): names ending
+    in ``.lora_a``/``.lora_b`` take the file type's type; ``gguf.quants.quantize`` raises ``QuantError`` when a
+    row is not a whole number of blocks (lora_b: r elements) and the converter then falls back to F16."""
+    qtype = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0}[outtype]
+    try:
+        data = gguf.quants.quantize(want, qtype)
+    except gguf.QuantError:
+        qtype = gguf.GGMLQuantizationType.F16
+        data = gguf.quants.quantize(want, qtype)
+    return qtype.name.lower(), np.ascontiguousarray(data).tobytes()
+
+
+@pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0"])
+def test_gguf_outtypes(tmp_path, outtype):
+    """Read back with gguf-py, every tensor has llama.cpp's type and gguf-py's own bytes for the f32 values of
+    llama.cpp's f32 adapter (``ref-adapter-f32.gguf``, made by convert_lora_to_gguf.py from the same PEFT
+    folder). Oracle: gguf-py (reader and quantize), never ggml_lora's own quantization."""
+    ref = {t.name: np.array(t.data, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+           for t in gguf.GGUFReader(R8 / "ref-adapter-f32.gguf").tensors}
     out = convert(R8 / "adapter", tmp_path / "a.gguf", base=BASE, outtype=outtype)
     reader = gguf.GGUFReader(out)
     assert reader.fields["general.type"].contents() == "adapter"
     assert reader.fields["adapter.type"].contents() == "lora"
     assert reader.fields["adapter.lora.alpha"].contents() == 16.0
     assert reader.fields["adapter.lora.alpha"].types == [gguf.GGUFValueType.FLOAT32]
-    reader_types = {t.name: t.tensor_type.name.lower() for t in reader.tensors}
-    with ggml_lora.open(out) as f:
-        assert set(f.tensors) == set(lora.tensors)
-        for name, want in lora.tensors.items():
-            info = f.tensors[name]
-            assert info.shape == want.shape
-            assert reader_types[name] == info.type
-            got = f.to_numpy(name)
-            if outtype == "q8_0":
-                if want.shape[-1] % 32 == 0:   # lora_a rows (n_in long) are q8_0 ...
-                    assert info.type == "q8_0"
-                    np.testing.assert_array_equal(
-                        got, ggml_lora.dequantize(ggml_lora.quantize(want, "q8_0"), "q8_0", want.shape))
-                    blocks = np.abs(want.reshape(-1, 32)).max(axis=1, keepdims=True)
-                    assert (np.abs(got - want).reshape(-1, 32) <= blocks / 127 * 0.5 + 1e-3 * blocks).all()
-                else:                          # ... lora_b rows (r = 8 long) fall back to f16, as in llama.cpp
-                    assert info.type == "f16"
-                    assert np.array_equal(got, want.astype(np.float16).astype(np.float32))
-            else:
-                assert info.type == outtype
-                # round-to-nearest: half a unit in the last place (f16 subnormals: 2^-25 absolute)
-                tol = rtol * np.abs(want) + (2.0**-25 if outtype == "f16" else 0.0)
-                assert (np.abs(got - want) <= tol).all(), name
-            # gguf-py reads the same values
-            t = next(t for t in reader.tensors if t.name == name)
-            if info.type in ("f16",):
-                assert np.array_equal(np.array(t.data).astype(np.float32).reshape(want.shape), got)
+    assert [t.name for t in reader.tensors] == list(ref)
+    types = set()
+    for t in reader.tensors:
+        want = ref[t.name]
+        assert tuple(int(d) for d in reversed(t.shape)) == want.shape, t.name
+        want_type, want_bytes = llama_cpp_outtype_rule(want, outtype)
+        assert t.tensor_type.name.lower() == want_type, t.name
+        assert np.asarray(t.data).tobytes() == want_bytes, t.name
+        types.add(want_type)
+    # lora_a rows (n_in long) are q8_0; lora_b rows (r = 8 long) cannot be and are f16
+    assert types == ({"q8_0", "f16"} if outtype == "q8_0" else {outtype})
+
+
+def test_outtype_rule_is_the_one_in_llama_cpp_sources():
+    """The reference of :func:`llama_cpp_outtype_rule`, read from llama.cpp's sources (the llama-cpp-python
+    sdist the other oracles use): running convert_lora_to_gguf.py itself needs torch, which the tests avoid, so
+    the lines the rule restates are checked to still be there."""
+    from oracles.sdist import llama_cpp_source
+
+    src = (llama_cpp_source() / "conversion" / "base.py").read_text()
+    body = src[src.index("def prepare_tensors(self):"):]
+    body = body[: body.index("\n    def ", 1)]
+    for line in (
+        'or new_name[-7:] not in (".weight", ".lora_a", ".lora_b")',  # lora factors are not forced to F32
+        "elif self.ftype == gguf.LlamaFileType.MOSTLY_Q8_0:",
+        "data_qtype = gguf.GGMLQuantizationType.Q8_0",
+        "except gguf.QuantError as e:",
+        'logger.warning("%s, %s", e, "falling back to F16")',
+        "data_qtype = gguf.GGMLQuantizationType.F16",
+    ):
+        assert line in body, f"llama.cpp's prepare_tensors changed: {line!r} is gone"
+    # gguf-py raises QuantError exactly for rows that are not whole blocks
+    with pytest.raises(gguf.QuantError):
+        gguf.quants.quantize(np.zeros((4, 8), np.float32), gguf.GGMLQuantizationType.Q8_0)
 
 
 def test_bf16_round_trip_is_round_to_nearest_even(tmp_path):

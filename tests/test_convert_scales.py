@@ -1,49 +1,50 @@
 """Converter: exact PEFT scales (rslora, rank_pattern, alpha_pattern), f16/bf16 inputs, embedding and lm_head
-LoRA, built with numpy + json on the arch/mistral model (llama arch, GQA: q/k rows permuted)."""
+LoRA, built with numpy + json on the arch/mistral model (llama arch, GQA: q/k rows permuted).
+
+Oracle: PEFT's scaling rule restated in ``test_convert_helpers.peft_scale``, llama.cpp's tensor names from
+gguf-py's own ``TensorNameMap`` (what convert_lora_to_gguf.py uses), its q/k row permutation restated from
+convert_hf_to_gguf's ``LlamaModel.permute`` (``_helpers.hf_permute``) with the head counts read from the
+fixture's ``hf/config.json``, and float64 numpy for the deltas. Nothing from ``ggml_lora`` builds an expected
+value: the converter's output is only ever the thing compared."""
 
 from __future__ import annotations
 
 import json
 
+import gguf
 import numpy as np
 import pytest
-from test_convert_helpers import ARCH, make_adapter, peft_scale
+from _helpers import hf_permute
+from test_convert_helpers import ARCH, implied_delta, make_adapter, peft_scale
 
 from ggml_lora.convert import peft_to_lora
-from ggml_lora.convert.mapping import read_base, NameMapper
-from ggml_lora.convert.transforms import llama_permute
 
 MISTRAL = ARCH / "mistral"
 BASE = MISTRAL / "base-f16.gguf"
-N_HEAD, N_HEAD_KV = 4, 2
+_CONFIG = json.loads((MISTRAL / "hf" / "config.json").read_text())
+N_HEAD, N_HEAD_KV = _CONFIG["num_attention_heads"], _CONFIG["num_key_value_heads"]
+NAMES = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, _CONFIG["num_hidden_layers"])
 
 
 def expected_delta(module: str, a: np.ndarray, b: np.ndarray, scale: float) -> tuple[str, np.ndarray]:
     """PEFT's delta for ``module`` in GGUF naming/layout (float64)."""
-    info = read_base(BASE)
-    name = NameMapper(info).gguf_name(module)
+    name = NAMES.get_name(module + ".weight", try_suffixes=(".weight",))
+    assert name is not None, module
     if module.endswith("embed_tokens"):
         return name, scale * (b.astype(np.float64) @ a.astype(np.float64)).T
     d = scale * (b.astype(np.float64) @ a.astype(np.float64))
     if module.endswith("q_proj"):
-        d = llama_permute(d, N_HEAD, N_HEAD)
+        d = hf_permute(d, N_HEAD)
     elif module.endswith("k_proj"):
-        d = llama_permute(d, N_HEAD, N_HEAD_KV)
+        d = hf_permute(d, N_HEAD_KV)
     return name, d
-
-
-def implied(lora, name):
-    a = lora.tensors[name + ".lora_a"].astype(np.float64)
-    b = lora.tensors[name + ".lora_b"].astype(np.float64)
-    s = lora.alpha / b.shape[1] if lora.alpha else 1.0
-    return s * (a @ b.T if name.startswith("token_embd") else b @ a)
 
 
 def check_all(lora, cfg, factors, rtol=2e-6):
     names = set()
     for module, (a, b) in factors.items():
         name, want = expected_delta(module, a, b, peft_scale(cfg, module))
-        got = implied(lora, name)
+        got = implied_delta(lora, name)
         assert got.shape == want.shape, module
         np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max(), err_msg=module)
         names.add(name)

@@ -6,18 +6,23 @@ Every input byte is treated as hostile and no user file may ever be lost or corr
   ``_faults_gguf.py``) and at random points of its data, byte flips, huge counts/lengths/dims/offsets, misaligned,
   overlapping and out-of-file tensor data, unknown type ids, duplicate names, wrong magic/version. Each case must
   raise ``ggml_lora.GGUFError`` (a ``ValueError``) with a message, or, for changes that leave the header valid,
-  open and read. A watchdog bounds every batch, each case is timed, a sample is replayed in a child process
-  (no abort), and a child measures that 100-byte files claiming huge counts allocate nothing much.
+  open and read. A watchdog bounds every batch (a liveness bound that catches a hang, not a speed claim), a
+  sample is replayed in a child process (no abort), and a child measures that 100-byte files claiming huge
+  counts allocate nothing much.
 - output safety of ``ggml_lora.write``, ``ggml_lora.patch`` and ``ggml_lora.convert.convert``: existing targets are
   replaced only on success, inputs are never targets, unwritable folders, a full disk (RLIMIT_FSIZE in a child),
-  SIGKILL of a child patching a ~230 MB model; afterwards inputs are byte-identical, no partial target exists, and
-  leftovers (only after SIGKILL) carry the ``.ggml-lora-tmp.`` marker.
+  SIGKILL of a child patching a ~230 MB model, at points the test chooses (the child pauses in its progress
+  callback and says so); afterwards inputs are byte-identical, no partial target exists, and leftovers (only
+  after SIGKILL) carry the ``.ggml-lora-tmp.`` marker. Unwritable folders include a permission-denied one even
+  as root (an immutable folder, ``chattr +i``).
 - adapter safety: hostile ``adapter_model.bin`` pickles are refused without running anything; absurd
   ``adapter_config.json`` values give clear errors.
 - concurrency: patches from threads and processes at once give the bytes of a single run.
 
-The figures of a run (hostile inputs tried, faults injected) are printed at the end (``-s``) and summarised in
-RELIABILITY.md.
+Oracles: the fault itself (a file the test corrupted, a limit or signal it imposed) and the files' own hashes:
+each case must end in the documented error with the inputs unchanged. No test asserts on elapsed time. The
+figures of a run (hostile inputs tried, faults injected) are printed in pytest's terminal summary (conftest.py)
+and summarised in RELIABILITY.md.
 """
 
 from __future__ import annotations
@@ -31,11 +36,11 @@ import os
 import pickle
 import random
 import shutil
+import select
 import signal
 import struct
 import subprocess
 import sys
-import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -54,9 +59,8 @@ FIXTURES = (REPO.parent / "shared" / "fixtures").resolve()
 LLAMA = FIXTURES / "llama-gqa"
 CHILD = HERE / "_faults_child.py"
 TEMP_MARKER = ".ggml-lora-tmp."
-#: Wall-clock bound of one hostile-input case (in-process; the watchdog below kills a true hang).
-CASE_SECONDS = 2.0
-#: Watchdog of a whole batch: faulthandler dumps the stacks and exits the process, so CI never hangs.
+#: Watchdog of a whole batch: faulthandler dumps the stacks and exits the process, so CI never hangs. A liveness
+#: bound, generous on purpose: no test asserts on elapsed time.
 BATCH_SECONDS = 300
 
 #: Counters reported at the end of the run (and in RELIABILITY.md).
@@ -143,7 +147,6 @@ class Hostile:
         path = self.folder / f"case{self.n:06d}.gguf"
         self.n += 1
         path.write_bytes(data)
-        t0 = time.monotonic()
         try:
             read_everything(path)
         except ggml_lora.GGUFError as exc:
@@ -156,8 +159,6 @@ class Hostile:
             assert may_open or must_open, f"{what}: accepted a malformed file"
             self.opened += 1
             opened = True
-        elapsed = time.monotonic() - t0
-        assert elapsed < CASE_SECONDS, f"{what}: took {elapsed:.2f} s"
         if self.n % 37 == 0 and len(self.samples) < 300:
             keep = self.folder / f"sample{len(self.samples):04d}.gguf"
             path.rename(keep)
@@ -401,7 +402,6 @@ def test_hundred_byte_files_claiming_huge_counts_allocate_little(tmp_path: Path)
     assert result["error"] == len(files) * 20 and result["ok"] == 0
     grown_mb = (result["rss_after_kb"] - result["rss_before_kb"]) / 1024
     assert grown_mb < 50, f"opening 100-byte files grew the peak RSS by {grown_mb:.1f} MB"
-    assert result["seconds"] < 10
     count("hostile GGUF inputs (memory-measured child)", len(files) * 20)
 
 
@@ -542,45 +542,79 @@ def test_patch_refuses_to_write_over_an_input(model_inputs: dict[str, Path]) -> 
     count("output faults injected", 6)
 
 
-def _unwritable_targets(tmp_path: Path) -> list[tuple[Path, type]]:
-    """Targets that cannot be created. As root, permission bits do not stop writes (and a child cannot drop to
-    another user here: the interpreter lives under /root), so the root variant uses folders that cannot hold
-    the file: a missing folder, a 'folder' that is a regular file, and a directory as the target."""
+#: Linux ioctls of ``chattr`` (linux/fs.h; "long"-sized argument, of which the kernel uses an int).
+FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, FS_IMMUTABLE_FL = 0x80086601, 0x40086602, 0x10
+
+
+def _immutable(folder: Path, on: bool) -> None:
+    """``chattr +i`` / ``-i`` on a folder: nothing can be created in an immutable folder, not even by root."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf)
+        flags = struct.unpack_from("=i", buf)[0]
+        struct.pack_into("=i", buf, 0, flags | FS_IMMUTABLE_FL if on else flags & ~FS_IMMUTABLE_FL)
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, buf)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def unwritable_targets(tmp_path: Path):
+    """Targets that cannot be created, each with the OSError it must raise: a missing folder, a 'folder' that
+    is a regular file, a directory as the target, and a folder the process may not write to (PermissionError).
+    Permission bits do not stop root (CI runs as root), so as root that folder is made immutable (``chattr +i``,
+    which stops root too). Where the file system refuses the attribute the test fails with the reason: the
+    permission case is never dropped quietly."""
     not_a_dir = tmp_path / "plain-file"
     not_a_dir.write_bytes(b"x")
     (tmp_path / "a-dir.gguf").mkdir()
+    ro = tmp_path / "read-only"
+    ro.mkdir()
     targets: list[tuple[Path, type]] = [
         (tmp_path / "missing-folder" / "out.gguf", FileNotFoundError),
         (not_a_dir / "out.gguf", NotADirectoryError),
         (tmp_path / "a-dir.gguf", IsADirectoryError),
+        (ro / "out.gguf", PermissionError),
     ]
-    if os.geteuid() != 0:
-        ro = tmp_path / "read-only"
-        ro.mkdir()
+    as_root = os.geteuid() == 0
+    if as_root:
+        try:
+            _immutable(ro, True)
+        except OSError as exc:
+            pytest.fail(f"running as root, the permission-denied case needs an immutable folder (chattr +i), and "
+                        f"the file system of {ro} refused it ({exc}); run the tests as another user or with "
+                        "TMPDIR (pytest --basetemp) on ext4/xfs/btrfs")
+    else:
         ro.chmod(0o555)
-        targets.append((ro / "out.gguf", PermissionError))
-    return targets
+    try:
+        yield targets
+    finally:
+        if as_root:
+            _immutable(ro, False)
+        else:
+            ro.chmod(0o755)
 
 
 def test_unwritable_folders(model_inputs: dict[str, Path], tmp_path: Path) -> None:
     m = model_inputs
     scratch = tmp_path / "unwritable"
     scratch.mkdir()
-    targets = _unwritable_targets(scratch)
-    before = snapshot(scratch)
-    for target, exc in targets:
-        for fn in (lambda: ggml_lora.write(target, {}, {"t": np.zeros(4, np.float32)}),
-                   lambda: ggml_lora.patch(m["model"], m["adapter"], out=target)):
-            with pytest.raises(OSError) as info:
-                fn()
-            # (a directory as the target is refused before any system call: a plain OSError naming it)
-            assert isinstance(info.value, exc) or exc is IsADirectoryError, (target, info.value)
-            assert str(target) in str(info.value) or target.name in str(info.value), info.value
-            assert snapshot(scratch) == before and leftovers(scratch) == []
-            count("output faults injected")
-    for d in scratch.iterdir():
-        if d.is_dir():
-            d.chmod(0o755)
+    with unwritable_targets(scratch) as targets:
+        before = snapshot(scratch)
+        for target, exc in targets:
+            for fn in (lambda: ggml_lora.write(target, {}, {"t": np.zeros(4, np.float32)}),
+                       lambda: ggml_lora.patch(m["model"], m["adapter"], out=target)):
+                with pytest.raises(OSError) as info:
+                    fn()
+                # (a directory as the target is refused before any system call: a plain OSError naming it)
+                assert isinstance(info.value, exc) or exc is IsADirectoryError, (target, info.value)
+                assert str(target) in str(info.value) or target.name in str(info.value), info.value
+                assert snapshot(scratch) == before and leftovers(scratch) == []
+                assert not any(d.is_dir() and any(d.iterdir()) for d in scratch.iterdir())
+                count("output faults injected")
 
 
 def test_disk_full_mid_write(model_inputs: dict[str, Path]) -> None:
@@ -642,33 +676,33 @@ def big_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_at", [0.05, 0.5, 0.9])
 def test_sigkill_mid_patch(big_model: dict[str, Path], tmp_path: Path, kill_at: float) -> None:
+    """The child patches through the public ``progress`` callback, which, once ``kill_at`` of the output bytes
+    are done, prints where it is and then blocks: the kill lands at that point whatever the machine's speed
+    (no hook in the product). The 120 s wait for it is a liveness bound only."""
     hashes = {k: sha256(p) for k, p in big_model.items()}
     expected = big_model["model"].stat().st_size  # same types out as in: same size, give or take metadata
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     target = out_dir / "merged.gguf"
     args = {"model": str(big_model["model"]), "adapter": str(big_model["adapter"]), "base": str(big_model["base"]),
-            "out": str(target), "threads": 1}
+            "out": str(target), "threads": 1, "pause_at": kill_at}
     proc = subprocess.Popen([sys.executable, str(CHILD), "patch", json.dumps(args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    killed_at = None
-    deadline = time.monotonic() + 120
+                            stderr=subprocess.PIPE, text=True)
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            temps = [p for p in out_dir.iterdir() if TEMP_MARKER in p.name]
-            if temps:
-                with contextlib.suppress(FileNotFoundError):
-                    size = temps[0].stat().st_size
-                    if size >= kill_at * expected:
-                        proc.send_signal(signal.SIGKILL)
-                        killed_at = size
-                        break
-            time.sleep(0.002)
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        assert ready, "the child neither paused nor finished within 120 s (hung?)"
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        paused = json.loads(line).get("paused") if line.strip() else None
+        assert paused is not None, f"the child did not pause: {line!r} {proc.stderr.read()[-2000:]!r}"  # type: ignore[union-attr]
+        # paused inside the patch: the temporary output exists, the target does not
+        assert kill_at * paused["bytes_total"] <= paused["bytes_done"] < paused["bytes_total"], paused
+        temps = [p for p in out_dir.iterdir() if TEMP_MARKER in p.name]
+        assert len(temps) == 1 and not target.exists(), list(out_dir.iterdir())
+        proc.send_signal(signal.SIGKILL)
     finally:
-        if proc.poll() is None and killed_at is None:
+        if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=60)
-    assert killed_at is not None, f"the child finished before it could be killed: {proc.stderr.read()[-2000:]!r}"
     assert proc.returncode == -signal.SIGKILL
     count("output faults injected")
     # Inputs byte-identical, no file at the target, only clearly-marked temporaries left.
@@ -730,12 +764,13 @@ def test_convert_output_safety(peft_dir: Path, tmp_path: Path) -> None:
     # Unwritable targets.
     scratch = tmp_path / "unwritable"
     scratch.mkdir()
-    for t, _ in _unwritable_targets(scratch):
-        if t.is_dir():
-            continue  # convert writes into an existing folder by design (its default file name)
-        with pytest.raises(OSError):
-            convert(peft_dir, t, base=base)
-    count("output faults injected", 1 + 4 + 2)
+    with unwritable_targets(scratch) as targets:
+        for t, exc in targets:
+            if t.is_dir():
+                continue  # convert writes into an existing folder by design (its default file name)
+            with pytest.raises(exc):
+                convert(peft_dir, t, base=base)
+    count("output faults injected", 1 + 4 + 3)
     # Success replaces the old target.
     assert convert(peft_dir, target, base=base) == target
     assert read_everything(target) > 0 and leftovers(out_dir) == []
@@ -811,10 +846,8 @@ def test_hostile_adapter_model_bin_is_refused_without_running_anything(tmp_path:
             shutil.copytree(src, d)
             (d / "adapter_model.bin").write_bytes(data)
             out = tmp_path / f"out{i}.gguf"
-            t0 = time.monotonic()
             with pytest.raises(ConversionError, match=r"\S"):
                 convert(d, out, base=LLAMA / "base-f16.gguf")
-            assert time.monotonic() - t0 < 10, what
             assert not marker.exists(), f"{what}: the pickle ran code"
             assert not out.exists()
     count("hostile adapter inputs (in-process)", len(cases))
@@ -917,10 +950,3 @@ def test_concurrent_patches_give_identical_bytes(model_inputs: dict[str, Path]) 
     assert (out_dir / "same.gguf").read_bytes() == expected
     assert leftovers(out_dir) == []
     count("concurrent patches", 1 + 6 + 3 + 3)
-
-
-def test_zz_report_figures() -> None:
-    """Prints the run's figures (pytest -s shows them); RELIABILITY.md keeps the table."""
-    print("\nfault-suite figures:")
-    for k, v in sorted(FIGURES.items()):
-        print(f"  {k}: {v}")
