@@ -36,7 +36,9 @@ class Mutation:
     file: str  # relative to the repository root
     old: str  # must occur exactly once
     new: str
-    command: tuple[str, ...]  # run in the copy's root; exit status 1 = the tests caught it
+    command: tuple[str, ...]  # run in the copy's root; exit status `caught` = the tests caught it
+    caught: int = 1  # pytest's "tests failed"; cargo test uses 101 for failures (and for build errors, hence `build`)
+    build: tuple[str, ...] = ()  # must succeed on the mutated copy first, so a build error never counts as caught
 
 
 PYTEST = (sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider")
@@ -72,10 +74,33 @@ PYTHON_MUTATIONS = [
              pytest("tests/test_quality_report.py", "-k", "suggest")),
 ]
 
-#: Rust-side mutations (need a build; owned with the Rust kernel tests). Example shape:
-#: Mutation("kernels: dispatched path compared with itself", "rust/core/src/quant/mod.rs", "<exact text>",
-#:          "<mutated text>", ("cargo", "test", "-q", "-p", "ggml-lora-core", "<test filter>"))
-RUST_MUTATIONS: list[Mutation] = []
+#: Rust-side mutations (each needs a debug build of the core's unit tests in the copy).
+CARGO_TEST = ("cargo", "test", "-q", "-p", "ggml-lora-core", "--lib")
+RUST_MUTATIONS: list[Mutation] = [
+    # A CPU without AVX2, as the dispatcher sees it: the SIMD-vs-portable tests must fail, not compare the
+    # portable fallback with itself.
+    Mutation(
+        "kernels: AVX2 path unavailable (self-compared SIMD check)",
+        "rust/core/src/quant/x86/mod.rs",
+        "pub(in crate::quant) fn q4_0_quantize(src: &[f32], dst: &mut [u8], scalar: ScalarBlock) -> Option<bool> {\n"
+        "    if !has_avx2() {",
+        "pub(in crate::quant) fn q4_0_quantize(src: &[f32], dst: &mut [u8], scalar: ScalarBlock) -> Option<bool> {\n"
+        "    if true {",
+        CARGO_TEST + ("quant::q4_0",),
+        caught=101,
+        build=CARGO_TEST + ("--no-run",),
+    ),
+    # A SIMD kernel that drifts from the C reference by one rounding step on some inputs.
+    Mutation(
+        "kernels: AVX2 q4_0 offset 8.5 -> 8.4999",
+        "rust/core/src/quant/x86/mod.rs",
+        "let half8 = _mm256_set1_ps(8.5);",
+        "let half8 = _mm256_set1_ps(8.4999);",
+        CARGO_TEST + ("quant::q4_0",),
+        caught=101,
+        build=CARGO_TEST + ("--no-run",),
+    ),
+]
 
 
 def installed_native() -> Path:
@@ -136,10 +161,13 @@ def main() -> int:
                 continue
             path.write_text(source.replace(m.old, m.new))
             try:
-                status = run(copy, m.command)
+                built = run(copy, m.build) if m.build else 0
+                status = run(copy, m.command) if built == 0 else -1
             finally:
                 path.write_text(source)
-            verdict = {0: "SURVIVED", 1: "killed"}.get(status, f"ERROR: exit {status} (not a test failure)")
+            verdict = {0: "SURVIVED", m.caught: "killed"}.get(status, f"ERROR: exit {status} (not a test failure)")
+            if built != 0:
+                verdict = f"ERROR: the mutated copy does not build (exit {built})"
             rows.append((m.name, selection, verdict))
     widths = [max(len(r[i]) for r in rows + [("mutation", "tests", "result")]) for i in range(3)]
     for row in [("mutation", "tests", "result"), tuple("-" * w for w in widths)] + rows:
