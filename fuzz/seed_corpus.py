@@ -109,29 +109,31 @@ def matching_pair(base: bytes, adapter: bytes, keep: int = 2, rank: int = 2) -> 
 
 
 def quant_seeds(base_f16: bytes, base_q4: bytes, base_q8: bytes) -> list[tuple[str, bytes]]:
+    """Seeds for quant_roundtrip: byte 0 = mode (bit 3 set: bytes; bit 2: importance weights from the data) and
+    blocks per row (bits 4-5), byte 1 = type index (taken modulo the number of types the mode covers)."""
     out = []
     h = g.walk(base_f16)
     t = next(t for t in h.tensors if t.type == 1 and len(t.dims) == 2)
     start = h.data_offset + t.offset
-    vals = struct.unpack_from("<256e", base_f16, start)
-    f32 = struct.pack("<256f", *vals)
-    for ty in range(5):  # float mode: selector bit 3 clear; bits 4-5 pick blocks per row
-        for bpr in (0, 1, 3):
-            out.append((f"real-f32-t{ty}-b{bpr}", bytes([ty | (bpr << 4)]) + f32))
+    vals = struct.unpack_from("<512e", base_f16, start)
+    f32 = struct.pack("<512f", *vals)
+    weights = struct.pack("<256f", *[abs(v) * 100 for v in vals[:256]])
+    for ty in range(24):
+        for bpr in (0, 1):
+            out.append((f"real-f32-t{ty}-b{bpr}", bytes([bpr << 4, ty]) + f32))
+        out.append((f"real-f32-imatrix-t{ty}", bytes([4, ty]) + weights + f32))
     special = [0.0, -0.0, 1.0, -1.0, 65504.0, 65520.0, -65536.0, 1e-40, -1e-45, 6e-8, 3e38, -3.4e38, 1e6, 0.5, 8.0, -8.0]
-    block = struct.pack("<32f", *(special * 2))
-    for ty in range(5):
-        out.append((f"special-t{ty}", bytes([ty]) + block * 2))
+    block = struct.pack("<256f", *(special * 16))
+    for ty in range(24):
+        out.append((f"special-t{ty}", bytes([0, ty]) + block))
     nonfinite = struct.pack("<32f", *([1.0] * 7 + [float("nan")] + [float("inf")] + [2.0] * 23))
-    out.append(("nonfinite-q8", bytes([3]) + nonfinite))
+    out.append(("nonfinite", bytes([0, 3]) + nonfinite * 8))
     for name, data, ty, bb in (("q4", base_q4, 2, 18), ("q8", base_q8, 8, 34)):
         hh = g.walk(data)
         tt = next(t for t in hh.tensors if t.type == ty)
         s = hh.data_offset + tt.offset
-        sel = {2: 4, 8: 3}[ty] | 8  # byte mode
-        out.append((f"real-{name}-bytes", bytes([sel]) + data[s:s + 16 * bb]))
-    out.append(("f16-bytes-all-patterns", bytes([1 | 8]) + bytes(range(256)) * 2))
-    out.append(("bf16-bytes", bytes([2 | 8]) + bytes(range(256))[::-1] * 2))
+        for index in range(48):
+            out.append((f"real-{name}-bytes-t{index}", bytes([8, index]) + data[s:s + 64 * bb]))
     return out
 
 
