@@ -8,7 +8,8 @@ GGUF LoRA adapter on all seven projections, each of N rounds measures, in a rota
                   (--mode naive: without --lora-base): wall time and peak RSS of the whole process;
   (b) llama.cpp   `llama-export-lora -m f16 --lora A -o merged-f16 -t T`, then
                   `llama-quantize --pure merged-f16 out Q4_0 T`: wall time and peak RSS of each process
-                  (the pipeline's time is the sum, its peak RSS the larger of the two);
+                  (the pipeline's time is the sum, its peak RSS the larger of the two); --mode naive:
+                  `llama-export-lora -m q4_0 ...` then `llama-quantize --pure --allow-requantize ...`;
   (c) I/O floor   every byte the patch reads and writes, read and written the same way and nothing else:
                   the q4_0 model (copied tensors, and the patched ones the quality report reads), the adapter,
                   the f16 base's header and patched tensors (base mode), memory-mapped and copied out; then a
@@ -299,24 +300,27 @@ def main() -> None:
     merged16, out_llama = folder / "out-llama-f16.gguf", folder / "out-llama-q4_0.gguf"
     export_cmd = quantize_cmd = None
     if tools is not None:
-        # export-lora merges into the f16 model (it only writes f16), which llama-quantize turns into q4_0;
-        # --pure: every tensor q4_0, like the model (by default llama-quantize makes output.weight q6_k, slower).
-        export_cmd = [str(tools / "llama-export-lora"), "-m", str(f16), "--lora", str(lora), "-o", str(merged16),
-                      "-t", str(args.threads)]
-        quantize_cmd = [str(tools / "llama-quantize"), "--pure", str(merged16), str(out_llama), "Q4_0",
-                        str(args.threads)]
+        # export-lora merges into the f16 model (base mode) or the q4_0 model (naive mode) and writes the merged
+        # tensors as f16, which llama-quantize turns into q4_0. --pure: every tensor q4_0, like the model (by
+        # default llama-quantize makes output.weight q6_k, which is slower); naive mode: --allow-requantize, as
+        # the tensors export-lora copied are q4_0 already.
+        export_cmd = [str(tools / "llama-export-lora"), "-m", str(f16 if base else q4), "--lora", str(lora),
+                      "-o", str(merged16), "-t", str(args.threads)]
+        quantize_cmd = [str(tools / "llama-quantize"), "--pure", *([] if base else ["--allow-requantize"]),
+                        str(merged16), str(out_llama), "Q4_0", str(args.threads)]
     ranges = floor_ranges(q4, base, lora)
     read_bytes = sum(n for _, _, n in ranges)
 
     true_rss = launcher.run(["/bin/true"], "true")["rss_mb"]
 
-    def measure_patch(tag: str) -> dict[str, float]:
+    def measure_patch(tag: str, keep: bool = False) -> dict[str, float]:
         r = launcher.run(patch_cmd, tag)
         r["bytes"] = out.stat().st_size
-        out.unlink()
+        if not keep:
+            out.unlink()
         return r
 
-    def measure_llama(tag: str) -> dict[str, float]:
+    def measure_llama(tag: str, keep: bool = False) -> dict[str, float]:
         assert export_cmd and quantize_cmd
         e = launcher.run(export_cmd, tag + "-export")
         q = launcher.run(quantize_cmd, tag + "-quantize")
@@ -324,14 +328,22 @@ def main() -> None:
         result = {"export": e["wall"], "quantize": q["wall"], "wall": e["wall"] + q["wall"],
                   "export_rss": e["rss_mb"], "quantize_rss": q["rss_mb"], "rss_mb": max(e["rss_mb"], q["rss_mb"]),
                   "bytes": out_llama.stat().st_size}
-        out_llama.unlink()
+        if not keep:
+            out_llama.unlink()
         return result
 
     # Warm-up round (page cache, first-run costs); not counted.
-    warm = measure_patch("warmup-patch")
+    warm = measure_patch("warmup-patch", keep=True)
     out_bytes = int(warm["bytes"])
+    same_layout = "not compared (no llama.cpp run)"
     if tools is not None:
-        measure_llama("warmup-llama")
+        measure_llama("warmup-llama", keep=True)
+        with ggml_lora.open(out) as a, ggml_lora.open(out_llama) as b:
+            layout_a = {n: (t.type, t.shape) for n, t in a.tensors.items()}
+            layout_b = {n: (t.type, t.shape) for n, t in b.tensors.items()}
+        same_layout = "same tensor names, types and shapes" if layout_a == layout_b else "DIFFERENT tensor layouts"
+        out_llama.unlink()
+    out.unlink()
     io_floor(ranges, folder / "floor.bin", out_bytes)
     summary = next((ln for ln in warm["stdout"].splitlines() if "retained" in ln), "")
 
@@ -374,6 +386,7 @@ def main() -> None:
           "+ fsync + rename + fsync(folder), one thread")
     print(f"  peak RSS of /bin/true from the launcher (inherited floor of every RSS figure): {true_rss:.1f} MB")
     print(f"  ggml-lora quality report (warm-up run): {summary.strip()}")
+    print(f"  outputs of the warm-up run (ggml-lora vs llama.cpp): {same_layout}")
     print()
     rows = [("ggml-lora patch (CLI)", col("patch", "wall"), col("patch", "rss_mb"))]
     if tools is not None:
