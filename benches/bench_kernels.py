@@ -235,39 +235,35 @@ def main() -> None:
           "MB/s of f32, median (min-max) over rounds; ratios per round")
     print(f"ggml C: ggml-quants.c from llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist, gcc {' '.join(ggml_quants.CFLAGS[:2])}, ctypes, one call over the whole array")
     print()
-    print("One core (C reference and gguf-py are single-threaded; ggml_lora pinned to the same core):")
-    head = (f"{'kernel':<20}{'check':<24}{'ggml C new':>24}{'ggml_lora new':>24}{'lora/C new':>20}"
-            f"{'ggml C out=':>24}{'ggml_lora out=':>24}{'lora/C out=':>20}{'gguf-py new':>20}{'lora/gguf-py new':>20}")
-    print(head)
-    for name in types:
-        e = setup[name]
-        for op, short in (("quantize", "q"), ("dequantize", "d")):
-            label = f"{name} {op}"
-            if not e["ours"]:
-                print(f"{label:<20}{'ggml_lora cannot ' + op:<24}{NA:>24}{NA:>24}{NA:>20}{NA:>24}{NA:>24}{NA:>20}"
-                      f"{NA:>20}{NA:>20}")
-                continue
-            print(f"{label:<20}{e['check']:<24}{fmt(rate(name, f'c {short} new')):>24}"
-                  f"{fmt(rate(name, f'ours {short} new')):>24}{fmt(ratio(name, f'c {short} new', f'ours {short} new'), digits=2):>20}"
-                  f"{fmt(rate(name, f'c {short} out')):>24}{fmt(rate(name, f'ours {short} out')):>24}"
-                  f"{fmt(ratio(name, f'c {short} out', f'ours {short} out'), digits=2):>20}"
-                  f"{fmt(rate(name, f'gguf {short} new')):>20}"
-                  f"{fmt(ratio(name, f'gguf {short} new', f'ours {short} new'), digits=1):>20}")
-    print()
-    print(f"Thread scaling of ggml_lora, one process, CPU affinity {sorted(one_core)} vs {sorted(two_cores)} "
-          "alternated each round (2 cores / 1 core, per round):")
-    print(f"{'kernel':<20}{'out= 1 core':>24}{'out= 2 cores':>24}{'scaling out=':>20}"
-          f"{'new 1 core':>24}{'new 2 cores':>24}{'scaling new':>20}")
-    for name in types:
-        for op, short in (("quantize", "q"), ("dequantize", "d")):
-            label = f"{name} {op}"
-            if not setup[name]["ours"]:
-                print(f"{label:<20}{NA:>24}{NA:>24}{NA:>20}{NA:>24}{NA:>24}{NA:>20}")
-                continue
-            print(f"{label:<20}{fmt(rate(name, f'ours {short} out')):>24}{fmt(rate(name, f'ours2 {short} out')):>24}"
-                  f"{fmt(ratio(name, f'ours {short} out', f'ours2 {short} out'), digits=2):>20}"
-                  f"{fmt(rate(name, f'ours {short} new')):>24}{fmt(rate(name, f'ours2 {short} new')):>24}"
-                  f"{fmt(ratio(name, f'ours {short} new', f'ours2 {short} new'), digits=2):>20}")
+    checks = ", ".join(f"{n}: {setup[n]['check'] if setup[n]['ours'] else 'ggml_lora cannot quantize it'}" for n in types)
+    print(f"bytes checked before timing: {checks}")
+
+    def table(title: str, columns: list[tuple[str, Callable[[str, str], str]]]) -> None:
+        print()
+        print(title)
+        print(f"{'kernel':<18}" + "".join(f" {h:>23}" for h, _ in columns))
+        for name in types:
+            for op, short in (("quantize", "q"), ("dequantize", "d")):
+                cells = [f(name, short) if setup[name]["ours"] else NA for _, f in columns]
+                print(f"{name + ' ' + op:<18}" + "".join(f" {c:>23}" for c in cells))
+
+    def r_(col: str) -> Callable[[str, str], str]:
+        return lambda name, short: fmt(rate(name, col.format(short)))
+
+    def x_(slow: str, fast: str, digits: int = 2) -> Callable[[str, str], str]:
+        return lambda name, short: fmt(ratio(name, slow.format(short), fast.format(short)), digits=digits)
+
+    table("One core, a new output array per call (ggml C and gguf-py are single-threaded; all pinned to one core):",
+          [("ggml C", r_("c {} new")), ("ggml_lora", r_("ours {} new")), ("ggml_lora / C", x_("c {} new", "ours {} new")),
+           ("gguf-py", r_("gguf {} new")), ("ggml_lora / gguf-py", x_("gguf {} new", "ours {} new", 1))])
+    table("One core, into a reused output array (out=):",
+          [("ggml C", r_("c {} out")), ("ggml_lora", r_("ours {} out")), ("ggml_lora / C", x_("c {} out", "ours {} out"))])
+    table(f"Thread scaling of ggml_lora in this process: CPU affinity {sorted(one_core)} vs {sorted(two_cores)}, "
+          "alternated each round; ratio 2 cores / 1 core per round:",
+          [("out= 1 core", r_("ours {} out")), ("out= 2 cores", r_("ours2 {} out")),
+           ("scaling out=", x_("ours {} out", "ours2 {} out")),
+           ("new, 1 core", r_("ours {} new")), ("new, 2 cores", r_("ours2 {} new")),
+           ("scaling new", x_("ours {} new", "ours2 {} new"))])
     if len(two_cores) < 2:
         print("(only one core is allowed to this process: the scaling figures compare one core with itself)")
 
