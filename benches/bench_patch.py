@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import ggml_lora
 import numpy as np
@@ -110,8 +111,8 @@ def generate(folder: Path, n_layer: int) -> tuple[Path, Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     shapes = tensor_shapes(n_layer)
-    weights16: dict[str, object] = {}
-    weights_q4: dict[str, object] = {}
+    weights16: dict[str, Any] = {}
+    weights_q4: dict[str, Any] = {}
     for name, shape in shapes.items():
         if len(shape) == 1:
             w = (1 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
@@ -123,7 +124,7 @@ def generate(folder: Path, n_layer: int) -> tuple[Path, Path, Path]:
     ggml_lora.write(f16, metadata(n_layer, 1), weights16, sync=False)
     ggml_lora.write(q4, metadata(n_layer, 2), weights_q4, sync=False)
     del weights16, weights_q4
-    adapter: dict[str, object] = {}
+    adapter: dict[str, Any] = {}
     for name, shape in shapes.items():
         if name.split(".")[-2] in PROJECTIONS:
             n_out, n_in = shape
@@ -171,7 +172,7 @@ class Launcher:
         self.proc = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
 
-    def run(self, argv: list[str], tag: str) -> dict[str, float]:
+    def run(self, argv: list[str], tag: str) -> dict[str, Any]:
         out, err = self.logs / f"{tag}.out", self.logs / f"{tag}.err"
         assert self.proc.stdin and self.proc.stdout
         self.proc.stdin.write(json.dumps({"argv": argv, "stdout": str(out), "stderr": str(err)}) + "\n")
@@ -228,7 +229,7 @@ def io_floor(ranges: list[tuple[Path, int, int]], out: Path, out_bytes: int) -> 
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             written = 0
-            data = memoryview(buffer)
+            data = memoryview(buffer.data)
             while written < out_bytes:
                 written += os.write(fd, data[: min(BLOCK, out_bytes - written)])
             os.fsync(fd)
@@ -313,7 +314,7 @@ def main() -> None:
 
     true_rss = launcher.run(["/bin/true"], "true")["rss_mb"]
 
-    def measure_patch(tag: str, keep: bool = False) -> dict[str, float]:
+    def measure_patch(tag: str, keep: bool = False) -> dict[str, Any]:
         r = launcher.run(patch_cmd, tag)
         r["bytes"] = out.stat().st_size
         if not keep:
