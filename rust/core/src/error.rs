@@ -481,7 +481,10 @@ pub enum BadImatrix {
         value: f32,
     },
     /// A weight that is negative or not finite after normalisation.
-    #[error("entry {name:?}: weight {index} is {value} after normalisation (sum {sum} / count {count}), expected a finite number >= 0")]
+    #[error(
+        "entry {name:?}: weight {index} is {value} after normalisation (sum {sum} / count {count}), \
+         expected a finite number >= 0"
+    )]
     BadWeight {
         /// The entry.
         name: String,
