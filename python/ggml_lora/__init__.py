@@ -24,6 +24,7 @@ from __future__ import annotations
 from ._native import GGUFError, PatchError, __version__
 from ._types import GGML_QUANT_SIZES, GGML_TYPES, TypeInfo, type_info
 from .gguf import GGUFFile, GGUFValueType, MetadataValue, TensorInfo, open, write
+from .imatrix import Imatrix, read_imatrix
 from . import convert
 from .convert import ConversionError, LoraTensors, peft_to_lora
 from .patch import PatchProgress, PatchResult, TensorQuality, load_adapter, patch
@@ -39,6 +40,7 @@ __all__ = [
     "GGUFError",
     "GGUFFile",
     "GGUFValueType",
+    "Imatrix",
     "MetadataValue",
     "PatchError",
     "PatchProgress",
@@ -52,6 +54,7 @@ __all__ = [
     "open",
     "patch",
     "quantize",
+    "read_imatrix",
     "type_info",
     "write",
 ]

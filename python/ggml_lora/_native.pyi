@@ -11,6 +11,7 @@ __all__ = [
     "PatchError",
     "GgufFile",
     "write_gguf",
+    "read_imatrix",
     "quantize_rows",
     "dequantize_rows",
     "type_table",
@@ -49,6 +50,9 @@ def write_gguf(
     tensors: list[tuple[str, list[int], str, npt.NDArray[np.uint8]]],
     sync: bool = True,
 ) -> str: ...
+def read_imatrix(
+    path: str | PathLike[str],
+) -> tuple[str, list[tuple[str, npt.NDArray[np.float32]]], list[str], int, bool]: ...
 def quantize_rows(
     x: npt.NDArray[np.float32],
     type_name: str,

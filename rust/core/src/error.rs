@@ -137,6 +137,11 @@ pub enum Error {
     /// The writer was driven out of order (e.g. data for tensor 2 before tensor 1 was complete).
     #[error("GGUF writer used out of order: {0}")]
     WriterState(String),
+
+    /// An importance-matrix file whose container reads fine but whose contents `llama-quantize` would refuse
+    /// or turn into garbage weights (byte-level damage to a legacy `.dat` file is [`Error::Malformed`]).
+    #[error("malformed importance matrix: {0}")]
+    BadImatrix(BadImatrix),
 }
 
 /// The ways a file can break its format. Each names the field and the values involved.
@@ -397,4 +402,99 @@ pub enum Incompatible {
     /// Anything else, in words.
     #[error("{0}")]
     Other(String),
+}
+
+/// Why an importance matrix cannot be used. Each names the entry (the weight tensor) or the key involved.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BadImatrix {
+    /// A GGUF file whose `general.type` says it is something else (e.g. a model given by mistake).
+    #[error("general.type is {found:?}, expected \"imatrix\" (is this a model rather than an importance matrix?)")]
+    NotImatrix {
+        /// The `general.type` found (its type name when it is not a string).
+        found: String,
+    },
+    /// One of the metadata keys `llama-imatrix` always writes (and `llama-quantize` requires) is missing.
+    #[error("metadata key {key} is missing (llama-quantize refuses an imatrix GGUF without it)")]
+    MissingKey {
+        /// The key.
+        key: &'static str,
+    },
+    /// A metadata key of the wrong type.
+    #[error("metadata key {key} is {found}, expected {expected}")]
+    KeyType {
+        /// The key.
+        key: &'static str,
+        /// The type required.
+        expected: &'static str,
+        /// The type found.
+        found: String,
+    },
+    /// A file without a single entry.
+    #[error("no entries ({detail})")]
+    NoEntries {
+        /// What the file holds instead.
+        detail: String,
+    },
+    /// An `<name>.in_sum2` tensor without its `<name>.counts` or the reverse.
+    #[error("entry {name:?} has a tensor {present:?} but no {missing:?}")]
+    Unpaired {
+        /// The entry (weight tensor) name.
+        name: String,
+        /// The tensor that is there.
+        present: String,
+        /// The tensor that is not.
+        missing: String,
+    },
+    /// An `.in_sum2` or `.counts` tensor that is not f32.
+    #[error("tensor {tensor:?} is {ty}, expected f32")]
+    TensorType {
+        /// The tensor.
+        tensor: String,
+        /// Its type.
+        ty: GgmlType,
+    },
+    /// An entry whose number of sums is not a multiple of its number of counts (one count per expert).
+    #[error(
+        "entry {name:?}: {sums} sums (in_sum2 shape {sums_shape:?}) do not divide into {counts} counts \
+         (counts shape {counts_shape:?}); expected in_sum2 of shape (n, row_len) with counts of shape (n, 1)"
+    )]
+    Shape {
+        /// The entry.
+        name: String,
+        /// Elements of `.in_sum2`.
+        sums: u64,
+        /// Its shape (numpy order).
+        sums_shape: Vec<u64>,
+        /// Elements of `.counts`.
+        counts: u64,
+        /// Its shape (numpy order).
+        counts_shape: Vec<u64>,
+    },
+    /// A count (GGUF `.counts` element) that is negative, not finite, or too large for llama-quantize's int64.
+    #[error("entry {name:?}: count {index} is {value}, expected a finite number >= 0")]
+    BadCount {
+        /// The entry.
+        name: String,
+        /// Index of the count (the expert).
+        index: usize,
+        /// The value found.
+        value: f32,
+    },
+    /// A weight that is negative or not finite after normalisation.
+    #[error(
+        "entry {name:?}: weight {index} is {value} after normalisation (sum {sum} / count {count}), \
+         expected a finite number >= 0"
+    )]
+    BadWeight {
+        /// The entry.
+        name: String,
+        /// Flat index of the weight.
+        index: usize,
+        /// The normalised weight.
+        value: f32,
+        /// The raw sum it came from.
+        sum: f32,
+        /// The count it was divided by (1 when none was applied).
+        count: f32,
+    },
 }

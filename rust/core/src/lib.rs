@@ -17,5 +17,5 @@ pub mod patch;
 pub mod quant;
 pub mod types;
 
-pub use error::{Error, Malformed, Result};
+pub use error::{BadImatrix, Error, Malformed, Result};
 pub use types::GgmlType;

@@ -1,6 +1,6 @@
 //! The one place where core errors become Python exceptions.
 //!
-//! - malformed files → `GGUFError` (a `ValueError`)
+//! - malformed files (including importance matrices) → `GGUFError` (a `ValueError`)
 //! - missing files → `FileNotFoundError`, other OS errors → `OSError` (with errno)
 //! - bad arguments (non-finite input, row length, unsupported type, invalid metadata/tensors) → `ValueError`
 //! - inputs that cannot be patched together → `PatchError` (a `ValueError`)
@@ -51,7 +51,7 @@ pub fn to_py(err: Error) -> PyErr {
                 _ => PyOSError::new_err((errno, message)),
             }
         }
-        Error::Malformed { .. } => GGUFError::new_err(message),
+        Error::Malformed { .. } | Error::BadImatrix(_) => GGUFError::new_err(message),
         Error::Incompatible(_) => PatchError::new_err(message),
         Error::WriterState(_) | Error::Cancelled(_) => PyRuntimeError::new_err(message),
         Error::InFile { .. }

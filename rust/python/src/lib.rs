@@ -5,6 +5,7 @@
 
 mod errors;
 mod gguf;
+mod imatrix;
 mod patch;
 mod quant;
 mod values;
@@ -16,6 +17,7 @@ use pyo3::prelude::*;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     gguf::register(m)?;
+    imatrix::register(m)?;
     quant::register(m)?;
     patch::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
