@@ -47,6 +47,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
                 value = _float32_repr(value)
             print(f"  {key:<{width}}  {type_name:<16} {summarize_value(value, max_items=args.max_items)}")
         print()
+        counts: dict[str, int] = {}
+        for t in f.tensors.values():
+            counts[t.type] = counts.get(t.type, 0) + 1
+        print("tensor types: " + ", ".join(f"{n} {ty}" for ty, n in sorted(counts.items(), key=lambda kv: -kv[1])))
+        print()
         print("tensors:")
         rows = [(t.name, t.type, "x".join(map(str, t.shape)), human_bytes(t.nbytes)) for t in f.tensors.values()]
         header = ("name", "type", "shape", "size")
@@ -105,6 +110,14 @@ def _parse_scaled(values: list[str]) -> tuple[str, float]:
         raise ValueError(f"--lora-scaled {' '.join(values)}: scale {scale!r} is not a number") from None
 
 
+def _parse_tensor_type(value: str) -> tuple[str, str]:
+    """``--tensor-type PATTERN=TYPE`` as llama-quantize spells it."""
+    pattern, sep, type_name = value.partition("=")
+    if not sep or not pattern or not type_name:
+        raise ValueError(f"--tensor-type expects PATTERN=TYPE (e.g. attn_v=q8_0), got {value!r}")
+    return pattern, type_name
+
+
 def _cmd_patch(args: argparse.Namespace) -> int:
     from .patch import patch
 
@@ -122,6 +135,9 @@ def _cmd_patch(args: argparse.Namespace) -> int:
         out_type=args.out_type,
         intermediate=args.intermediate,
         progress=bar,
+        tensor_types=[_parse_tensor_type(v) for v in args.tensor_type or []],
+        imatrix=args.imatrix,
+        keep_lora=args.keep_lora,
     )
     if args.table:
         print(result.table())
@@ -183,10 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     patch.add_argument("-o", "--output", metavar="OUT", help="output GGUF (default: <model>-lora.gguf beside the model)")
     patch.add_argument("-t", "--threads", type=int, help="worker threads (default: all cores)")
     patch.add_argument("--out-type", metavar="TYPE",
-                       help="type of every patched tensor (q4_0, q8_0, f16, bf16, f32; default: as in the model)")
+                       help="type of every patched tensor (e.g. q4_k, q6_k, q8_0, f16; default: each as in the model)")
     patch.add_argument("--intermediate", choices=["f16", "bf16"],
                        help="round W' to this type before quantizing, exactly like PEFT merge -> "
                        "convert_hf_to_gguf -> llama-quantize (default: quantize from f32, most accurate)")
+    patch.add_argument("--tensor-type", action="append", metavar="PATTERN=TYPE",
+                       help="type of the patched tensors whose name matches PATTERN (a regular expression, as "
+                       "llama-quantize's --tensor-type); first match wins, before --out-type; repeatable")
+    patch.add_argument("--imatrix", metavar="FILE",
+                       help="importance matrix (llama-imatrix output, GGUF or legacy .dat): patched tensors are "
+                       "quantized with it, as llama-quantize --imatrix does")
+    patch.add_argument("--keep-lora", type=float, metavar="FRACTION",
+                       help="write a patched tensor in the next larger type of its family (q4_K->q5_K->q6_K->q8_0, "
+                       "q4_0->q5_0->q8_0) when its type would keep less than FRACTION of the LoRA change")
     patch.add_argument("--table", action="store_true", help="print the per-tensor quality table")
     patch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     patch.set_defaults(func=_cmd_patch)

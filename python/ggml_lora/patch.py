@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence, Union
+from typing import Callable, Mapping, NamedTuple, Sequence, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _native
 from .gguf import GGUFValueType, MetadataValue, PathLike, _typed
+from .imatrix import Imatrix, read_imatrix
 
 AdapterSpec = Union[PathLike, "tuple[PathLike, float]", _native.Adapter, "tuple[_native.Adapter, float]"]
 
@@ -42,6 +44,9 @@ class TensorQuality:
       the model you had (1.0 = all of it; near 0 = lost in quantization noise).
     - ``cosine``: cos(Q − W_src, ΔW), whether the change points where the adapter wanted.
     - ``error_ratio``: ‖Q − W'‖ / ‖ΔW‖, requantization error relative to the change.
+    - ``used_imatrix``: whether its quantizer used importance weights.
+    - ``promoted_from`` / ``retained_before_promotion`` / ``extra_bytes``: when ``keep_lora`` moved it to a
+      larger type, the type it would have had, what that type would have retained, and the bytes it costs.
     """
 
     name: str
@@ -53,6 +58,16 @@ class TensorQuality:
     retained: float
     cosine: float
     error_ratio: float
+    used_imatrix: bool = False
+    promoted_from: str | None = None
+    retained_before_promotion: float | None = None
+    extra_bytes: int = 0
+
+    @classmethod
+    def _from_native(cls, r: _native.TensorReport) -> TensorQuality:
+        return cls(r.name, r.model_type, r.out_type, r.from_base, r.n_adapters, r.relative_change, r.retained,
+                   r.cosine, r.error_ratio, r.used_imatrix, r.promoted_from, r.retained_before_promotion,
+                   r.extra_bytes)
 
     @property
     def lost(self) -> bool:
@@ -81,6 +96,11 @@ class PatchResult:
     def lost(self) -> list[TensorQuality]:
         """The tensors whose change was mostly lost."""
         return [t for t in self.tensors if t.lost]
+
+    @property
+    def promoted(self) -> list[TensorQuality]:
+        """The tensors ``keep_lora`` wrote in a larger type than planned."""
+        return [t for t in self.tensors if t.promoted_from is not None]
 
     def table(self) -> str:
         """The quality table as aligned text."""
@@ -121,6 +141,17 @@ class PatchResult:
                 f"(e.g. {lost[0].name}: {lost[0].retained:.1%} retained, cos {lost[0].cosine:.2f})"
             )
             lines += [f"  suggestion: {s}" for s in self.suggestions]
+        promoted = self.promoted
+        if promoted:
+            cost = sum(t.extra_bytes for t in promoted)
+            lines.append(
+                f"kept the LoRA change by writing {len(promoted)} tensor(s) in a larger type (+{cost / 2**20:.2f} MiB):"
+            )
+            lines += [
+                f"  {t.name}: {t.promoted_from} -> {t.out_type} (retained {t.retained_before_promotion:.1%} -> "
+                f"{t.retained:.1%}, +{t.extra_bytes / 2**10:.1f} KiB)"
+                for t in promoted
+            ]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -188,6 +219,17 @@ def _suggestions(result: PatchResult, base: PathLike | None, out_type: str | Non
     return tips
 
 
+def _imatrix_entries(
+    imatrix: PathLike | Mapping[str, npt.ArrayLike] | None,
+) -> tuple[str, list[tuple[str, list[float]]]] | None:
+    """``(source, [(tensor, weights)])`` for the engine, from a file or a mapping."""
+    if imatrix is None:
+        return None
+    matrix = imatrix if isinstance(imatrix, Mapping) else read_imatrix(imatrix)
+    source = matrix.source if isinstance(matrix, Imatrix) else "<in-memory importance matrix>"
+    return (source, [(str(k), np.asarray(v, dtype=np.float32).reshape(-1).tolist()) for k, v in matrix.items()])
+
+
 def patch(
     model: PathLike,
     adapter: AdapterSpec | Sequence[AdapterSpec],
@@ -200,6 +242,9 @@ def patch(
     intermediate: str | None = None,
     progress: Callable[[PatchProgress], object] | None = None,
     sync: bool = True,
+    tensor_types: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+    imatrix: PathLike | Mapping[str, npt.ArrayLike] | None = None,
+    keep_lora: float | None = None,
 ) -> PatchResult:
     """Merge LoRA adapters into a GGUF model and write one GGUF of the same quantization.
 
@@ -211,6 +256,13 @@ def patch(
     from it and are requantized to the model's type; all other tensors are copied from ``model`` byte for byte.
     ``out_type`` overrides the type of every patched tensor ("q8_0", "f16", ...). ``intermediate="f16"``
     rounds W' to f16 before quantizing, reproducing PEFT merge → convert_hf_to_gguf → llama-quantize exactly.
+    ``tensor_types`` (like llama-quantize's ``--tensor-type``): ``{pattern: type}`` or pairs; the first regular
+    expression found (case-insensitively) in a patched tensor's name sets its type, before ``out_type``.
+    ``imatrix``: an importance matrix (a llama-imatrix file, GGUF or legacy ``.dat``, or a mapping of tensor name
+    to per-column weights) used to quantize the patched tensors as ``llama-quantize --imatrix`` would.
+    ``keep_lora``: a share (0..1); a patched tensor that would retain less of the LoRA change than this is written
+    in the next larger type of its family (q4_K → q5_K → q6_K → q8_0, q4_0 → q5_0 → q8_0), see
+    :attr:`PatchResult.promoted`.
     ``out`` defaults to ``<model stem>-lora.gguf`` next to the model; it appears only when complete and is never
     one of the inputs. ``progress`` is called with a :class:`PatchProgress` as the work advances; an exception
     from it (or Ctrl-C) cancels the patch and writes nothing.
@@ -229,6 +281,9 @@ def patch(
         extra["ggml_lora.base"] = Path(base).name
     if intermediate is not None:
         extra["ggml_lora.intermediate"] = intermediate
+    weights = _imatrix_entries(imatrix)
+    if weights is not None:
+        extra["ggml_lora.imatrix"] = Path(weights[0]).name
     callback = None
     if progress is not None:
         user_progress = progress
@@ -247,10 +302,13 @@ def patch(
         sync=sync,
         extra_metadata=[_typed(k, v) for k, v in extra.items()],
         progress=callback,
+        tensor_types=list(tensor_types.items() if isinstance(tensor_types, Mapping) else tensor_types or []),
+        imatrix=weights,
+        keep_lora=keep_lora,
     )
     result = PatchResult(
         out=Path(path),
-        tensors=[TensorQuality(*row) for row in rows],
+        tensors=[TensorQuality._from_native(row) for row in rows],
         copied=copied,
         bytes_written=bytes_written,
         seconds=seconds,

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use ggml_lora_core::adapter::{self, LoraAdapter};
+use ggml_lora_core::imatrix::Imatrix;
 use ggml_lora_core::gguf::{tensor_nbytes, TensorInfo, Value};
 use ggml_lora_core::patch::{AdapterInput, PatchOptions, PatchPlan};
 use ggml_lora_core::{gguf::GgufFile, Error};
@@ -18,6 +19,7 @@ use crate::values::{value_from_py, value_type};
 /// Adds the adapter class and the patch function to the module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeAdapter>()?;
+    m.add_class::<TensorRow>()?;
     m.add_function(wrap_pyfunction!(patch, m)?)?;
     Ok(())
 }
@@ -106,13 +108,30 @@ impl NativeAdapter {
     }
 }
 
-type TensorRow = (String, &'static str, &'static str, bool, usize, f64, f64, f64, f64);
+/// One patched tensor of a finished patch, with named fields (the core's `TensorReport` and its metrics).
+#[pyclass(name = "TensorReport", module = "ggml_lora._native", frozen, get_all)]
+pub struct TensorRow {
+    name: String,
+    model_type: &'static str,
+    out_type: &'static str,
+    from_base: bool,
+    n_adapters: usize,
+    relative_change: f64,
+    retained: f64,
+    cosine: f64,
+    error_ratio: f64,
+    used_imatrix: bool,
+    promoted_from: Option<&'static str>,
+    retained_before_promotion: Option<f64>,
+    extra_bytes: u64,
+}
 
-/// Runs a patch; returns `(out path, per-tensor rows, tensors copied, bytes written, seconds, notes)` where a row is
-/// `(name, model type, out type, from base, n adapters, relative change, retained, cosine, error ratio)`.
+/// Runs a patch; returns `(out path, per-tensor reports, tensors copied, bytes written, seconds, notes)`.
+/// `imatrix` is `(source, [(tensor name, weights)])`; `tensor_types` `[(pattern, type name)]`.
 #[pyfunction]
 #[pyo3(signature = (model, adapters, base, out, *, out_type = None, intermediate = None, threads = None,
-                    sync = true, extra_metadata = Vec::new(), progress = None))]
+                    sync = true, extra_metadata = Vec::new(), progress = None, tensor_types = Vec::new(),
+                    imatrix = None, keep_lora = None))]
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn patch(
     py: Python<'_>,
@@ -126,6 +145,9 @@ fn patch(
     sync: bool,
     extra_metadata: Vec<(String, String, Option<String>, Bound<'_, PyAny>)>,
     progress: Option<Py<PyAny>>,
+    tensor_types: Vec<(String, String)>,
+    imatrix: Option<(String, Vec<(String, Vec<f32>)>)>,
+    keep_lora: Option<f64>,
 ) -> PyResult<(PathBuf, Vec<TensorRow>, usize, u64, f64, Vec<String>)> {
     let mut metadata: Vec<(String, Value)> = Vec::with_capacity(extra_metadata.len());
     for (key, ty, elem, obj) in extra_metadata {
@@ -138,7 +160,12 @@ fn patch(
         threads,
         sync,
         extra_metadata: metadata,
-        ..PatchOptions::default()
+        tensor_types: tensor_types
+            .into_iter()
+            .map(|(pattern, ty)| Ok((pattern, ggml_type(&ty)?)))
+            .collect::<PyResult<Vec<_>>>()?,
+        imatrix: imatrix.map(|(source, entries)| Arc::new(Imatrix::from_entries(source, entries.into_iter().collect()))),
+        keep_lora,
     };
     let inputs: Vec<AdapterInput> =
         adapters.iter().map(|(a, scale)| AdapterInput { adapter: Arc::clone(&a.inner), scale: *scale }).collect();
@@ -170,18 +197,20 @@ fn patch(
     let rows = report
         .tensors
         .iter()
-        .map(|t| {
-            (
-                t.name.clone(),
-                t.model_type.name(),
-                t.out_type.name(),
-                t.from_base,
-                t.n_adapters,
-                t.relative_change(),
-                t.retained(),
-                t.cosine(),
-                t.error_ratio(),
-            )
+        .map(|t| TensorRow {
+            name: t.name.clone(),
+            model_type: t.model_type.name(),
+            out_type: t.out_type.name(),
+            from_base: t.from_base,
+            n_adapters: t.n_adapters,
+            relative_change: t.relative_change(),
+            retained: t.retained(),
+            cosine: t.cosine(),
+            error_ratio: t.error_ratio(),
+            used_imatrix: t.used_imatrix,
+            promoted_from: t.promoted_from.map(|(ty, _)| ty.name()),
+            retained_before_promotion: t.promoted_from.map(|(_, r)| r),
+            extra_bytes: t.extra_bytes(),
         })
         .collect();
     Ok((report.out, rows, report.copied, report.bytes_written, report.seconds, report.notes))
