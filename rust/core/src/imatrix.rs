@@ -21,8 +21,8 @@
 //! entry or key, and for legacy files the byte offset): a GGUF without the metadata keys or with keys of the
 //! wrong type, unpaired or non-f32 tensors, sums that do not divide into the counts, counts that are negative or
 //! not finite; a legacy file whose counts or lengths are negative or zero or run past the end, whose names are
-//! not UTF-8 or hold a NUL, that repeats a name, or that has bytes after the dataset name; and in both formats
-//! no entries, or a weight that is negative or not finite after normalisation. Dataset names are provenance only
+//! not UTF-8, that repeats a name, or that has bytes after the dataset name; and in both formats names holding a
+//! NUL, no entries, or a weight that is negative or not finite after normalisation. Dataset names are provenance only
 //! and are read lossily (invalid UTF-8 becomes U+FFFD; a legacy one ends at its first NUL, as in llama.cpp).
 
 use std::collections::BTreeMap;
@@ -155,6 +155,9 @@ fn parse_gguf(bytes: &[u8]) -> Result<Imatrix> {
     // Pair the tensors by entry name: (in_sum2, counts).
     let mut pairs: BTreeMap<&str, (Option<usize>, Option<usize>)> = BTreeMap::new();
     for (i, t) in header.tensors.iter().enumerate() {
+        if t.name.contains('\0') {
+            return Err(bad(BadImatrix::NulInName { tensor: t.name.clone() }));
+        }
         if let Some(name) = t.name.strip_suffix(SUMS_SUFFIX) {
             pairs.entry(name).or_default().0 = Some(i);
         } else if let Some(name) = t.name.strip_suffix(COUNTS_SUFFIX) {
@@ -605,6 +608,10 @@ mod tests {
         }
         let err = bad_kind(Imatrix::parse(&gguf(&meta(), &pair(le(&[1.0, -2.0]), le(&[2.0]))), "").unwrap_err());
         assert_eq!(err, BadImatrix::BadWeight { name: "w".into(), index: 1, value: -1.0, sum: -2.0, count: 2.0 });
+
+        let nul = vec![("w\0x.in_sum2", &[2u64, 1][..], GgmlType::F32, le(&[1.0, 2.0]))];
+        let err = bad_kind(Imatrix::parse(&gguf(&meta(), &nul), "").unwrap_err());
+        assert_eq!(err, BadImatrix::NulInName { tensor: "w\0x.in_sum2".into() });
 
         let none = vec![("token_embd.weight", &[2u64, 1][..], GgmlType::F32, le(&[1.0, 2.0]))];
         assert!(matches!(
