@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Builds the fuzz seed corpora under fuzz/corpus/<target>/ from the real files in ../shared/fixtures.
+"""Builds the fuzz seed corpora under fuzz/corpus/<target>/ from the real files in ../shared/fixtures (and, for
+imatrix_parse, small importance matrices of both formats built here).
 
 Nothing here is committed (fuzz/corpus is gitignored): every run rebuilds the same files from the fixtures,
 plus the small hand-made edge cases committed under fuzz/seeds/<target>/. Needs only the standard library
@@ -137,6 +138,54 @@ def quant_seeds(base_f16: bytes, base_q4: bytes, base_q8: bytes) -> list[tuple[s
     return out
 
 
+def imatrix_gguf(stats: list[tuple[str, int, list[float], list[float]]], *, general_type: bool = True) -> bytes:
+    """An imatrix GGUF as llama-imatrix writes it: general.type, imatrix.datasets/chunk_count/chunk_size, then per
+    weight (name, row_len, sums, counts) `<name>.in_sum2` ne [row_len, n_expert] and `<name>.counts` ne [1, n_expert]."""
+    string, u32, array = 8, 4, 9
+    kvs = [g.kv("general.type", string, g.gguf_string("imatrix"))] if general_type else []
+    kvs += [
+        g.kv("imatrix.datasets", array, struct.pack("<IQ", string, 1) + g.gguf_string("wiki.train.raw")),
+        g.kv("imatrix.chunk_count", u32, struct.pack("<I", 10)),
+        g.kv("imatrix.chunk_size", u32, struct.pack("<I", 512)),
+    ]
+    infos, blobs, off = [], [], 0
+    for name, row_len, sums, counts in sorted(stats):
+        for suffix, dims, values in ((".in_sum2", [row_len, len(counts)], sums), (".counts", [1, len(counts)], counts)):
+            blob = struct.pack(f"<{len(values)}f", *values)
+            blob += b"\0" * (-len(blob) % 32)
+            infos.append(g.tensor_info(name + suffix, dims, 0, off))
+            blobs.append(blob)
+            off += len(blob)
+    return g.build(kvs, infos, b"".join(blobs))
+
+
+def imatrix_dat(entries: list[tuple[str, int, list[float]]], trailer: bytes) -> bytes:
+    """A legacy .dat as llama.cpp's imatrix-loader reads it: i32 n_entries; per entry i32 len, name, i32 ncall,
+    i32 nval, f32 values; then the optional trailer (i32 chunk count, i32 len, dataset name)."""
+    out = struct.pack("<i", len(entries))
+    for name, ncall, values in entries:
+        out += struct.pack("<i", len(name)) + name.encode() + struct.pack("<ii", ncall, len(values))
+        out += struct.pack(f"<{len(values)}f", *values)
+    return out + trailer
+
+
+def imatrix_seeds() -> list[tuple[str, bytes]]:
+    dense = [0.5 + i * 0.25 for i in range(32)]
+    experts = [float(i % 7) for i in range(4 * 8)]
+    stats = [("blk.0.attn_q.weight", 32, dense, [300.0]),
+             ("blk.0.ffn_up_exps.weight", 8, experts, [2.5, 0.0, 0.25, 1e3])]
+    trailer = struct.pack("<ii", 10, 14) + b"wiki.train.raw"
+    entries = [("blk.0.attn_q.weight", 1, dense), ("blk.0.ffn_up_exps.weight", 2, experts),
+               ("output.weight", 0, dense[:8])]
+    return [
+        ("gguf-dense-and-experts", imatrix_gguf(stats)),
+        ("gguf-no-general-type", imatrix_gguf(stats[:1], general_type=False)),
+        ("dat-full", imatrix_dat(entries, trailer)),
+        ("dat-no-trailer", imatrix_dat(entries[:1], b"")),
+        ("dat-chunk-count-only", imatrix_dat(entries[1:], struct.pack("<i", 3))),
+    ]
+
+
 def main() -> None:
     corpus = FUZZ / "corpus"
     if corpus.exists():
@@ -180,6 +229,9 @@ def main() -> None:
 
     for tag, data in quant_seeds(base_f16, base_q4, base_q8):
         put("quant_roundtrip", data, tag)
+
+    for tag, data in imatrix_seeds():
+        put("imatrix_parse", data, tag)
 
     # Hand-made edge cases (committed, each < 4 KB).
     for d in sorted((FUZZ / "seeds").glob("*/*")):

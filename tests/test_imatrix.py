@@ -292,6 +292,11 @@ def test_gguf_sums_that_do_not_divide_into_counts(tmp_path: Path) -> None:
     read_error(write_gguf_imatrix(tmp_path / "m.gguf", tensors), '"w": 5 sums', "into 2 counts", "[1, 5]", "[2, 1]")
 
 
+def test_gguf_names_with_nul_are_refused(tmp_path: Path) -> None:
+    tensors = imatrix_tensors({"w\0x": DENSE})
+    read_error(write_gguf_imatrix(tmp_path / "m.gguf", tensors), 'tensor name "w\\0x.in_sum2" holds a NUL byte')
+
+
 def test_gguf_without_entries(tmp_path: Path) -> None:
     path = write_gguf_imatrix(tmp_path / "m.gguf", [("token_embd.weight", np.ones((2, 32), dtype=F32))])
     read_error(path, "no entries", "none of its 1 tensors")

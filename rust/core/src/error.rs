@@ -445,6 +445,12 @@ pub enum BadImatrix {
         /// The tensor that is not.
         missing: String,
     },
+    /// A tensor name holding a NUL byte (ggml would cut the name there, so no weight could ever match it).
+    #[error("tensor name {tensor:?} holds a NUL byte")]
+    NulInName {
+        /// The name.
+        tensor: String,
+    },
     /// An `.in_sum2` or `.counts` tensor that is not f32.
     #[error("tensor {tensor:?} is {ty}, expected f32")]
     TensorType {

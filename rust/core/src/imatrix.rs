@@ -3,7 +3,8 @@
 //! Two file formats exist and both are read ([`Imatrix::open`], or [`Imatrix::parse`] on bytes); a file that
 //! starts with the GGUF magic is the GGUF one, anything else the legacy one.
 //!
-//! - **GGUF** (`llama-imatrix` since mid-2025): read through the crate's validating GGUF reader.
+//! - **GGUF** (what `llama-imatrix` writes unless told `--output-format dat`): read through the crate's
+//!   validating GGUF reader.
 //!   `general.type` must be `"imatrix"` when present; `imatrix.datasets` (array of strings),
 //!   `imatrix.chunk_count` and `imatrix.chunk_size` (u32) must be there, as `llama-quantize` requires. Each
 //!   weight tensor `<name>` has two f32 tensors: `<name>.in_sum2` (ne `[row_len, n_expert]`, the raw sums of
@@ -21,9 +22,9 @@
 //! entry or key, and for legacy files the byte offset): a GGUF without the metadata keys or with keys of the
 //! wrong type, unpaired or non-f32 tensors, sums that do not divide into the counts, counts that are negative or
 //! not finite; a legacy file whose counts or lengths are negative or zero or run past the end, whose names are
-//! not UTF-8 or hold a NUL, that repeats a name, or that has bytes after the dataset name; and in both formats
-//! no entries, or a weight that is negative or not finite after normalisation. Dataset names are provenance only
-//! and are read lossily (invalid UTF-8 becomes U+FFFD; a legacy one ends at its first NUL, as in llama.cpp).
+//! not UTF-8, that repeats a name, or that has bytes after the dataset name; and in both formats names holding a
+//! NUL, no entries, or a weight that is negative or not finite after normalisation. Dataset names are provenance
+//! only and are read lossily (invalid UTF-8 becomes U+FFFD; a legacy one ends at its first NUL, as in llama.cpp).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -155,6 +156,9 @@ fn parse_gguf(bytes: &[u8]) -> Result<Imatrix> {
     // Pair the tensors by entry name: (in_sum2, counts).
     let mut pairs: BTreeMap<&str, (Option<usize>, Option<usize>)> = BTreeMap::new();
     for (i, t) in header.tensors.iter().enumerate() {
+        if t.name.contains('\0') {
+            return Err(bad(BadImatrix::NulInName { tensor: t.name.clone() }));
+        }
         if let Some(name) = t.name.strip_suffix(SUMS_SUFFIX) {
             pairs.entry(name).or_default().0 = Some(i);
         } else if let Some(name) = t.name.strip_suffix(COUNTS_SUFFIX) {
@@ -278,20 +282,20 @@ impl<'a> Cursor<'a> {
         Ok(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 
-    /// Reads an i32 that must be at least `min`; returns it with its offset.
-    fn at_least(&mut self, min: i32, what: &dyn Fn() -> String) -> Result<(usize, usize)> {
+    /// Reads an i32 that must be at least `min` (which is not negative).
+    fn at_least(&mut self, min: i32, what: &dyn Fn() -> String) -> Result<usize> {
         let at = self.pos;
         let v = self.i32(what)?;
         if v < min {
             return Err(self.error(at, Malformed::Other(format!("{} is {v}, expected at least {min}", what()))));
         }
-        Ok((v as usize, at))
+        Ok(v as usize)
     }
 }
 
 fn parse_legacy(bytes: &[u8]) -> Result<Imatrix> {
     let mut c = Cursor { bytes, pos: 0 };
-    let (n_entries, _) = c.at_least(0, &|| "entry count".into())?;
+    let n_entries = c.at_least(0, &|| "entry count".into())?;
     if n_entries == 0 {
         return Err(bad(BadImatrix::NoEntries { detail: "the legacy header's entry count is 0".into() }));
     }
@@ -299,7 +303,7 @@ fn parse_legacy(bytes: &[u8]) -> Result<Imatrix> {
     // left, so a count larger than the file holds ends in a truncation error naming the entry.
     let mut entries = BTreeMap::new();
     for e in 0..n_entries {
-        let (len, _) = c.at_least(1, &|| format!("name length of entry {e}"))?;
+        let len = c.at_least(1, &|| format!("name length of entry {e}"))?;
         let name_at = c.pos;
         let raw = c.take(len, &|| format!("name of entry {e}"))?;
         if raw.contains(&0) {
@@ -308,8 +312,8 @@ fn parse_legacy(bytes: &[u8]) -> Result<Imatrix> {
         let name = std::str::from_utf8(raw)
             .map_err(|_| c.error(name_at, Malformed::InvalidUtf8 { what: format!("name of entry {e}") }))?;
         let what = |field: &str| format!("{field} of entry {e} ({name:?})");
-        let (ncall, _) = c.at_least(0, &|| what("call count"))?;
-        let (nval, _) = c.at_least(1, &|| what("value count"))?;
+        let ncall = c.at_least(0, &|| what("call count"))?;
+        let nval = c.at_least(1, &|| what("value count"))?;
         let sums = f32s(c.take(nval.saturating_mul(4), &|| what("values"))?);
         let mut weights = Vec::with_capacity(nval);
         for (i, &sum) in sums.iter().enumerate() {
@@ -326,10 +330,10 @@ fn parse_legacy(bytes: &[u8]) -> Result<Imatrix> {
     let mut chunk_count = 0;
     let mut datasets = Vec::new();
     if c.left() > 0 {
-        chunk_count = c.at_least(0, &|| "chunk count after the entries".into())?.0 as u32;
+        chunk_count = c.at_least(0, &|| "chunk count after the entries".into())? as u32;
     }
     if c.left() > 0 {
-        let (len, _) = c.at_least(0, &|| "dataset name length".into())?;
+        let len = c.at_least(0, &|| "dataset name length".into())?;
         let raw = c.take(len, &|| "dataset name".into())?;
         let raw = raw.split(|&b| b == 0).next().unwrap_or_default();
         if !raw.is_empty() {
@@ -605,6 +609,10 @@ mod tests {
         }
         let err = bad_kind(Imatrix::parse(&gguf(&meta(), &pair(le(&[1.0, -2.0]), le(&[2.0]))), "").unwrap_err());
         assert_eq!(err, BadImatrix::BadWeight { name: "w".into(), index: 1, value: -1.0, sum: -2.0, count: 2.0 });
+
+        let nul = vec![("w\0x.in_sum2", &[2u64, 1][..], GgmlType::F32, le(&[1.0, 2.0]))];
+        let err = bad_kind(Imatrix::parse(&gguf(&meta(), &nul), "").unwrap_err());
+        assert_eq!(err, BadImatrix::NulInName { tensor: "w\0x.in_sum2".into() });
 
         let none = vec![("token_embd.weight", &[2u64, 1][..], GgmlType::F32, le(&[1.0, 2.0]))];
         assert!(matches!(
