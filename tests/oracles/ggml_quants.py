@@ -27,8 +27,11 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .sdist import cache_dir, llama_cpp_source
 
-#: Compiler flags of the reference build.
-CFLAGS = ["-O2", "-ffp-contract=off", "-fPIC", "-shared"]
+#: Compiler flags of the reference build. ``-DNDEBUG`` as in llama.cpp's release builds (what makes model files):
+#: the k-quant searches call ``nearest_int`` on NaN or out-of-range values for finite inputs near f32's limits
+#: (x² overflowing, f16 super-block scales overflowing to inf, subnormal blocks), where a debug build aborts on an
+#: ``assert`` and a release build returns what the bit trick gives. Every other result is the same either way.
+CFLAGS = ["-O2", "-ffp-contract=off", "-DNDEBUG", "-fPIC", "-shared"]
 
 #: i-quant types whose quantizer needs a lookup table built first (``iq2xs_init_impl`` / ``iq3xs_init_impl``).
 _IQ2_INIT = {"iq2_xxs", "iq2_xs", "iq2_s", "iq1_s", "iq1_m"}

@@ -19,13 +19,24 @@ use rayon::prelude::*;
 use crate::{Error, GgmlType, Result};
 
 mod float;
+mod q2_k;
 mod q4_0;
+mod q4_1;
+mod q4_k;
+mod q5_1;
+mod q5_k;
 mod q8_0;
+mod search_affine;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 pub use float::{bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits, BF16, F16, F32};
+pub use q2_k::BlockQ2K;
 pub use q4_0::{BlockQ4_0, QK4_0};
+pub use q4_1::{BlockQ4_1, QK4_1};
+pub use q4_k::{BlockQ4K, QK_K};
+pub use q5_1::BlockQ5_1;
+pub use q5_k::BlockQ5K;
 pub use q8_0::{BlockQ8_0, QK8_0};
 
 /// A storage format made of fixed-size blocks (plain float types are blocks of one element) that this crate can
@@ -142,6 +153,11 @@ pub fn kernels(ty: GgmlType) -> Option<Kernels> {
         GgmlType::BF16 => Kernels::read_write::<BF16>(),
         GgmlType::Q8_0 => Kernels::read_write::<BlockQ8_0>(),
         GgmlType::Q4_0 => Kernels::read_write::<BlockQ4_0>(),
+        GgmlType::Q4_1 => Kernels::read_write::<BlockQ4_1>(),
+        GgmlType::Q5_1 => Kernels::read_write::<BlockQ5_1>(),
+        GgmlType::Q2_K => Kernels::read_write::<BlockQ2K>(),
+        GgmlType::Q4_K => Kernels::read_write::<BlockQ4K>(),
+        GgmlType::Q5_K => Kernels::read_write::<BlockQ5K>(),
         _ => return None,
     })
 }
@@ -342,11 +358,11 @@ pub fn dequantize_rows_par(ty: GgmlType, src: &[u8], row_len: usize, dst: &mut [
 }
 
 /// ggml's `nearest_int`: round to nearest with ties to even, through the float trick `fval + 12582912.0f`
-/// (valid for |fval| <= 4194303, which every caller guarantees).
+/// (exact for |fval| <= 4194303). Outside that range (and for NaN, which the k-quant searches produce from finite
+/// values near f32's limits) ggml asserts in debug builds; release builds, which make model files, return what
+/// the same bit trick gives, and so does this function (NaN gives 0, +inf -4194304).
 #[inline]
-#[allow(dead_code)] // used by the k-quant and legacy-quant block files
 pub(crate) fn nearest_int(fval: f32) -> i32 {
-    debug_assert!(fval.abs() <= 4_194_303.0);
     let val = fval + 12_582_912.0;
     ((val.to_bits() & 0x007F_FFFF) as i32) - 0x0040_0000
 }
@@ -425,7 +441,18 @@ mod tests {
     use super::test_util::lcg_block_values;
     use super::*;
 
-    const TYPES: [GgmlType; 5] = [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_0];
+    const TYPES: [GgmlType; 10] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_1,
+        GgmlType::Q2_K,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+    ];
 
     #[test]
     fn dispatch_matches_the_type_table() {
@@ -498,20 +525,21 @@ mod tests {
 
     #[test]
     fn non_finite_input_is_refused_with_the_first_index() {
-        let n = 3 * PAR_CHUNK_ELEMS + 64;
         for &ty in &TYPES {
-            let rb = ty.row_bytes(64).unwrap() as usize;
+            let row_len = ty.block_size().max(64);
+            let n = 3 * PAR_CHUNK_ELEMS + row_len;
+            let rb = ty.row_bytes(row_len as u64).unwrap() as usize;
             for (first, second) in [(5usize, n - 1), (PAR_CHUNK_ELEMS + 40, n - 33), (n - 1, n - 1)] {
                 for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
                     let mut src = vec![0.25f32; n];
                     src[second] = f32::NAN;
                     src[first] = bad;
-                    let mut dst = vec![0u8; n / 64 * rb];
+                    let mut dst = vec![0u8; n / row_len * rb];
                     for par in [false, true] {
                         let r = if par {
-                            quantize_rows_par(ty, &src, 64, &mut dst, None)
+                            quantize_rows_par(ty, &src, row_len, &mut dst, None)
                         } else {
-                            quantize_rows(ty, &src, 64, &mut dst, None)
+                            quantize_rows(ty, &src, row_len, &mut dst, None)
                         };
                         match r {
                             Err(Error::NonFinite { ty: t, index, value }) => {
@@ -531,7 +559,7 @@ mod tests {
         let src = lcg_block_values(4 * PAR_CHUNK_ELEMS / 32 + 5);
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         for &ty in &TYPES {
-            let row_len = 160;
+            let row_len = 160 * ty.block_size().max(32) / 32;
             let n = src.len() / row_len * row_len;
             let src = &src[..n];
             let bytes = n / row_len * ty.row_bytes(row_len as u64).unwrap() as usize;

@@ -1,0 +1,226 @@
+//! q4_1: blocks of 32 weights as an f16 scale `d`, an f16 min `m` and 32 unsigned 4-bit codes (`x = d * q + m`).
+//!
+//! **Layout** (`block_q4_1`, 20 bytes): `d`, `m` (f16, little-endian), `qs[16]` (`q[j] | q[j + 16] << 4`).
+//!
+//! **Reproduces** `quantize_row_q4_1_ref` (no importance matrix: `min`/`max` of the block, `d = (max - min)/15`,
+//! codes `MIN(15, (int8_t)((x - min) * id + 0.5f))`), `quantize_row_q4_1_impl` (with one: per block
+//! `make_qkx3_quants` with `nmax` 15 and weights `qw * sqrt(sigma2 + x²)`, where `sigma2` is the mean of x² over the
+//! WHOLE row; `m` is the negated fitted min) and `dequantize_row_q4_1` (`q * d + m`).
+//!
+//! **Traps.** `min`/`max` are found by strict comparisons from `FLT_MAX`/`-FLT_MAX`, so when the minimum (or
+//! maximum) is zero its sign is that of the first zero of the block. The product and the `+ 0.5f` are rounded
+//! separately (no FMA) and truncated. When `max - min` overflows or `1/d` does, C converts NaN or infinite floats to
+//! `int8_t`; x86 gives 0 (see `c_float_to_i8`).
+
+use super::float::{f16_bits_to_f32, f32_to_f16_bits};
+use super::search_affine::{make_qkx_quants, Search};
+use super::{c_float_to_i8, BlockFormat, Quantize};
+use crate::GgmlType;
+
+/// Elements per q4_1 / q5_1 block (`QK4_1`, `QK5_1`).
+pub const QK4_1: usize = GgmlType::Q4_1.block_size();
+
+/// One q4_1 block as ggml lays it out (`block_q4_1`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockQ4_1 {
+    /// Scale, as f16 bits.
+    pub d: u16,
+    /// Min (the value of code 0), as f16 bits.
+    pub m: u16,
+    /// The 32 codes: element `j` in the low nibble of byte `j`, element `j + 16` in its high nibble.
+    pub qs: [u8; QK4_1 / 2],
+}
+
+impl BlockQ4_1 {
+    /// Reads a block from its 20 on-disk bytes.
+    pub fn from_bytes(b: &[u8; 20]) -> BlockQ4_1 {
+        BlockQ4_1 {
+            d: u16::from_le_bytes([b[0], b[1]]),
+            m: u16::from_le_bytes([b[2], b[3]]),
+            qs: b[4..].try_into().expect("16 bytes"),
+        }
+    }
+
+    /// The block's 20 on-disk bytes.
+    pub fn to_bytes(&self) -> [u8; 20] {
+        let mut b = [0u8; 20];
+        b[..2].copy_from_slice(&self.d.to_le_bytes());
+        b[2..4].copy_from_slice(&self.m.to_le_bytes());
+        b[4..].copy_from_slice(&self.qs);
+        b
+    }
+
+    /// One block of `quantize_row_q4_1_ref`.
+    pub fn quantize(x: &[f32; QK4_1]) -> BlockQ4_1 {
+        let (min, d, id) = min_scale(x, 15.0);
+        let code = |v: f32| (c_float_to_i8((v - min) * id + 0.5) as i32).min(15) as u8;
+        let mut qs = [0u8; QK4_1 / 2];
+        for (j, q) in qs.iter_mut().enumerate() {
+            *q = code(x[j]) | (code(x[j + 16]) << 4);
+        }
+        BlockQ4_1 { d: f32_to_f16_bits(d), m: f32_to_f16_bits(min), qs }
+    }
+
+    /// One block of `dequantize_row_q4_1`.
+    pub fn dequantize(&self, y: &mut [f32; QK4_1]) {
+        let d = f16_bits_to_f32(self.d);
+        let m = f16_bits_to_f32(self.m);
+        for (j, &q) in self.qs.iter().enumerate() {
+            y[j] = (q & 0xF) as f32 * d + m;
+            y[j + 16] = (q >> 4) as f32 * d + m;
+        }
+    }
+}
+
+/// The reference quantizers' block statistics for q4_1 (`levels` 15) and q5_1 (31): `min` (by strict comparisons
+/// from `FLT_MAX`), `d = (max - min) / levels` and `id = 1/d` (0 when `d` is 0).
+pub(super) fn min_scale(x: &[f32; QK4_1], levels: f32) -> (f32, f32, f32) {
+    let mut min = f32::MAX;
+    let mut max = -f32::MAX;
+    for &v in x {
+        if v < min {
+            min = v;
+        }
+        if v > max {
+            max = v;
+        }
+    }
+    let d = (max - min) / levels;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    (min, d, id)
+}
+
+/// `quantize_row_q4_1_impl` / `_q5_1_impl` on one row with importance weights: `sigma2` is the mean of x² over the
+/// row; each block gets `make_qkx3_quants` (`nmax` 15 or 31) and `block(scale, -the_min, codes, dst)` writes it.
+pub(super) fn quantize_row_weighted_legacy(
+    src: &[f32],
+    weights: &[f32],
+    dst: &mut [u8],
+    nmax: i32,
+    block_bytes: usize,
+    block: impl Fn(f32, f32, &[u8; QK4_1], &mut [u8]),
+) {
+    let mut sum_x2 = 0.0f32;
+    for &v in src {
+        sum_x2 += v * v;
+    }
+    let sigma2 = sum_x2 / src.len() as f32;
+    let mut w = [0f32; QK4_1];
+    let mut l = [0u8; QK4_1];
+    for ((xb, qw), y) in src.chunks_exact(QK4_1).zip(weights.chunks_exact(QK4_1)).zip(dst.chunks_exact_mut(block_bytes))
+    {
+        for ((w, &q), &v) in w.iter_mut().zip(qw).zip(xb) {
+            *w = q * (sigma2 + v * v).sqrt();
+        }
+        let (d, the_min) = make_qkx_quants(Search::weighted(nmax), xb, &w, &mut l);
+        block(d, -the_min, &l, y);
+    }
+}
+
+impl BlockFormat for BlockQ4_1 {
+    const TYPE: GgmlType = GgmlType::Q4_1;
+
+    /// See [`BlockQ4_1::dequantize`].
+    fn dequantize_block(src: &[u8], dst: &mut [f32]) {
+        BlockQ4_1::from_bytes(src.try_into().expect("one whole block")).dequantize(dst.try_into().expect("one block"));
+    }
+}
+
+impl Quantize for BlockQ4_1 {
+    const TAKES_IMATRIX: bool = true;
+
+    /// See [`BlockQ4_1::quantize`].
+    fn quantize_block(src: &[f32], dst: &mut [u8]) {
+        dst.copy_from_slice(&BlockQ4_1::quantize(src.try_into().expect("one whole block")).to_bytes());
+    }
+
+    /// `quantize_row_q4_1_impl` on one row.
+    fn quantize_row_weighted(src: &[f32], weights: &[f32], dst: &mut [u8]) {
+        quantize_row_weighted_legacy(src, weights, dst, 15, 20, |d, m, l, y| {
+            let mut qs = [0u8; QK4_1 / 2];
+            for (j, q) in qs.iter_mut().enumerate() {
+                *q = l[j] | (l[j + 16] << 4);
+            }
+            y.copy_from_slice(&BlockQ4_1 { d: f32_to_f16_bits(d), m: f32_to_f16_bits(m), qs }.to_bytes());
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::test_util::hex;
+
+    fn quant(x: &[f32; 32]) -> String {
+        let mut out = [0u8; 20];
+        assert!(BlockQ4_1::quantize_blocks(x, &mut out));
+        hex(&out)
+    }
+
+    /// Expected bytes worked out by hand from the C formula (see the comments), not from this code.
+    #[test]
+    fn golden_unit_scale_block() {
+        // min -2, max 13: d = 15/15 = 1 (f16 0x3C00), m = -2 (0xC000), id = 1, code = min(15, trunc(x + 2 + 0.5)).
+        let mut x = [0f32; 32];
+        for (j, v) in x.iter_mut().take(16).enumerate() {
+            *v = j as f32 - 2.0; // code j
+        }
+        let hi = [0.49, 0.5, 0.51, 13.0, 12.9, -1.9, -2.0, 5.25, 5.75, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+        // codes: 2.99->2, 3->3, 3.01->3, 15.5->15, 15.4->15, 0.6->0, 0.5->0, 7.75->7, 8.25->8, 2.5->2 ...
+        x[16..].copy_from_slice(&hi);
+        let expected = [
+            0x00, 0x3C, 0x00, 0xC0, 0x20, 0x31, 0x32, 0xF3, 0xF4, 0x05, 0x06, 0x77, 0x88, 0x29, 0x2A, 0x2B, 0x2C, 0x2D,
+            0x2E, 0x2F,
+        ];
+        assert_eq!(quant(&x), hex(&expected));
+    }
+
+    #[test]
+    fn golden_zero_blocks_take_the_sign_of_the_first_zero() {
+        // min/max start at FLT_MAX/-FLT_MAX and change on strict comparisons only: both become the first zero.
+        // +0: d = (0 - 0)/15 = +0, m = +0. -0 first: d = (-0 - -0)/15 = +0, m = -0 (0x8000). Codes trunc(0.5) = 0.
+        let mut x = [0f32; 32];
+        x[3] = -0.0;
+        assert_eq!(quant(&x), hex(&[0; 20]));
+        x[0] = -0.0;
+        let mut expected = [0u8; 20];
+        expected[3] = 0x80;
+        assert_eq!(quant(&x), hex(&expected));
+    }
+
+    #[test]
+    fn golden_weighted_with_zero_importance_keeps_the_first_fit() {
+        // All weights 0: make_qkx3_quants' first fit (min -3, max 12: iscale 1, codes nearest_int(x + 3), ties to
+        // even) is kept, as every candidate has D = 0. d = 1 (0x3C00), m = -the_min = -3 (0xC200).
+        let mut x = [0f32; 32];
+        for (j, v) in x.iter_mut().enumerate().take(31) {
+            *v = j as f32 * 0.5 - 3.0;
+        }
+        x[31] = 0.25; // 3.25 -> 3
+        let codes = [
+            0u8, 0, 1, 2, 2, 2, 3, 4, 4, 4, 5, 6, 6, 6, 7, 8, 8, 8, 9, 10, 10, 10, 11, 12, 12, 12, 13, 14, 14, 14, 15,
+            3,
+        ];
+        let mut expected = vec![0x00, 0x3C, 0x00, 0xC2];
+        expected.extend((0..16).map(|j| codes[j] | codes[j + 16] << 4));
+        let mut out = [0u8; 20];
+        BlockQ4_1::quantize_row_weighted(&x, &[0.0; 32], &mut out);
+        assert_eq!(hex(&out), hex(&expected));
+    }
+
+    #[test]
+    fn golden_dequantize() {
+        // d = 0.5 (0x3800), m = -1.5 (0xBE00): y = q * 0.5 - 1.5.
+        let mut b = [0u8; 20];
+        b[..4].copy_from_slice(&[0x00, 0x38, 0x00, 0xBE]);
+        for j in 0..16 {
+            b[4 + j] = (j as u8) | ((15 - j as u8) << 4);
+        }
+        let mut y = [0f32; 32];
+        BlockQ4_1::dequantize_block(&b, &mut y);
+        for j in 0..16 {
+            assert_eq!(y[j], j as f32 * 0.5 - 1.5);
+            assert_eq!(y[j + 16], (15 - j) as f32 * 0.5 - 1.5);
+        }
+    }
+}
