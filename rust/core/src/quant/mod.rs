@@ -20,12 +20,15 @@ use crate::{Error, GgmlType, Result};
 
 mod float;
 mod q4_0;
+mod q6_k;
 mod q8_0;
+mod search_symmetric;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 pub use float::{bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits, BF16, F16, F32};
 pub use q4_0::{BlockQ4_0, QK4_0};
+pub use q6_k::BlockQ6K;
 pub use q8_0::{BlockQ8_0, QK8_0};
 
 /// A storage format made of fixed-size blocks (plain float types are blocks of one element) that this crate can
@@ -85,6 +88,29 @@ pub trait Quantize: BlockFormat {
     }
 }
 
+/// Kernel work written lane-generically: loops over `[f32; K]` arrays in which every lane does its own group's
+/// f32 operations in C order, with selects for the data-dependent branches. [`run_lanes`] runs it compiled for
+/// AVX2 when the CPU has it (the compiler vectorizes the lane loops) and as portable code otherwise; both give the
+/// same bits since lanes only use IEEE f32 operations. `run` and everything it calls in its hot loops must be
+/// `#[inline(always)]`, so that they are compiled inside the AVX2 context.
+pub(crate) trait LaneWork {
+    /// What the work returns.
+    type Output;
+    /// Does the work (must be `#[inline(always)]`).
+    fn run(self) -> Self::Output;
+}
+
+/// Runs `work` compiled for AVX2 when the CPU has it, else as portable code (same results).
+#[inline(always)]
+pub(crate) fn run_lanes<W: LaneWork>(work: W) -> W::Output {
+    #[cfg(target_arch = "x86_64")]
+    let work = match x86::with_avx2(work) {
+        Ok(out) => return out,
+        Err(work) => work,
+    };
+    work.run()
+}
+
 /// True when every value of `x` is finite (no NaN, no ±inf).
 #[inline]
 pub(crate) fn all_finite(x: &[f32]) -> bool {
@@ -142,6 +168,7 @@ pub fn kernels(ty: GgmlType) -> Option<Kernels> {
         GgmlType::BF16 => Kernels::read_write::<BF16>(),
         GgmlType::Q8_0 => Kernels::read_write::<BlockQ8_0>(),
         GgmlType::Q4_0 => Kernels::read_write::<BlockQ4_0>(),
+        GgmlType::Q6_K => Kernels::read_write::<BlockQ6K>(),
         _ => return None,
     })
 }
@@ -418,7 +445,8 @@ mod tests {
     use super::test_util::lcg_block_values;
     use super::*;
 
-    const TYPES: [GgmlType; 5] = [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_0];
+    const TYPES: [GgmlType; 6] =
+        [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q6_K];
 
     #[test]
     fn dispatch_matches_the_type_table() {
@@ -491,20 +519,21 @@ mod tests {
 
     #[test]
     fn non_finite_input_is_refused_with_the_first_index() {
-        let n = 3 * PAR_CHUNK_ELEMS + 64;
         for &ty in &TYPES {
-            let rb = ty.row_bytes(64).unwrap() as usize;
+            let row_len = ty.block_size().max(64);
+            let n = 3 * PAR_CHUNK_ELEMS + row_len;
+            let rb = ty.row_bytes(row_len as u64).unwrap() as usize;
             for (first, second) in [(5usize, n - 1), (PAR_CHUNK_ELEMS + 40, n - 33), (n - 1, n - 1)] {
                 for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
                     let mut src = vec![0.25f32; n];
                     src[second] = f32::NAN;
                     src[first] = bad;
-                    let mut dst = vec![0u8; n / 64 * rb];
+                    let mut dst = vec![0u8; n / row_len * rb];
                     for par in [false, true] {
                         let r = if par {
-                            quantize_rows_par(ty, &src, 64, &mut dst, None)
+                            quantize_rows_par(ty, &src, row_len, &mut dst, None)
                         } else {
-                            quantize_rows(ty, &src, 64, &mut dst, None)
+                            quantize_rows(ty, &src, row_len, &mut dst, None)
                         };
                         match r {
                             Err(Error::NonFinite { ty: t, index, value }) => {
@@ -524,7 +553,7 @@ mod tests {
         let src = lcg_block_values(4 * PAR_CHUNK_ELEMS / 32 + 5);
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         for &ty in &TYPES {
-            let row_len = 160;
+            let row_len = if ty.block_size() > 32 { 5 * ty.block_size() } else { 160 };
             let n = src.len() / row_len * row_len;
             let src = &src[..n];
             let bytes = n / row_len * ty.row_bytes(row_len as u64).unwrap() as usize;
