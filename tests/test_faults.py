@@ -505,7 +505,7 @@ def test_patch_replaces_target_only_on_success(model_inputs: dict[str, Path]) ->
                                  base=fixture("gpt2-tiny", "base-f16.gguf"), out=target), ggml_lora.PatchError),
         (lambda: ggml_lora.patch(fixture("gpt2-tiny", "base-f16.gguf"), m["adapter"], out=target),
          ggml_lora.PatchError),
-        (lambda: ggml_lora.patch(m["model"], m["adapter"], out=target, out_type="q6_k"), ggml_lora.PatchError),
+        (lambda: ggml_lora.patch(m["model"], m["adapter"], out=target, out_type="iq2_xxs"), ggml_lora.PatchError),
     ]
 
     def stop_halfway(p: ggml_lora.PatchProgress) -> None:

@@ -369,12 +369,21 @@ def test_refuses_non_finite_result(tmp_path: Path) -> None:
     expect_refusal(tmp_path, ValueError, "blk.0.attn_q.weight.*non-finite", adapter=adapter)
 
 
+def model_with_output_type(path: Path, ty: str) -> Path:
+    """The mixed fixture model with its output.weight (512x256) stored as zero bytes of type ``ty``."""
+    f = ggml_lora.open(LLAMA / "base-q4_0-mixed.gguf")
+    block, size = ggml_lora.GGML_QUANT_SIZES[ty]
+    tensors = {n: (f.raw(n), t.type, t.shape) for n, t in f.tensors.items()}
+    tensors["output.weight"] = (np.zeros(512 * 256 // block * size, np.uint8), ty, (512, 256))
+    return ggml_lora.write(path, f.metadata, tensors)
+
+
 def test_refuses_unquantizable_output_type_and_suggests_out_type(tmp_path: Path) -> None:
-    mixed = LLAMA / "base-q4_0-mixed.gguf"
+    mixed = model_with_output_type(tmp_path / "mixed-iq2_xxs.gguf", "iq2_xxs")
     a, b = lora_pair(512, 256, 2)
     adapter = write_adapter(tmp_path / "a.gguf", {"output.weight.lora_a": a, "output.weight.lora_b": b})
-    expect_refusal(tmp_path, ggml_lora.PatchError, "q6_k.*output.weight.*out_type", model=mixed, adapter=adapter, base=BASE_F16)
-    expect_refusal(tmp_path, ggml_lora.PatchError, "dequantizing q6_k.*--lora-base", model=mixed, adapter=adapter)
+    expect_refusal(tmp_path, ggml_lora.PatchError, "iq2_xxs.*output.weight.*out_type", model=mixed, adapter=adapter, base=BASE_F16)
+    expect_refusal(tmp_path, ggml_lora.PatchError, "dequantizing iq2_xxs.*--lora-base", model=mixed, adapter=adapter)
 
 
 def test_refuses_output_onto_an_input(tmp_path: Path) -> None:
@@ -464,7 +473,7 @@ def test_cli_patch_errors_are_one_line(tmp_path: Path) -> None:
     assert done.returncode != 0 and "--lora" in done.stderr and "Traceback" not in done.stderr
     done = run_cli("patch", "-m", str(BASE_F16), "--lora-scaled", f"{ADAPTER_R8}:abc", "-o", str(tmp_path / "x.gguf"))
     assert done.returncode != 0 and "not a number" in done.stderr
-    done = run_cli("patch", "-m", str(LLAMA / "base-q4_0-mixed.gguf"), "--lora", str(ADAPTER_R8), "--out-type", "q6_k",
+    done = run_cli("patch", "-m", str(LLAMA / "base-q4_0-mixed.gguf"), "--lora", str(ADAPTER_R8), "--out-type", "iq2_xxs",
                    "-o", str(tmp_path / "x.gguf"))
     assert done.returncode != 0 and "--out-type" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "x.gguf").exists()

@@ -610,7 +610,7 @@ def test_unknown_type_values(bad: object) -> None:
         ggml_lora.quantize(np.zeros(32, dtype=np.float32), bad)
 
 
-@pytest.mark.parametrize("t", ["q6_k", "iq2_xxs", "mxfp4", "i32"])
+@pytest.mark.parametrize("t", ["q8_1", "iq2_xxs", "mxfp4", "i32"])
 def test_types_without_kernels_are_refused(t: str) -> None:
     block = ggml_lora.GGML_QUANT_SIZES[t][0]
     with pytest.raises(ValueError, match="not supported"):
@@ -708,10 +708,12 @@ def test_type_table_agrees_with_gguf_py() -> None:
         assert (info.block_size, info.type_size) == gguf.GGML_QUANT_SIZES[member] == ggml_lora.GGML_QUANT_SIZES[name]
         assert ggml_lora.type_info(member.value) == info == ggml_lora.type_info(member) == ggml_lora.type_info(
             member.name)
-    # exactly the types this project (de)quantizes: these five and the affine ones (test_quant_affine.py)
-    affine = {"q4_1", "q5_1", "q2_k", "q4_k", "q5_k"}
-    assert {n for n, t in ggml_lora.GGML_TYPES.items() if t.can_quantize} == set(QUANT_TYPES) | affine
-    assert {n for n, t in ggml_lora.GGML_TYPES.items() if t.can_dequantize} == set(QUANT_TYPES) | affine
+    # exactly the types this project (de)quantizes: these five, the affine family (test_quant_affine.py) and the
+    # symmetric family (test_quant_symmetric.py)
+    families = {"q4_1", "q5_1", "q2_k", "q4_k", "q5_k"} | {"q6_k", "q5_0", "q3_k"}
+    writable = {n for n, t in ggml_lora.GGML_TYPES.items() if t.can_quantize}
+    assert set(QUANT_TYPES) <= writable <= set(QUANT_TYPES) | families
+    assert {n for n, t in ggml_lora.GGML_TYPES.items() if t.can_dequantize} >= writable
 
 
 def test_type_table_knows_every_gguf_py_type() -> None:

@@ -65,13 +65,16 @@ size_t ggml_row_size(int type, int64_t ne) {{ return TYPES[type].size * ne / TYP
 
 
 @lru_cache(maxsize=None)
-def library() -> ctypes.CDLL:
-    """The compiled reference library (built on first use, then cached on disk)."""
+def library(release: bool = False) -> ctypes.CDLL:
+    """The compiled reference library (built on first use, then cached on disk). ``release`` adds ``-DNDEBUG``,
+    as llama-quantize's release build has it: the same arithmetic, but ``nearest_int``'s range assertion (which
+    aborts the process on the NaN/huge arguments that values with overflowing squares produce) is compiled out."""
     src_root = llama_cpp_source()
     ggml = src_root / "ggml"
     quants_c = ggml / "src" / "ggml-quants.c"
     stubs = _stubs_source()
-    key = hashlib.sha256(quants_c.read_bytes() + stubs.encode() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    cflags = CFLAGS + ["-DNDEBUG"] if release else CFLAGS
+    key = hashlib.sha256(quants_c.read_bytes() + stubs.encode() + " ".join(cflags).encode()).hexdigest()[:16]
     lib_path = cache_dir() / f"ggml-quants-{key}.so"
     if not lib_path.is_file():
         with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
@@ -79,7 +82,7 @@ def library() -> ctypes.CDLL:
             stub_c.write_text(stubs)
             out = Path(tmp) / "lib.so"
             includes = [f"-I{ggml / 'include'}", f"-I{ggml / 'src'}", f"-I{ggml / 'src' / 'ggml-cpu'}"]
-            subprocess.run(["gcc", *CFLAGS, *includes, str(quants_c), str(stub_c), "-lm", "-o", str(out)],
+            subprocess.run(["gcc", *cflags, *includes, str(quants_c), str(stub_c), "-lm", "-o", str(out)],
                            check=True)
             os.replace(out, lib_path)
     return ctypes.CDLL(str(lib_path))
@@ -102,18 +105,18 @@ def row_bytes(name: str, n_per_row: int) -> int:
     return n_per_row // block * size
 
 
-_initialised: set[str] = set()
+_initialised: set[tuple[str, bool]] = set()
 
 
-def _init_tables(name: str) -> None:
-    if name in _initialised:
+def _init_tables(name: str, release: bool = False) -> None:
+    if (name, release) in _initialised:
         return
-    lib = library()
+    lib = library(release)
     if name in _IQ2_INIT:
         lib.iq2xs_init_impl(ctypes.c_int(type_id(name)))
     elif name in _IQ3_INIT:
         lib.iq3xs_init_impl(ctypes.c_int(_IQ3_INIT[name]))
-    _initialised.add(name)
+    _initialised.add((name, release))
 
 
 def _f32_rows(x: np.ndarray) -> np.ndarray:
@@ -121,15 +124,16 @@ def _f32_rows(x: np.ndarray) -> np.ndarray:
     return x.reshape(1, -1) if x.ndim == 1 else x.reshape(-1, x.shape[-1])
 
 
-def quantize(x: np.ndarray, name: str, imatrix: np.ndarray | None = None) -> bytes:
+def quantize(x: np.ndarray, name: str, imatrix: np.ndarray | None = None, *, release: bool = False) -> bytes:
     name = name.lower()
     """``quantize_<name>(x, dst, nrows, n_per_row, imatrix)``: the bytes llama-quantize writes for rows ``x``.
 
     Types whose quantizer requires an importance matrix (iq2_xxs, iq2_xs, iq1_s, iq1_m) get all-ones weights when
-    ``imatrix`` is None (used only to make realistic blocks for dequantize tests)."""
+    ``imatrix`` is None (used only to make realistic blocks for dequantize tests). ``release``: use the
+    ``-DNDEBUG`` build (see :func:`library`)."""
     rows = _f32_rows(x)
     nrows, n_per_row = rows.shape
-    _init_tables(name)
+    _init_tables(name, release)
     dst = ctypes.create_string_buffer(nrows * row_bytes(name, n_per_row))
     qw = None
     if imatrix is None and name in _NEEDS_IMATRIX:
@@ -139,7 +143,7 @@ def quantize(x: np.ndarray, name: str, imatrix: np.ndarray | None = None) -> byt
         if w.shape != (n_per_row,):
             raise ValueError(f"imatrix must have shape ({n_per_row},), got {w.shape}")
         qw = w.ctypes.data_as(ctypes.c_void_p)
-    fn = getattr(library(), f"quantize_{_c_name(name)}")
+    fn = getattr(library(release), f"quantize_{_c_name(name)}")
     fn.restype = ctypes.c_size_t
     fn(rows.ctypes.data_as(ctypes.c_void_p), dst, ctypes.c_int64(nrows), ctypes.c_int64(n_per_row), qw)
     return dst.raw

@@ -113,7 +113,7 @@ fn adapter_rank_mismatch_and_bad_types() {
     let b = info("w.lora_b", &[3, 5], GgmlType::F32);
     let (da, db) = (vec![0u8; a.nbytes as usize], vec![0u8; b.nbytes as usize]);
     assert!(from_tensors("t".into(), None, 1.0, &[(&a, &da), (&b, &db)]).is_err());
-    let q = info("w.lora_b", &[256, 2], GgmlType::Q6_K);
+    let q = info("w.lora_b", &[256, 2], GgmlType::Q8_1);
     let dq = vec![0u8; q.nbytes as usize];
     let a2 = info("w.lora_a", &[4, 256], GgmlType::F32);
     let da2 = vec![0u8; a2.nbytes as usize];

@@ -25,8 +25,10 @@ mod q4_1;
 mod q4_k;
 mod q5_1;
 mod q5_k;
+mod q6_k;
 mod q8_0;
 mod search_affine;
+mod search_symmetric;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -37,6 +39,7 @@ pub use q4_1::{BlockQ4_1, QK4_1};
 pub use q4_k::{BlockQ4K, QK_K};
 pub use q5_1::BlockQ5_1;
 pub use q5_k::BlockQ5K;
+pub use q6_k::BlockQ6K;
 pub use q8_0::{BlockQ8_0, QK8_0};
 
 /// A storage format made of fixed-size blocks (plain float types are blocks of one element) that this crate can
@@ -94,6 +97,29 @@ pub trait Quantize: BlockFormat {
         let _ = weights;
         Self::quantize_blocks(src, dst);
     }
+}
+
+/// Kernel work written lane-generically: loops over `[f32; K]` arrays in which every lane does its own group's
+/// f32 operations in C order, with selects for the data-dependent branches. [`run_lanes`] runs it compiled for
+/// AVX2 when the CPU has it (the compiler vectorizes the lane loops) and as portable code otherwise; both give the
+/// same bits since lanes only use IEEE f32 operations. `run` and everything it calls in its hot loops must be
+/// `#[inline(always)]`, so that they are compiled inside the AVX2 context.
+pub(crate) trait LaneWork {
+    /// What the work returns.
+    type Output;
+    /// Does the work (must be `#[inline(always)]`).
+    fn run(self) -> Self::Output;
+}
+
+/// Runs `work` compiled for AVX2 when the CPU has it, else as portable code (same results).
+#[inline(always)]
+pub(crate) fn run_lanes<W: LaneWork>(work: W) -> W::Output {
+    #[cfg(target_arch = "x86_64")]
+    let work = match x86::with_avx2(work) {
+        Ok(out) => return out,
+        Err(work) => work,
+    };
+    work.run()
 }
 
 /// True when every value of `x` is finite (no NaN, no ±inf).
@@ -158,6 +184,7 @@ pub fn kernels(ty: GgmlType) -> Option<Kernels> {
         GgmlType::Q2_K => Kernels::read_write::<BlockQ2K>(),
         GgmlType::Q4_K => Kernels::read_write::<BlockQ4K>(),
         GgmlType::Q5_K => Kernels::read_write::<BlockQ5K>(),
+        GgmlType::Q6_K => Kernels::read_write::<BlockQ6K>(),
         _ => return None,
     })
 }
@@ -441,7 +468,7 @@ mod tests {
     use super::test_util::lcg_block_values;
     use super::*;
 
-    const TYPES: [GgmlType; 10] = [
+    const TYPES: [GgmlType; 11] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::BF16,
@@ -452,6 +479,7 @@ mod tests {
         GgmlType::Q2_K,
         GgmlType::Q4_K,
         GgmlType::Q5_K,
+        GgmlType::Q6_K,
     ];
 
     #[test]

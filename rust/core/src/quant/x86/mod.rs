@@ -9,6 +9,7 @@
 use std::arch::x86_64::*;
 
 use super::float::{f16_bits_to_f32, f32_to_f16_bits};
+use super::LaneWork;
 
 /// Elements per q4_0 / q8_0 block.
 const QK4_0: usize = 32;
@@ -20,6 +21,22 @@ pub(in crate::quant) type ScalarBlock = fn(&[f32], &mut [u8]);
 
 fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2")
+}
+
+/// Runs lane-generic `work` (see [`LaneWork`]) compiled for AVX2 when the CPU has it, else hands it back: its
+/// `#[inline(always)]` `run` is inlined into an AVX2 function, where the compiler turns the lane loops into AVX2
+/// instructions (never fused multiply-adds: AVX2 does not enable FMA).
+#[inline(always)]
+pub(in crate::quant) fn with_avx2<W: LaneWork>(work: W) -> Result<W::Output, W> {
+    #[target_feature(enable = "avx2")]
+    fn run<W: LaneWork>(work: W) -> W::Output {
+        work.run()
+    }
+    if !has_avx2() {
+        return Err(work);
+    }
+    // SAFETY: AVX2 is available (checked above); `run` only calls safe code.
+    Ok(unsafe { run(work) })
 }
 
 fn has_avx2_f16c() -> bool {

@@ -1,0 +1,438 @@
+//! ggml's scale searches for the symmetric (scale-only) types, bit-exact: `make_qx_quants` (with `rmse_type` 1,
+//! the only mode its callers use: q6_K, q3_K with an importance matrix, and q4_0/q5_0 with one) and
+//! `make_q3_quants` (with `do_rmse`, q3_K without an importance matrix), both from `ggml-quants.c`.
+//!
+//! Each search comes twice:
+//! - a scalar version over one group (`x.len()` values), the readable definition;
+//! - a lane version over `K` independent groups of `N` values stored transposed (`x[i][k]` is value `i` of group
+//!   `k`), where every lane performs its own group's f32 operations in the scalar order (sequential sums, no
+//!   reassociation, no fused multiply-add) and data-dependent branches become per-lane selects. Compiled plainly
+//!   it is portable code; inlined into an AVX2 context (see `LaneWork`) the compiler turns each lane loop
+//!   into vector instructions. Both give the scalar version's bits, which the tests check.
+//!
+//! **Traps reproduced.** Groups whose largest magnitude is below `GROUP_MAX_EPS` (1e-15) return scale 0 with
+//! all codes 0 (not `nmax`). The largest magnitude is the first one met (strict `>`), sign kept. `nearest_int`
+//! rounds ties to even through `v + 12582912`. The candidate scales are `-(nmax + 0.1f*is) / max` with the sum
+//! rounded before the division. `w*x*l` is `(w*x)*l` and `w*l*l` is `(w*l)*l`. `suml2 ? a : b` is taken for NaN
+//! too (C's truthiness), while `suml2 > 0` is not. Out-of-range or NaN arguments of `nearest_int` (reachable only
+//! for values whose squares overflow) give what a release build of ggml gives: the low mantissa bits of the sum
+//! (ggml's assertion is compiled out in `llama-quantize`).
+
+/// ggml's `GROUP_MAX_EPS`: groups whose largest magnitude is below it count as all zero.
+pub(super) const GROUP_MAX_EPS: f32 = 1e-15;
+
+/// ggml's `nearest_int` as a release build computes it (no range assertion): round to nearest, ties to even, for
+/// `|v| <= 4194303`; outside that range (and for NaN) the low 23 bits of `v + 12582912` minus 2^22, as in C.
+#[inline(always)]
+pub(super) fn nearest(v: f32) -> i32 {
+    (((v + 12_582_912.0).to_bits() & 0x007F_FFFF) as i32) - 0x0040_0000
+}
+
+/// The first value of largest magnitude (strict `>`, so the first one wins ties; sign kept; 0 when all are zero
+/// or NaN) and that magnitude: the scan that starts ggml's searches and picks the super-block scales.
+#[inline(always)]
+pub(super) fn signed_max(x: &[f32]) -> (f32, f32) {
+    let mut max = 0.0f32;
+    let mut amax = 0.0f32;
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    (max, amax)
+}
+
+/// The 18 candidate inverse scales' numerators of `make_qx_quants`: `nmax + 0.1f*is` for `is` in -9..=9 but 0,
+/// in the C order (the caller negates and divides by the group's max).
+#[inline(always)]
+fn candidates(nmax: i32) -> [f32; 18] {
+    let mut out = [0.0f32; 18];
+    let steps = (-9..=9).filter(|&is: &i32| is != 0);
+    for (o, is) in out.iter_mut().zip(steps) {
+        *o = nmax as f32 + 0.1 * is as f32;
+    }
+    out
+}
+
+/// `make_qx_quants(n, nmax, x, L, 1, weights)` for one group: returns the scale and writes the codes
+/// `L[i] + nmax` (in `0..2*nmax`, or all 0 for an all-zero group) into `codes`. Without weights each value's
+/// weight is `x*x` (ggml's `rmse_type` 1 with a NULL weight pointer).
+pub(super) fn make_qx_quants(nmax: i32, x: &[f32], weights: Option<&[f32]>, codes: &mut [u8]) -> f32 {
+    let (max, amax) = signed_max(x);
+    if amax < GROUP_MAX_EPS {
+        codes.fill(0);
+        return 0.0;
+    }
+    let weight = |i: usize| weights.map_or(x[i] * x[i], |w| w[i]);
+    let code = |iscale: f32, v: f32| nearest(iscale * v).clamp(-nmax, nmax - 1);
+    let sums = |iscale: f32| {
+        let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
+        for (i, &v) in x.iter().enumerate() {
+            let l = code(iscale, v) as f32;
+            let w = weight(i);
+            sumlx += w * v * l;
+            suml2 += w * l * l;
+        }
+        (sumlx, suml2)
+    };
+    let mut best_iscale = -nmax as f32 / max;
+    let (sumlx, suml2) = sums(best_iscale);
+    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
+    let mut best = scale * sumlx;
+    for c in candidates(nmax) {
+        let iscale = -c / max;
+        let (sumlx, suml2) = sums(iscale);
+        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
+            best_iscale = iscale;
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    // The codes of the last accepted candidate, as C rewrites them on each acceptance.
+    for (c, &v) in codes.iter_mut().zip(x) {
+        *c = (nmax + code(best_iscale, v)) as u8;
+    }
+    scale
+}
+
+/// `make_q3_quants(n, nmax, x, L, true)` for one group: returns the scale and writes the codes `L[i] + nmax`
+/// (or all 0 for an all-zero group) into `codes`. Weights are `x*x`; up to 5 passes of single-code changes.
+#[allow(dead_code)] // until q3_K lands
+pub(super) fn make_q3_quants(nmax: i32, x: &[f32], codes: &mut [u8]) -> f32 {
+    let (max, amax) = signed_max(x);
+    if amax < GROUP_MAX_EPS {
+        codes.fill(0);
+        return 0.0;
+    }
+    let iscale = -nmax as f32 / max;
+    let mut l = [0i32; 256];
+    let l = &mut l[..x.len()];
+    let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
+    for (li, &v) in l.iter_mut().zip(x) {
+        *li = nearest(iscale * v).clamp(-nmax, nmax - 1);
+        let w = v * v;
+        sumlx += w * v * *li as f32;
+        suml2 += w * *li as f32 * *li as f32;
+    }
+    for _ in 0..5 {
+        let mut changed = false;
+        for (li, &v) in l.iter_mut().zip(x) {
+            let w = v * v;
+            let slx = sumlx - w * v * *li as f32;
+            if slx > 0.0 {
+                let sl2 = suml2 - w * *li as f32 * *li as f32;
+                let new_l = nearest(v * sl2 / slx).clamp(-nmax, nmax - 1);
+                if new_l != *li {
+                    let slx = slx + w * v * new_l as f32;
+                    let sl2 = sl2 + w * new_l as f32 * new_l as f32;
+                    if sl2 > 0.0 && slx * slx * suml2 > sumlx * sumlx * sl2 {
+                        *li = new_l;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    for (c, &li) in codes.iter_mut().zip(l.iter()) {
+        *c = (li + nmax) as u8;
+    }
+    if suml2 > 0.0 {
+        sumlx / suml2
+    } else {
+        0.0
+    }
+}
+
+/// Per lane: the first value of largest magnitude (sign kept; 0 when all are zero) and whether the group counts
+/// as all zero (largest magnitude below [`GROUP_MAX_EPS`]).
+#[inline(always)]
+fn lanes_max<const N: usize, const K: usize>(x: &[[f32; K]; N]) -> ([f32; K], [bool; K]) {
+    let mut max = [0.0f32; K];
+    let mut amax = [0.0f32; K];
+    for row in x {
+        for k in 0..K {
+            let ax = row[k].abs();
+            let gt = ax > amax[k];
+            amax[k] = if gt { ax } else { amax[k] };
+            max[k] = if gt { row[k] } else { max[k] };
+        }
+    }
+    (max, amax.map(|a| a < GROUP_MAX_EPS))
+}
+
+/// Candidate inverse scales summed in one sweep over the values (independent sums, for instruction-level
+/// parallelism; each sum is still sequential over the values).
+const SWEEP: usize = 2;
+
+/// `sumlx` and `suml2` of `make_qx_quants` for `SWEEP` candidate inverse scales at once, per lane; `wx` holds
+/// the products `w*x`, computed once (the same rounding as C's `w*x[i]` in each pass).
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn lanes_sums<const N: usize, const K: usize>(
+    nmax: i32,
+    x: &[[f32; K]; N],
+    w: &[[f32; K]; N],
+    wx: &[[f32; K]; N],
+    iscales: &[[f32; K]; SWEEP],
+) -> [([f32; K], [f32; K]); SWEEP] {
+    let mut out = [([0.0f32; K], [0.0f32; K]); SWEEP];
+    for i in 0..N {
+        for (m, iscale) in iscales.iter().enumerate() {
+            for k in 0..K {
+                let l = nearest(iscale[k] * x[i][k]).clamp(-nmax, nmax - 1) as f32;
+                out[m].0[k] += wx[i][k] * l;
+                out[m].1[k] += w[i][k] * l * l;
+            }
+        }
+    }
+    out
+}
+
+/// [`make_qx_quants`] for `K` groups of `N` values at once, transposed (`x[i][k]`, weights `w[i][k]`, which
+/// the caller sets to `x*x` for ggml's NULL weights); writes the codes to `codes[i][k]`, returns the scales.
+#[inline(always)]
+pub(super) fn make_qx_quants_lanes<const N: usize, const K: usize>(
+    nmax: i32,
+    x: &[[f32; K]; N],
+    w: &[[f32; K]; N],
+    codes: &mut [[u8; K]; N],
+) -> [f32; K] {
+    let (max, zero) = lanes_max(x);
+    let mut wx = [[0.0f32; K]; N];
+    for i in 0..N {
+        for k in 0..K {
+            wx[i][k] = w[i][k] * x[i][k];
+        }
+    }
+    // All 19 inverse scales: the first guess, then the 18 candidates.
+    let mut iscales = [[0.0f32; K]; 19 + 1];
+    let first = -nmax as f32;
+    for k in 0..K {
+        iscales[0][k] = first / max[k];
+    }
+    for (c, row) in candidates(nmax).iter().zip(&mut iscales[1..19]) {
+        for k in 0..K {
+            row[k] = -c / max[k];
+        }
+    }
+    iscales[19] = iscales[18]; // padding for the last sweep; its sums are not used
+    let mut sums = [([0.0f32; K], [0.0f32; K]); 20];
+    for (pair, out) in iscales.chunks_exact(SWEEP).zip(sums.chunks_exact_mut(SWEEP)) {
+        out.copy_from_slice(&lanes_sums(nmax, x, w, &wx, pair.try_into().expect("SWEEP rows")));
+    }
+    let (sumlx, suml2) = sums[0];
+    let mut best_iscale = iscales[0];
+    let mut scale = [0.0f32; K];
+    let mut best = [0.0f32; K];
+    for k in 0..K {
+        scale[k] = if suml2[k] != 0.0 { sumlx[k] / suml2[k] } else { 0.0 };
+        best[k] = scale[k] * sumlx[k];
+    }
+    for (iscale, (sumlx, suml2)) in iscales[1..19].iter().zip(&sums[1..19]) {
+        for k in 0..K {
+            let take = suml2[k] > 0.0 && sumlx[k] * sumlx[k] > best[k] * suml2[k];
+            let s = sumlx[k] / suml2[k];
+            best_iscale[k] = if take { iscale[k] } else { best_iscale[k] };
+            scale[k] = if take { s } else { scale[k] };
+            best[k] = if take { s * sumlx[k] } else { best[k] };
+        }
+    }
+    for i in 0..N {
+        for k in 0..K {
+            let c = (nmax + nearest(best_iscale[k] * x[i][k]).clamp(-nmax, nmax - 1)) as u8;
+            codes[i][k] = if zero[k] { 0 } else { c };
+        }
+    }
+    for k in 0..K {
+        scale[k] = if zero[k] { 0.0 } else { scale[k] };
+    }
+    scale
+}
+
+/// [`make_q3_quants`] for `K` groups of `N` values at once, transposed (`x[i][k]`); writes the codes to
+/// `codes[i][k]`, returns the scales. A lane that changed nothing in a pass would change nothing in later passes
+/// (its state is the same), so running the passes until no lane changes gives each lane C's early exit.
+#[inline(always)]
+#[allow(dead_code)] // until q3_K lands
+pub(super) fn make_q3_quants_lanes<const N: usize, const K: usize>(
+    nmax: i32,
+    x: &[[f32; K]; N],
+    codes: &mut [[u8; K]; N],
+) -> [f32; K] {
+    let (max, zero) = lanes_max(x);
+    let (lo, hi) = (-nmax as f32, (nmax - 1) as f32);
+    let mut iscale = [0.0f32; K];
+    for k in 0..K {
+        iscale[k] = lo / max[k];
+    }
+    let mut w = [[0.0f32; K]; N];
+    let mut wx = [[0.0f32; K]; N];
+    let mut l = [[0.0f32; K]; N];
+    let mut sumlx = [0.0f32; K];
+    let mut suml2 = [0.0f32; K];
+    for i in 0..N {
+        for k in 0..K {
+            let v = x[i][k];
+            w[i][k] = v * v;
+            wx[i][k] = w[i][k] * v;
+            l[i][k] = nearest(iscale[k] * v).clamp(-nmax, nmax - 1) as f32;
+            sumlx[k] += wx[i][k] * l[i][k];
+            suml2[k] += w[i][k] * l[i][k] * l[i][k];
+        }
+    }
+    for _ in 0..5 {
+        let mut changed = [false; K];
+        for i in 0..N {
+            for k in 0..K {
+                let (v, li) = (x[i][k], l[i][k]);
+                let slx = sumlx[k] - wx[i][k] * li;
+                let sl2 = suml2[k] - w[i][k] * li * li;
+                let new_l = nearest(v * sl2 / slx) as f32;
+                let new_l = new_l.clamp(lo, hi);
+                let slx_new = slx + wx[i][k] * new_l;
+                let sl2_new = sl2 + w[i][k] * new_l * new_l;
+                let take = slx > 0.0
+                    && new_l != li
+                    && sl2_new > 0.0
+                    && slx_new * slx_new * suml2[k] > sumlx[k] * sumlx[k] * sl2_new;
+                l[i][k] = if take { new_l } else { li };
+                sumlx[k] = if take { slx_new } else { sumlx[k] };
+                suml2[k] = if take { sl2_new } else { suml2[k] };
+                changed[k] |= take;
+            }
+        }
+        if !changed.contains(&true) {
+            break;
+        }
+    }
+    let mut scale = [0.0f32; K];
+    for k in 0..K {
+        let s = if suml2[k] > 0.0 { sumlx[k] / suml2[k] } else { 0.0 };
+        scale[k] = if zero[k] { 0.0 } else { s };
+    }
+    for i in 0..N {
+        for k in 0..K {
+            codes[i][k] = if zero[k] { 0 } else { (l[i][k] as i32 + nmax) as u8 };
+        }
+    }
+    scale
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Transposes `K` groups of `N` values (group-major) into lanes.
+    fn to_lanes<const N: usize, const K: usize>(groups: &[f32]) -> [[f32; K]; N] {
+        let mut out = [[0.0f32; K]; N];
+        for (k, g) in groups.chunks_exact(N).enumerate() {
+            for (i, &v) in g.iter().enumerate() {
+                out[i][k] = v;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn nearest_rounds_ties_to_even_and_wraps_like_release_c() {
+        assert_eq!([nearest(0.5), nearest(1.5), nearest(2.5), nearest(-0.5), nearest(-1.5)], [0, 2, 2, 0, -2]);
+        assert_eq!([nearest(31.49), nearest(-31.51), nearest(4_194_303.0)], [31, -32, 4_194_303]);
+        // NaN: the quiet NaN's mantissa 0x400000 minus 2^22.
+        assert_eq!(nearest(f32::NAN), 0);
+    }
+
+    #[test]
+    fn golden_make_qx_quants_on_a_ramp() {
+        // x = [-8, -7, ..., 7], nmax 8: max = -8 (the first of largest magnitude), first guess iscale = -8/-8 = 1
+        // gives l = x exactly, so sumlx = suml2 = sum w*x*x and scale = 1. A candidate 1 + 0.1*is rounds some
+        // codes off the values, so it can only lower sumlx^2/suml2: none is taken. Codes are x + 8 = 0..15.
+        let x: Vec<f32> = (0..16).map(|i| i as f32 - 8.0).collect();
+        let mut codes = [0u8; 16];
+        assert_eq!(make_qx_quants(8, &x, None, &mut codes), 1.0);
+        assert_eq!(codes.to_vec(), (0..16).collect::<Vec<u8>>());
+        // Weights do not change an exact fit.
+        assert_eq!(make_qx_quants(8, &x, Some(&[0.5; 16]), &mut codes), 1.0);
+    }
+
+    #[test]
+    fn golden_all_zero_and_tiny_groups() {
+        let mut codes = [7u8; 16];
+        assert_eq!(make_qx_quants(32, &[0.0; 16], None, &mut codes).to_bits(), 0);
+        assert_eq!(codes, [0; 16]);
+        let mut x = [-0.0f32; 16];
+        x[3] = 9e-16; // below GROUP_MAX_EPS
+        codes = [7; 16];
+        assert_eq!(make_q3_quants(4, &x, &mut codes).to_bits(), 0);
+        assert_eq!(codes, [0; 16]);
+    }
+
+    #[test]
+    fn golden_make_q3_quants_one_hot() {
+        // One non-zero value v at index 2: max = v, iscale = -4/v, its l = -4 (clamped range -4..=3), the rest
+        // 0. sumlx = v^3 * -4, suml2 = v^2 * 16: scale = -v/4. The refinement: for i = 2, slx = 0 (not > 0),
+        // for the zeros w = 0 changes nothing. Codes l + 4.
+        let mut x = [0.0f32; 16];
+        x[2] = 2.0;
+        let mut codes = [0u8; 16];
+        assert_eq!(make_q3_quants(4, &x, &mut codes), -0.5);
+        let mut expected = [4u8; 16];
+        expected[2] = 0;
+        assert_eq!(codes, expected);
+    }
+
+    /// Groups of 16 with many shapes: random, integers and halves, tiny, huge, sparse, constant.
+    fn groups(n: usize) -> Vec<f32> {
+        let mut v = crate::quant::test_util::lcg_block_values(n.div_ceil(2));
+        v.truncate(n * 16);
+        // Constant groups and ties.
+        for (g, chunk) in v.chunks_exact_mut(16).enumerate().filter(|(g, _)| g % 13 == 0) {
+            chunk.fill(if g % 2 == 0 { 0.75 } else { -3.0 });
+        }
+        // Keep squares and cubes finite: the C oracle aborts on the NaN sums of larger values.
+        v.iter().map(|&x| if x.abs() > 1e11 { x * 1e-30 } else { x }).collect()
+    }
+
+    #[test]
+    fn lanes_equal_scalar_make_qx_quants() {
+        let xs = groups(16 * 40);
+        for (t, chunk) in xs.chunks_exact(16 * 16).enumerate() {
+            let x: [[f32; 16]; 16] = to_lanes(chunk);
+            let weighted = t % 2 == 1;
+            let wv: Vec<f32> = (0..256).map(|i| ((i * 7 % 5) as f32) * 0.3).collect();
+            let w: [[f32; 16]; 16] =
+                if weighted { to_lanes(&wv) } else { to_lanes(&chunk.iter().map(|v| v * v).collect::<Vec<_>>()) };
+            let mut codes = [[0u8; 16]; 16];
+            let scales = make_qx_quants_lanes(32, &x, &w, &mut codes);
+            for k in 0..16 {
+                let g = &chunk[16 * k..16 * k + 16];
+                let mut c = [0u8; 16];
+                let s = make_qx_quants(32, g, weighted.then(|| &wv[16 * k..16 * k + 16]), &mut c);
+                assert_eq!(s.to_bits(), scales[k].to_bits(), "group {t}/{k}: {g:?}");
+                assert_eq!(c.to_vec(), codes.iter().map(|r| r[k]).collect::<Vec<_>>(), "group {t}/{k}");
+            }
+        }
+    }
+
+    #[test]
+    fn lanes_equal_scalar_make_q3_quants() {
+        let xs = groups(16 * 40);
+        for (t, chunk) in xs.chunks_exact(16 * 16).enumerate() {
+            let x: [[f32; 16]; 16] = to_lanes(chunk);
+            let mut codes = [[0u8; 16]; 16];
+            let scales = make_q3_quants_lanes(4, &x, &mut codes);
+            for k in 0..16 {
+                let g = &chunk[16 * k..16 * k + 16];
+                let mut c = [0u8; 16];
+                let s = make_q3_quants(4, g, &mut c);
+                assert_eq!(s.to_bits(), scales[k].to_bits(), "group {t}/{k}: {g:?}");
+                assert_eq!(c.to_vec(), codes.iter().map(|r| r[k]).collect::<Vec<_>>(), "group {t}/{k}");
+            }
+        }
+    }
+}
