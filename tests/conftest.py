@@ -154,3 +154,24 @@ def assert_reads_like_gguf_py(path: Path) -> None:
             assert raw.dtype == np.uint8 and raw.shape == (t.n_bytes,)
             assert np.array_equal(raw, np.ascontiguousarray(t.data).reshape(-1).view(np.uint8))
             assert np.array_equal(raw, file_bytes[t.data_offset : t.data_offset + t.n_bytes])
+
+
+def write_with_gguf_py(path: Path, tensors: dict[str, tuple[np.ndarray, object]],
+                       metadata: dict[str, str | float] | None = None, arch: str = "llama") -> Path:
+    """A GGUF written by gguf-py's GGUFWriter: string / float32 metadata, then each tensor as ``(data, qtype)``
+    (raw bytes for quantized types, shaped rows × row bytes). Returns ``path``."""
+    import gguf
+
+    w = gguf.GGUFWriter(path, arch)
+    for key, value in (metadata or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_float32(key, float(value))
+    for name, (data, qtype) in tensors.items():
+        w.add_tensor(name, data, raw_dtype=qtype)  # type: ignore[arg-type]
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
