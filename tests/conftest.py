@@ -166,3 +166,24 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_sep("-", "fault-suite figures")
         for key, value in sorted(figures.items()):
             terminalreporter.write_line(f"  {key}: {value}")
+
+
+def write_with_gguf_py(path: Path, tensors: dict[str, tuple[np.ndarray, object]],
+                       metadata: dict[str, str | float] | None = None, arch: str = "llama") -> Path:
+    """A GGUF written by gguf-py's GGUFWriter: string / float32 metadata, then each tensor as ``(data, qtype)``
+    (raw bytes for quantized types, shaped rows × row bytes). Returns ``path``."""
+    import gguf
+
+    w = gguf.GGUFWriter(path, arch)
+    for key, value in (metadata or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_float32(key, float(value))
+    for name, (data, qtype) in tensors.items():
+        w.add_tensor(name, data, raw_dtype=qtype)  # type: ignore[arg-type]
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

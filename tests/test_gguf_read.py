@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import ggml_lora
-from conftest import all_gguf_fixtures, assert_reads_like_gguf_py, fixture_id, fixture_path
+from conftest import all_gguf_fixtures, assert_reads_like_gguf_py, fixture_id, fixture_path, write_with_gguf_py
 
 GVT = gguf.GGUFValueType
 ALL_FIXTURES = all_gguf_fixtures()
@@ -50,16 +50,6 @@ def test_expectations_agree(fixtures_dir: Path) -> None:
             assert f.metadata["general.file_type"] == facts["llama-gqa"]["general.file_type"][name]
 
 
-def _write_with_gguf_py(path: Path, tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]]) -> None:
-    w = gguf.GGUFWriter(path, "llama")
-    for name, (data, qtype) in tensors.items():
-        w.add_tensor(name, data, raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 @pytest.mark.parametrize("qtype", list(gguf.GGMLQuantizationType), ids=lambda q: q.name)
 def test_files_holding_any_ggml_type_are_read(tmp_path: Path, qtype: gguf.GGMLQuantizationType) -> None:
     """The issue: files holding any type llama.cpp defines can be read and their tensors copied untouched. Each type
@@ -68,7 +58,7 @@ def test_files_holding_any_ggml_type_are_read(tmp_path: Path, qtype: gguf.GGMLQu
     rng = np.random.default_rng(qtype.value)
     data = rng.integers(0, 256, (2, 2 * size), dtype=np.uint8)
     path = tmp_path / f"{qtype.name}.gguf"
-    _write_with_gguf_py(path, {"t": (data, qtype), "after": (np.arange(3, dtype=np.float32).view(np.uint8),
+    write_with_gguf_py(path, {"t": (data, qtype), "after": (np.arange(3, dtype=np.float32).view(np.uint8),
                                                              gguf.GGMLQuantizationType.F32)})
     with ggml_lora.open(path) as f:
         info = f.tensors["t"]
@@ -371,7 +361,7 @@ def _one_tensor_file(info: bytes, data_len: int = 4096) -> tuple[bytes, int]:
     return gguf_file(kvs, [info], b"\0" * data_len), start
 
 
-@pytest.mark.parametrize("ttype", [4, 5, 31, 32, 33, 36, 37, 38, 42, 1000, 2**32 - 1])
+@pytest.mark.parametrize("ttype", [4, 5, 31, 32, 33, 36, 37, 38, 43, 1000, 2**32 - 1])
 def test_unknown_ggml_type(tmp_path: Path, ttype: int) -> None:
     content, at = _one_tensor_file(tinfo("t", [32, 2], ttype, 0))
     expect_error(tmp_path, content, at + 9 + 4 + 16, "type", str(ttype))

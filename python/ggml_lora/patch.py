@@ -24,6 +24,9 @@ AdapterSpec = Union[PathLike, "tuple[PathLike, float]", _native.Adapter, "tuple[
 #: Below this share of the intended change surviving requantization, a tensor's LoRA counts as lost.
 LOST_THRESHOLD = 0.5
 
+#: How the engine's error for tensors it cannot write ends; :func:`patch` adds the argument (and flag) that does it.
+_CHOOSE_OUTPUT_TYPE = "choose an output type for these tensors"
+
 
 class PatchProgress(NamedTuple):
     """Where a running patch is: tensors and output bytes done out of the totals."""
@@ -291,21 +294,28 @@ def patch(
         def callback(done: int, total: int, tensor: str, bytes_done: int, bytes_total: int) -> None:
             user_progress(PatchProgress(done, total, tensor, bytes_done, bytes_total))
 
-    path, rows, copied, bytes_written, seconds, notes = _native.patch(
-        os.fspath(model),
-        loaded,
-        os.fspath(base) if base is not None else None,
-        os.fspath(out_path),
-        out_type=out_type,
-        intermediate=intermediate,
-        threads=threads,
-        sync=sync,
-        extra_metadata=[_typed(k, v) for k, v in extra.items()],
-        progress=callback,
-        tensor_types=list(tensor_types.items() if isinstance(tensor_types, Mapping) else tensor_types or []),
-        imatrix=weights,
-        keep_lora=keep_lora,
-    )
+    try:
+        path, rows, copied, bytes_written, seconds, notes = _native.patch(
+            os.fspath(model),
+            loaded,
+            os.fspath(base) if base is not None else None,
+            os.fspath(out_path),
+            out_type=out_type,
+            intermediate=intermediate,
+            threads=threads,
+            sync=sync,
+            extra_metadata=[_typed(k, v) for k, v in extra.items()],
+            progress=callback,
+            tensor_types=list(tensor_types.items() if isinstance(tensor_types, Mapping) else tensor_types or []),
+            imatrix=weights,
+            keep_lora=keep_lora,
+        )
+    except _native.PatchError as exc:
+        if _CHOOSE_OUTPUT_TYPE not in str(exc):
+            raise
+        raise _native.PatchError(
+            f"{exc}: out_type sets the type of every patched tensor, e.g. out_type='q8_0' (CLI: --out-type q8_0)"
+        ) from None
     result = PatchResult(
         out=Path(path),
         tensors=[TensorQuality._from_native(row) for row in rows],

@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES
 
 from .sdist import cache_dir, llama_cpp_source
 
@@ -39,17 +39,32 @@ _IQ3_INIT = {"iq3_xxs": 256, "iq3_s": 512}
 #: Types whose ggml quantizer asserts that an importance matrix is given; :func:`quantize` passes ones.
 _NEEDS_IMATRIX = {"iq2_xxs", "iq2_xs", "iq1_s", "iq1_m"}
 
+#: Types of the reference sources that gguf-py 0.19.0 does not know yet: name -> (id, block size, bytes per block),
+#: from ggml.h (``GGML_TYPE_Q2_0 = 42``) and ggml-common.h (``block_q2_0``: an f16 and ``QK2_0 / 4`` bytes,
+#: ``QK2_0 = 64``). The compiled library reports ``sizeof`` of these blocks (:func:`block_bytes_in_c`).
+EXTRA_TYPES: dict[str, tuple[int, int, int]] = {"q2_0": (42, 64, 18)}
+
+
+def _sizes() -> dict[str, tuple[int, int, int]]:
+    """name -> (id, block size, bytes per block) for every type the oracle knows."""
+    table = {q.name.lower(): (int(q), block, size) for q, (block, size) in GGML_QUANT_SIZES.items()}
+    return {**table, **EXTRA_TYPES}
+
 
 def _stubs_source() -> str:
     rows = []
-    for qtype, (block, size) in sorted(GGML_QUANT_SIZES.items(), key=lambda kv: int(kv[0])):
-        rows.append(f'    [{int(qtype)}] = {{{block}, {size}, "{qtype.name.lower()}"}},')
+    for name, (tid, block, size) in sorted(_sizes().items(), key=lambda kv: kv[1][0]):
+        rows.append(f'    [{tid}] = {{{block}, {size}, "{name}"}},')
     table = "\n".join(rows)
+    sizeofs = "\n".join(f"size_t oracle_sizeof_block_{name}(void) {{ return sizeof(block_{name}); }}"
+                        for name in EXTRA_TYPES)
     return f"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <stddef.h>
 #include <stdint.h>
+#define GGML_COMMON_DECL_C
+#include "ggml-common.h"
 struct info {{ int64_t block; size_t size; const char * name; }};
 static const struct info TYPES[64] = {{
 {table}
@@ -61,6 +76,7 @@ void ggml_abort(const char * file, int line, const char * fmt, ...) {{
 size_t ggml_type_size(int type) {{ return TYPES[type].size; }}
 const char * ggml_type_name(int type) {{ return TYPES[type].name ? TYPES[type].name : "?"; }}
 size_t ggml_row_size(int type, int64_t ne) {{ return TYPES[type].size * ne / TYPES[type].block; }}
+{sizeofs}
 """
 
 
@@ -94,12 +110,19 @@ def _c_name(name: str) -> str:
 
 
 def type_id(name: str) -> int:
-    """gguf-py's id of the type called ``name`` ("q4_k", "iq2_xxs", ...)."""
-    return int(GGMLQuantizationType[name.upper()])
+    """The id of the type called ``name`` ("q4_k", "iq2_xxs", ...): gguf-py's, or :data:`EXTRA_TYPES`'."""
+    return _sizes()[name.lower()][0]
+
+
+def block_bytes_in_c(name: str) -> int:
+    """``sizeof(block_<name>)`` in the compiled reference, for the :data:`EXTRA_TYPES`."""
+    fn = getattr(library(), f"oracle_sizeof_block_{name}")
+    fn.restype = ctypes.c_size_t
+    return int(fn())
 
 
 def row_bytes(name: str, n_per_row: int) -> int:
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[name.upper()]]
+    _, block, size = _sizes()[name.lower()]
     if n_per_row % block:
         raise ValueError(f"{name}: row length {n_per_row} is not a multiple of {block}")
     return n_per_row // block * size

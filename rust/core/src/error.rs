@@ -375,13 +375,19 @@ pub enum Incompatible {
         /// Found shape.
         found: Vec<u64>,
     },
-    /// Patched tensors whose output type this project cannot quantize.
-    #[error("cannot write patched tensors as {ty} (quantizing to {ty} is not supported): {tensors}; choose another output type, e.g. out_type=\"q8_0\" (CLI: --out-type q8_0)")]
+    /// Patched tensors whose output type this project cannot quantize (it may still read that type).
+    #[error(
+        "cannot write the patched tensors in their output type: this project cannot quantize to {types} ({tensors}); \
+         choose an output type for these tensors that it can write ({writable}; q8_0 loses the least of the \
+         quantized ones)"
+    )]
     CannotQuantize {
-        /// The type.
-        ty: GgmlType,
-        /// The tensor names, comma-separated.
+        /// The unwritable types, comma-separated ("iq4_nl, iq2_xs").
+        types: String,
+        /// The tensors by type: "iq4_nl: a, b; iq2_xs: c" (long lists end with "and N more").
         tensors: String,
+        /// The types this project can write, comma-separated.
+        writable: String,
     },
     /// A patched tensor whose source type this project cannot dequantize.
     #[error("cannot read tensor {name:?} of {file}: dequantizing {ty} is not supported; give a base model in f16/f32/bf16/q8_0/q4_0 (base=..., CLI: --lora-base)")]

@@ -1,8 +1,10 @@
 //! The ggml tensor types: ids, names, block sizes and block byte sizes.
 //!
-//! Every type that llama.cpp defines today is known here (ggml.h and gguf-py 0.19.0, `GGML_TYPE_COUNT = 42`), so a file holding
-//! any of them can be read, validated and copied untouched, even where this crate cannot (de)quantize it.
-//! Sizes match gguf-py's `GGML_QUANT_SIZES` (checked by the Python tests).
+//! Every type that llama.cpp defines today is known here (ggml.h of the llama-cpp-python 0.3.36 sources,
+//! `GGML_TYPE_COUNT = 43`), so a file holding any of them can be read, validated and copied untouched, even where
+//! this crate cannot (de)quantize it. Sizes match gguf-py's `GGML_QUANT_SIZES` (checked by the Python tests) for
+//! every type gguf-py 0.19.0 knows; q2_0 (id 42) is newer than gguf-py 0.19.0, its size comes from `block_q2_0` in
+//! ggml-common.h (checked against the C oracle's `sizeof` by the Python tests).
 
 use std::fmt;
 
@@ -94,12 +96,13 @@ ggml_types! {
     MXFP4 = 39, "mxfp4", 32, 1 + 16;
     NVFP4 = 40, "nvfp4", 64, 4 + 32;
     Q1_0 = 41, "q1_0", 128, 2 + 16;
+    Q2_0 = 42, "q2_0", 64, 2 + 16;
 }
 
 impl GgmlType {
-    /// One past the largest type id ggml defines (`GGML_TYPE_COUNT`; 42 as of gguf-py 0.19.0, which added
-    /// NVFP4 and Q1_0 after FORMATS.md's list).
-    pub const COUNT: u32 = 42;
+    /// One past the largest type id ggml defines (`GGML_TYPE_COUNT`: 43 in the llama-cpp-python 0.3.36 sources,
+    /// which added Q2_0 after gguf-py 0.19.0's NVFP4 and Q1_0, themselves after FORMATS.md's list).
+    pub const COUNT: u32 = 43;
 
     /// The on-disk type id.
     pub fn id(self) -> u32 {
@@ -145,10 +148,10 @@ mod tests {
             assert_eq!(GgmlType::from_name(t.name()), Some(t));
             assert!(t.id() < GgmlType::COUNT);
         }
-        for removed in [4, 5, 31, 32, 33, 36, 37, 38, 42, u32::MAX] {
+        for removed in [4, 5, 31, 32, 33, 36, 37, 38, 43, u32::MAX] {
             assert_eq!(GgmlType::from_id(removed), None, "id {removed}");
         }
-        assert_eq!(GgmlType::ALL.len(), 34);
+        assert_eq!(GgmlType::ALL.len(), 35);
     }
 
     #[test]

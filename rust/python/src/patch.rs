@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use ggml_lora_core::adapter::{self, LoraAdapter};
-use ggml_lora_core::imatrix::Imatrix;
 use ggml_lora_core::gguf::{tensor_nbytes, TensorInfo, Value};
+use ggml_lora_core::imatrix::Imatrix;
 use ggml_lora_core::patch::{AdapterInput, PatchOptions, PatchPlan};
 use ggml_lora_core::{gguf::GgufFile, Error};
 use numpy::PyReadonlyArrayDyn;
@@ -164,7 +164,8 @@ fn patch(
             .into_iter()
             .map(|(pattern, ty)| Ok((pattern, ggml_type(&ty)?)))
             .collect::<PyResult<Vec<_>>>()?,
-        imatrix: imatrix.map(|(source, entries)| Arc::new(Imatrix::from_entries(source, entries.into_iter().collect()))),
+        imatrix: imatrix
+            .map(|(source, entries)| Arc::new(Imatrix::from_entries(source, entries.into_iter().collect()))),
         keep_lora,
     };
     let inputs: Vec<AdapterInput> =

@@ -238,6 +238,37 @@ fn incompatible(i: Incompatible) -> Error {
     Error::Incompatible(i)
 }
 
+/// Names listed per type in [`Incompatible::CannotQuantize`] before "and N more".
+const LISTED_TENSORS: usize = 8;
+
+/// The error for patched tensors (name, planned output type) this project cannot quantize: every such tensor by
+/// type (in first-seen order; long lists shortened), and the types it can write.
+fn cannot_quantize_error(unwritable: &[(GgmlType, String)]) -> Incompatible {
+    let mut types: Vec<GgmlType> = Vec::new();
+    for (ty, _) in unwritable {
+        if !types.contains(ty) {
+            types.push(*ty);
+        }
+    }
+    let groups: Vec<String> = types
+        .iter()
+        .map(|&ty| {
+            let names: Vec<&str> = unwritable.iter().filter(|(t, _)| *t == ty).map(|(_, n)| n.as_str()).collect();
+            let mut listed = names.iter().take(LISTED_TENSORS).copied().collect::<Vec<_>>().join(", ");
+            if names.len() > LISTED_TENSORS {
+                listed.push_str(&format!(" and {} more", names.len() - LISTED_TENSORS));
+            }
+            format!("{ty}: {listed}")
+        })
+        .collect();
+    let writable: Vec<&str> = GgmlType::ALL.iter().filter(|&&t| quant::can_quantize(t)).map(|t| t.name()).collect();
+    Incompatible::CannotQuantize {
+        types: types.iter().map(|t| t.name()).collect::<Vec<_>>().join(", "),
+        tensors: groups.join("; "),
+        writable: writable.join(", "),
+    }
+}
+
 /// The llama.cpp `general.file_type` (`enum llama_ftype`) of a file whose tensors are mostly `ty`.
 fn llama_file_type(ty: GgmlType) -> Option<u32> {
     Some(match ty {
@@ -413,10 +444,8 @@ impl<'a> PatchPlan<'a> {
             }
             plan.out_type = out_type;
         }
-        if let Some((ty, _)) = cannot_quantize.first() {
-            let ty = *ty;
-            let names: Vec<&str> = cannot_quantize.iter().filter(|(t, _)| *t == ty).map(|(_, n)| n.as_str()).collect();
-            return Err(incompatible(Incompatible::CannotQuantize { ty, tensors: names.join(", ") }));
+        if !cannot_quantize.is_empty() {
+            return Err(incompatible(cannot_quantize_error(&cannot_quantize)));
         }
 
         if let Some(imatrix) = &options.imatrix {
@@ -857,5 +886,22 @@ fn same_file(a: &Path, b: &Path) -> bool {
     match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
         (Ok(ca), Ok(cb)) => ca == cb,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cannot_quantize_error_names_every_tensor_by_type_and_the_writable_types() {
+        let mut unwritable = vec![(GgmlType::IQ4_NL, "a".to_string()), (GgmlType::IQ2_XS, "b".to_string())];
+        unwritable.extend((0..10).map(|i| (GgmlType::IQ4_NL, format!("t{i}"))));
+        let message = Error::Incompatible(cannot_quantize_error(&unwritable)).to_string();
+        assert!(message.contains("cannot quantize to iq4_nl, iq2_xs"), "{message}");
+        assert!(message.contains("(iq4_nl: a, t0, t1, t2, t3, t4, t5, t6 and 3 more; iq2_xs: b)"), "{message}");
+        assert!(message.contains("choose an output type for these tensors"), "{message}");
+        assert!(message.contains("q8_0") && message.contains("f16"), "{message}");
+        assert!(!message.contains("--"), "no command-line flags in the core: {message}");
     }
 }

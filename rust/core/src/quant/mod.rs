@@ -19,7 +19,16 @@ use rayon::prelude::*;
 use crate::{Error, GgmlType, Result};
 
 mod float;
+mod fp4;
+mod grid;
+mod iq1;
+mod iq2;
+mod iq3;
+mod iq4;
 mod q2_k;
+#[rustfmt::skip]
+mod iq_tables;
+mod q1_q2;
 mod q4_0;
 mod q4_1;
 mod q4_k;
@@ -29,10 +38,17 @@ mod q6_k;
 mod q8_0;
 mod search_affine;
 mod search_symmetric;
+mod ternary;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 pub use float::{bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits, BF16, F16, F32};
+pub use fp4::{BlockMxfp4, BlockNvfp4};
+pub use iq1::{BlockIq1M, BlockIq1S};
+pub use iq2::{BlockIq2S, BlockIq2Xs, BlockIq2Xxs};
+pub use iq3::{BlockIq3S, BlockIq3Xxs};
+pub use iq4::{BlockIq4Nl, BlockIq4Xs};
+pub use q1_q2::{BlockQ1_0, BlockQ2_0};
 pub use q2_k::BlockQ2K;
 pub use q4_0::{BlockQ4_0, QK4_0};
 pub use q4_1::{BlockQ4_1, QK4_1};
@@ -41,6 +57,7 @@ pub use q5_1::BlockQ5_1;
 pub use q5_k::BlockQ5K;
 pub use q6_k::BlockQ6K;
 pub use q8_0::{BlockQ8_0, QK8_0};
+pub use ternary::{BlockTq1_0, BlockTq2_0};
 
 /// A storage format made of fixed-size blocks (plain float types are blocks of one element) that this crate can
 /// read.
@@ -185,6 +202,21 @@ pub fn kernels(ty: GgmlType) -> Option<Kernels> {
         GgmlType::Q4_K => Kernels::read_write::<BlockQ4K>(),
         GgmlType::Q5_K => Kernels::read_write::<BlockQ5K>(),
         GgmlType::Q6_K => Kernels::read_write::<BlockQ6K>(),
+        GgmlType::IQ1_S => Kernels::read_only::<BlockIq1S>(),
+        GgmlType::IQ1_M => Kernels::read_only::<BlockIq1M>(),
+        GgmlType::IQ2_XXS => Kernels::read_only::<BlockIq2Xxs>(),
+        GgmlType::IQ2_XS => Kernels::read_only::<BlockIq2Xs>(),
+        GgmlType::IQ2_S => Kernels::read_only::<BlockIq2S>(),
+        GgmlType::IQ3_XXS => Kernels::read_only::<BlockIq3Xxs>(),
+        GgmlType::IQ3_S => Kernels::read_only::<BlockIq3S>(),
+        GgmlType::IQ4_NL => Kernels::read_only::<BlockIq4Nl>(),
+        GgmlType::IQ4_XS => Kernels::read_only::<BlockIq4Xs>(),
+        GgmlType::TQ1_0 => Kernels::read_only::<BlockTq1_0>(),
+        GgmlType::TQ2_0 => Kernels::read_only::<BlockTq2_0>(),
+        GgmlType::MXFP4 => Kernels::read_only::<BlockMxfp4>(),
+        GgmlType::NVFP4 => Kernels::read_only::<BlockNvfp4>(),
+        GgmlType::Q1_0 => Kernels::read_only::<BlockQ1_0>(),
+        GgmlType::Q2_0 => Kernels::read_only::<BlockQ2_0>(),
         _ => return None,
     })
 }
@@ -481,13 +513,31 @@ mod tests {
         GgmlType::Q5_K,
         GgmlType::Q6_K,
     ];
+    /// The types this crate reads but does not write.
+    const READ_ONLY: [GgmlType; 15] = [
+        GgmlType::IQ1_S,
+        GgmlType::IQ1_M,
+        GgmlType::IQ2_XXS,
+        GgmlType::IQ2_XS,
+        GgmlType::IQ2_S,
+        GgmlType::IQ3_XXS,
+        GgmlType::IQ3_S,
+        GgmlType::IQ4_NL,
+        GgmlType::IQ4_XS,
+        GgmlType::TQ1_0,
+        GgmlType::TQ2_0,
+        GgmlType::MXFP4,
+        GgmlType::NVFP4,
+        GgmlType::Q1_0,
+        GgmlType::Q2_0,
+    ];
 
     #[test]
     fn dispatch_matches_the_type_table() {
         for &ty in GgmlType::ALL {
             let k = kernels(ty);
             assert_eq!(can_quantize(ty), TYPES.contains(&ty));
-            assert_eq!(can_dequantize(ty), TYPES.contains(&ty));
+            assert_eq!(can_dequantize(ty), TYPES.contains(&ty) || READ_ONLY.contains(&ty));
             if let Some(k) = k {
                 assert_eq!(k.ty, ty);
                 assert_eq!(k.block_size, ty.block_size());
