@@ -383,7 +383,11 @@ def test_refuses_unquantizable_output_type_and_suggests_out_type(tmp_path: Path)
     a, b = lora_pair(512, 256, 2)
     adapter = write_adapter(tmp_path / "a.gguf", {"output.weight.lora_a": a, "output.weight.lora_b": b})
     expect_refusal(tmp_path, ggml_lora.PatchError, "iq2_xxs.*output.weight.*out_type", model=mixed, adapter=adapter, base=BASE_F16)
-    expect_refusal(tmp_path, ggml_lora.PatchError, "dequantizing iq2_xxs.*--lora-base", model=mixed, adapter=adapter)
+    # iq2_xxs can be read (so it is a valid source without a base), but not written.
+    expect_refusal(tmp_path, ggml_lora.PatchError, "iq2_xxs.*output.weight.*out_type", model=mixed, adapter=adapter)
+    # q8_1 (a dot-product intermediate) cannot even be read: without a base there is no source.
+    unreadable = model_with_output_type(tmp_path / "mixed-q8_1.gguf", "q8_1")
+    expect_refusal(tmp_path, ggml_lora.PatchError, "dequantizing q8_1.*--lora-base", model=unreadable, adapter=adapter)
 
 
 def test_refuses_output_onto_an_input(tmp_path: Path) -> None:

@@ -145,6 +145,15 @@ fn tensor_bytes(ty: GgmlType, row_len: u64, rows: u64) -> u64 {
     ty.row_bytes(row_len).unwrap_or(0).saturating_mul(rows)
 }
 
+/// The next type up `ty`'s family (see [`larger_type`]) that this crate can write for rows of `row_len`.
+fn next_writable_type(ty: GgmlType, row_len: u64) -> Option<GgmlType> {
+    let mut next = larger_type(ty)?;
+    while !(quant::can_quantize(next) && next.row_bytes(row_len).is_some()) {
+        next = larger_type(next)?;
+    }
+    Some(next)
+}
+
 /// The next larger type of `ty`'s family, which the keep-LoRA rule moves a tensor to: q2_K → q3_K → q4_K → q5_K →
 /// q6_K → q8_0 → f16, q4_0 → q5_0 → q8_0, q4_1 → q5_1 → q8_0; `None` for f16, bf16, f32 and the types this crate
 /// cannot write.
@@ -724,9 +733,7 @@ impl<'a> PatchPlan<'a> {
             let info = &self.model.tensors()[plan.model_index];
             let mut ty = plan.out_type;
             let mut first_retained = None;
-            while let Some(next) =
-                larger_type(ty).filter(|t| quant::can_quantize(*t) && t.row_bytes(info.row_len()).is_some())
-            {
+            while let Some(next) = next_writable_type(ty, info.row_len()) {
                 let mut scratch = Vec::new();
                 let mut buffer = || std::mem::take(&mut scratch);
                 let mut discard = |_: Vec<u8>| Ok(());
