@@ -96,6 +96,25 @@ pub trait Quantize: BlockFormat {
     }
 }
 
+/// A kernel written once as plain Rust, with per-lane array loops the compiler vectorises; [`run_kernel`] runs it
+/// compiled for AVX2 when the CPU has it. `run` must be `#[inline(always)]`, and so must what it calls, for the
+/// AVX2 code generation to reach it. Compiled for the baseline it is the portable path: IEEE single precision
+/// without contraction gives the same bits either way.
+pub(crate) trait Kernel {
+    type Output;
+    fn run(self) -> Self::Output;
+}
+
+/// Runs `kernel` compiled for AVX2 when the CPU has it, else compiled for the baseline (same results).
+pub(crate) fn run_kernel<K: Kernel>(kernel: K) -> K::Output {
+    #[cfg(target_arch = "x86_64")]
+    let kernel = match x86::run_avx2(kernel) {
+        Ok(out) => return out,
+        Err(kernel) => kernel,
+    };
+    kernel.run()
+}
+
 /// True when every value of `x` is finite (no NaN, no ±inf).
 #[inline]
 pub(crate) fn all_finite(x: &[f32]) -> bool {
@@ -385,6 +404,30 @@ pub(crate) mod test_util {
     /// Lower-case hex, for readable byte comparisons.
     pub fn hex(b: &[u8]) -> String {
         b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    /// `n` importance weights: random in [0, 1), with runs of zeros, near-zero and large ones.
+    pub fn lcg_weights(n: usize) -> Vec<f32> {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        (0..n)
+            .map(|i| {
+                state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                let u = (state >> 40) as f32 / (1u64 << 24) as f32;
+                match (i / 32) % 5 {
+                    0 => u,
+                    1 => 0.0,
+                    2 => u * u * u * 1e-20,
+                    3 => u * 1e20,
+                    _ => {
+                        if u < 0.5 {
+                            0.0
+                        } else {
+                            u
+                        }
+                    }
+                }
+            })
+            .collect()
     }
 
     /// `n` blocks of 32 finite values: random magnitudes over many scales, plus edge blocks (zero, one non-zero,

@@ -15,9 +15,11 @@
 //! `nearest_int((x + dm) / d)` pass skips it). `d`/`dmin` are `+0` when the largest scale/min is not positive.
 
 use super::float::{f16_bits_to_f32, f32_to_f16_bits};
-use super::q4_k::quantize_row_weighted_with;
-use super::search_affine::{make_qkx_quants, make_qp_quants, Search};
-use super::{nearest_int, BlockFormat, Quantize};
+use super::q4_k::padded;
+use super::search_affine::{
+    make_qkx_quants, make_qkx_quants_lanes, make_qp_quants, super_block_weights, transpose_in, Search,
+};
+use super::{nearest_int, run_kernel, BlockFormat, Kernel, Quantize};
 use crate::GgmlType;
 
 /// Elements per super-block (`QK_K`).
@@ -79,6 +81,7 @@ impl BlockQ2K {
 
     /// The reference path after the sub-block searches: 4-bit scale and min codes against their maxima, then the
     /// codes recomputed.
+    #[inline(always)]
     fn from_fits(x: &[f32; QK_K], scales: &[f32; SUB], mins: &[f32; SUB], l: [u8; QK_K]) -> BlockQ2K {
         let mut max_scale = 0.0f32;
         let mut max_min = 0.0f32;
@@ -130,10 +133,23 @@ impl BlockQ2K {
             }
             (scales[j], mins[j]) = make_qkx_quants(Search::weighted(3), xs, &weights, l);
         }
+        BlockQ2K::from_weighted_fits(x, &scales, &mins, &sw, l)
+    }
+
+    /// The importance path after the sub-block searches: `make_qp_quants` for the scales and the mins, then the
+    /// codes recomputed.
+    #[inline(always)]
+    fn from_weighted_fits(
+        x: &[f32; QK_K],
+        scales: &[f32; SUB],
+        mins: &[f32; SUB],
+        sw: &[f32; SUB],
+        l: [u8; QK_K],
+    ) -> BlockQ2K {
         let mut ls = [0u8; SUB];
         let mut lm = [0u8; SUB];
-        let dm = make_qp_quants(15, &scales, &mut ls, &sw);
-        let mm = make_qp_quants(15, &mins, &mut lm, &sw);
+        let dm = make_qp_quants(15, scales, &mut ls, sw);
+        let mm = make_qp_quants(15, mins, &mut lm, sw);
         let mut b = BlockQ2K { scales: [0; SUB], qs: [0; QK_K / 4], d: f32_to_f16_bits(dm), dmin: f32_to_f16_bits(mm) };
         for j in 0..SUB {
             b.scales[j] = ls[j] | (lm[j] << 4);
@@ -144,6 +160,7 @@ impl BlockQ2K {
 
     /// The final pass of both paths: codes recomputed as `clamp(nearest_int((x + dm) / d), 0, 3)` in every
     /// sub-block whose `d` is non-zero, then packed.
+    #[inline(always)]
     fn finish(&mut self, x: &[f32; QK_K], mut l: [u8; QK_K]) {
         let d16 = f16_bits_to_f32(self.d);
         let dmin16 = f16_bits_to_f32(self.dmin);
@@ -182,6 +199,70 @@ impl BlockQ2K {
     }
 }
 
+/// Super-blocks whose sub-block searches run side by side (32 sub-blocks of 16 in the lanes).
+const SB: usize = 2;
+/// Lanes of the vectorised searches.
+const LANES: usize = SB * SUB;
+
+/// `quantize_row_q2_K_ref` over whole super-blocks with the sub-block searches of [`SB`] super-blocks in lanes.
+/// Same bytes as [`BlockQ2K::quantize`] block by block; false at the first group holding a non-finite value.
+struct RefLanes<'a> {
+    src: &'a [f32],
+    dst: &'a mut [u8],
+}
+
+impl Kernel for RefLanes<'_> {
+    type Output = bool;
+
+    #[inline(always)]
+    fn run(self) -> bool {
+        let mut pad = [0f32; SB * QK_K];
+        for (x, y) in self.src.chunks(SB * QK_K).zip(self.dst.chunks_mut(SB * BlockQ2K::BLOCK_BYTES)) {
+            if !super::all_finite(x) {
+                return false;
+            }
+            let xt = transpose_in::<LANES, 16>(padded(x, &mut pad));
+            let wt = xt.map(|row| row.map(f32::abs));
+            let fits = make_qkx_quants_lanes(Q2K_SEARCH, &xt, &wt);
+            for (s, (xb, yb)) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(BlockQ2K::BLOCK_BYTES)).enumerate() {
+                let (scales, mins, l) = fits.super_block::<SUB, QK_K>(s);
+                let b = BlockQ2K::from_fits(xb.try_into().expect("one super-block"), &scales, &mins, l);
+                yb.copy_from_slice(&b.to_bytes());
+            }
+        }
+        true
+    }
+}
+
+/// `quantize_row_q2_K_impl` on one row with the sub-block searches of [`SB`] super-blocks in lanes. Same bytes as
+/// [`BlockQ2K::quantize_weighted`] block by block.
+struct WeightedLanes<'a> {
+    src: &'a [f32],
+    weights: &'a [f32],
+    dst: &'a mut [u8],
+}
+
+impl Kernel for WeightedLanes<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let mut pad = [0f32; SB * QK_K];
+        let mut wpad = [0f32; SB * QK_K];
+        let chunks = self.src.chunks(SB * QK_K).zip(self.weights.chunks(SB * QK_K));
+        for ((x, qw), y) in chunks.zip(self.dst.chunks_mut(SB * BlockQ2K::BLOCK_BYTES)) {
+            let (xt, wt, sw) = super_block_weights::<LANES, 16>(padded(x, &mut pad), padded(qw, &mut wpad), 1.0);
+            let fits = make_qkx_quants_lanes(Search::weighted(3), &xt, &wt);
+            for (s, (xb, yb)) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(BlockQ2K::BLOCK_BYTES)).enumerate() {
+                let (scales, mins, l) = fits.super_block::<SUB, QK_K>(s);
+                let sw: &[f32; SUB] = sw[SUB * s..SUB * s + SUB].try_into().expect("SUB sums");
+                let b = BlockQ2K::from_weighted_fits(xb.try_into().expect("one super-block"), &scales, &mins, sw, l);
+                yb.copy_from_slice(&b.to_bytes());
+            }
+        }
+    }
+}
+
 impl BlockFormat for BlockQ2K {
     const TYPE: GgmlType = GgmlType::Q2_K;
 
@@ -199,11 +280,14 @@ impl Quantize for BlockQ2K {
         dst.copy_from_slice(&BlockQ2K::quantize(src.try_into().expect("one whole block")).to_bytes());
     }
 
-    /// `quantize_row_q2_K_impl` on one row.
+    /// `quantize_row_q2_K_ref` with the sub-block searches vectorised (see [`RefLanes`]).
+    fn quantize_blocks(src: &[f32], dst: &mut [u8]) -> bool {
+        run_kernel(RefLanes { src, dst })
+    }
+
+    /// `quantize_row_q2_K_impl` on one row, the sub-block searches vectorised (see [`WeightedLanes`]).
     fn quantize_row_weighted(src: &[f32], weights: &[f32], dst: &mut [u8]) {
-        quantize_row_weighted_with::<BlockQ2K>(src, weights, dst, |x, w, y| {
-            y.copy_from_slice(&BlockQ2K::quantize_weighted(x, w).to_bytes())
-        });
+        run_kernel(WeightedLanes { src, weights, dst })
     }
 }
 
@@ -244,5 +328,43 @@ mod tests {
             let s = e / 16;
             assert_eq!(v, 0.5 * s as f32 * q as f32 - 0.25 * (15 - s) as f32, "{e}");
         }
+    }
+}
+
+/// The vectorised kernels against the one-block transcriptions: AVX2 (called directly, so the test fails rather
+/// than compare the portable code with itself when the feature is missing), portable lane code, scalar.
+#[cfg(all(test, target_arch = "x86_64"))]
+mod lane_tests {
+    use super::*;
+    use crate::quant::test_util::{lcg_block_values, lcg_weights};
+    use crate::quant::x86::run_avx2;
+
+    #[test]
+    fn q2_k_avx2_portable_and_scalar_agree() {
+        assert!(is_x86_feature_detected!("avx2"), "this test needs an AVX2 machine");
+        let x = lcg_block_values(8 * 45); // 45 super-blocks: rows of 5 (5 % SB != 0)
+        let w = lcg_weights(x.len());
+        let n = x.len() / QK_K * 84;
+        let (mut a, mut b, mut c) = (vec![0u8; n], vec![1u8; n], vec![2u8; n]);
+        assert!(matches!(run_avx2(RefLanes { src: &x, dst: &mut a }), Ok(true)));
+        assert!(RefLanes { src: &x, dst: &mut b }.run());
+        for (xs, y) in x.chunks_exact(QK_K).zip(c.chunks_exact_mut(84)) {
+            y.copy_from_slice(&BlockQ2K::quantize(xs.try_into().unwrap()).to_bytes());
+        }
+        assert!(a == b && a == c, "reference path");
+        let row = 5 * QK_K;
+        for ((xs, ws), (ya, (yb, yc))) in x
+            .chunks_exact(row)
+            .zip(w.chunks_exact(row))
+            .zip(a.chunks_exact_mut(5 * 84).zip(b.chunks_exact_mut(5 * 84).zip(c.chunks_exact_mut(5 * 84))))
+        {
+            assert!(run_avx2(WeightedLanes { src: xs, weights: ws, dst: ya }).is_ok());
+            WeightedLanes { src: xs, weights: ws, dst: yb }.run();
+            for ((xb, wb), y) in xs.chunks_exact(QK_K).zip(ws.chunks_exact(QK_K)).zip(yc.chunks_exact_mut(84)) {
+                let blk = BlockQ2K::quantize_weighted(xb.try_into().unwrap(), wb.try_into().unwrap());
+                y.copy_from_slice(&blk.to_bytes());
+            }
+        }
+        assert!(a == b && a == c, "importance path");
     }
 }

@@ -9,8 +9,8 @@
 //! same truncation to int32 followed by the low byte.
 
 use super::float::{f16_bits_to_f32, f32_to_f16_bits};
-use super::q4_1::{min_scale, quantize_row_weighted_legacy, QK4_1};
-use super::{c_float_to_i8, BlockFormat, Quantize};
+use super::q4_1::{min_scale, WeightedLanes, QK4_1};
+use super::{c_float_to_i8, run_kernel, BlockFormat, Quantize};
 use crate::GgmlType;
 
 /// One q5_1 block as ggml lays it out (`block_q5_1`).
@@ -48,7 +48,7 @@ impl BlockQ5_1 {
     }
 
     /// The block of scale `d`, min `m` and codes `l` (values 0..32, only their low 5 bits are kept).
-    fn from_codes(d: f32, m: f32, l: &[u8; QK4_1]) -> BlockQ5_1 {
+    pub(super) fn from_codes(d: f32, m: f32, l: &[u8; QK4_1]) -> BlockQ5_1 {
         let mut qs = [0u8; QK4_1 / 2];
         let mut qh = 0u32;
         for (j, q) in qs.iter_mut().enumerate() {
@@ -98,8 +98,15 @@ impl Quantize for BlockQ5_1 {
 
     /// `quantize_row_q5_1_impl` on one row.
     fn quantize_row_weighted(src: &[f32], weights: &[f32], dst: &mut [u8]) {
-        quantize_row_weighted_legacy(src, weights, dst, 31, 24, |d, m, l, y| {
-            y.copy_from_slice(&BlockQ5_1::from_codes(d, m, l).to_bytes())
+        run_kernel(WeightedLanes {
+            src,
+            weights,
+            dst,
+            nmax: 31,
+            block_bytes: 24,
+            block: |d: f32, m: f32, l: &[u8; QK4_1], y: &mut [u8]| {
+                y.copy_from_slice(&BlockQ5_1::from_codes(d, m, l).to_bytes())
+            },
         });
     }
 }

@@ -9,6 +9,7 @@
 use std::arch::x86_64::*;
 
 use super::float::{f16_bits_to_f32, f32_to_f16_bits};
+use super::Kernel;
 
 /// Elements per q4_0 / q8_0 block.
 const QK4_0: usize = 32;
@@ -17,6 +18,20 @@ const QK8_0: usize = 32;
 /// A portable quantizer of one whole block (`src` one block of values, `dst` its bytes): what the SIMD kernels
 /// hand the rare blocks they do not handle themselves, so this module never depends on the block files.
 pub(in crate::quant) type ScalarBlock = fn(&[f32], &mut [u8]);
+
+/// Runs `kernel` compiled with AVX2 enabled; gives it back unrun when the CPU lacks AVX2.
+pub(in crate::quant) fn run_avx2<K: Kernel>(kernel: K) -> Result<K::Output, K> {
+    if !has_avx2() {
+        return Err(kernel);
+    }
+    // SAFETY: AVX2 is available (checked above); the kernel is safe code, only compiled for that feature.
+    Ok(unsafe { run_avx2_unchecked(kernel) })
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn run_avx2_unchecked<K: Kernel>(kernel: K) -> K::Output {
+    kernel.run()
+}
 
 fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2")
