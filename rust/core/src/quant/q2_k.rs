@@ -45,6 +45,7 @@ const Q2K_SEARCH: Search = Search { nmax: 3, rmin: -0.5, rdelta: 0.1, nstep: 15,
 
 impl BlockQ2K {
     /// Reads a block from its 84 on-disk bytes.
+    #[inline(always)]
     pub fn from_bytes(b: &[u8; 84]) -> BlockQ2K {
         BlockQ2K {
             scales: b[..16].try_into().expect("16 bytes"),
@@ -182,18 +183,19 @@ impl BlockQ2K {
     }
 
     /// One super-block of `dequantize_row_q2_K`: `y = d*sc * q - dmin*m`.
+    #[inline(always)]
     pub fn dequantize(&self, y: &mut [f32; QK_K]) {
         let d = f16_bits_to_f32(self.d);
         let min = f16_bits_to_f32(self.dmin);
-        for (h, (q, y)) in self.qs.chunks_exact(32).zip(y.chunks_exact_mut(128)).enumerate() {
-            for (k, y) in y.chunks_exact_mut(32).enumerate() {
-                for (half, y) in y.chunks_exact_mut(16).enumerate() {
-                    let sc = self.scales[8 * h + 2 * k + half];
-                    let (dl, ml) = (d * (sc & 0xF) as f32, min * (sc >> 4) as f32);
-                    for (i, y) in y.iter_mut().enumerate() {
-                        *y = dl * ((q[16 * half + i] >> (2 * k)) & 3) as f32 - ml;
-                    }
-                }
+        // Element 128h + 32k + 16half + i: bits 2k..2k+2 of byte 32h + 16half + i, sub-block 8h + 2k + half.
+        for (s, y) in y.chunks_exact_mut(16).enumerate() {
+            let (h, k, half) = (s / 8, (s / 2) % 4, s % 2);
+            let sc = self.scales[s];
+            let (dl, ml) = (d * (sc & 0xF) as f32, min * (sc >> 4) as f32);
+            let q: &[u8; 16] = self.qs[32 * h + 16 * half..][..16].try_into().expect("16 bytes");
+            let shift = 2 * k as u32;
+            for (y, &b) in y.iter_mut().zip(q) {
+                *y = dl * ((b as u32 >> shift) & 3) as f32 - ml;
             }
         }
     }
@@ -267,8 +269,20 @@ impl BlockFormat for BlockQ2K {
     const TYPE: GgmlType = GgmlType::Q2_K;
 
     /// See [`BlockQ2K::dequantize`].
+    #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         BlockQ2K::from_bytes(src.try_into().expect("one whole block")).dequantize(dst.try_into().expect("one block"));
+    }
+
+    /// `dequantize_row_q2_K`; AVX2 when available, same values.
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if super::x86::q2_k_dequantize(src, dst) {
+            return;
+        }
+        for (x, y) in src.chunks_exact(Self::BLOCK_BYTES).zip(dst.chunks_exact_mut(QK_K)) {
+            Self::dequantize_block(x, y);
+        }
     }
 }
 
@@ -338,6 +352,17 @@ mod lane_tests {
     use super::*;
     use crate::quant::test_util::{lcg_block_values, lcg_weights};
     use crate::quant::x86::run_avx2;
+
+    #[test]
+    fn dequantize_avx2_and_scalar_agree() {
+        let raw: Vec<u8> = (0..84 * 700u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let (mut a, mut b) = (vec![0f32; 700 * QK_K], vec![1f32; 700 * QK_K]);
+        assert!(crate::quant::x86::q2_k_dequantize(&raw, &mut a));
+        for (x, y) in raw.chunks_exact(84).zip(b.chunks_exact_mut(QK_K)) {
+            BlockQ2K::dequantize_block(x, y);
+        }
+        assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+    }
 
     #[test]
     fn q2_k_avx2_portable_and_scalar_agree() {

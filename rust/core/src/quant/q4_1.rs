@@ -69,9 +69,33 @@ impl BlockQ4_1 {
         let d = f16_bits_to_f32(self.d);
         let m = f16_bits_to_f32(self.m);
         for (j, &q) in self.qs.iter().enumerate() {
-            y[j] = (q & 0xF) as f32 * d + m;
-            y[j + 16] = (q >> 4) as f32 * d + m;
+            y[j] = add_nan_first((q & 0xF) as f32 * d, m);
+            y[j + 16] = add_nan_first((q >> 4) as f32 * d, m);
         }
+    }
+}
+
+/// The portable reference quantizer over whole blocks (the trait's default, callable when a type overrides it):
+/// false at the first block holding a non-finite value.
+pub(super) fn quantize_blocks_scalar<B: Quantize>(src: &[f32], dst: &mut [u8]) -> bool {
+    for (x, y) in src.chunks_exact(B::BLOCK_SIZE).zip(dst.chunks_exact_mut(B::BLOCK_BYTES)) {
+        if !super::all_finite(x) {
+            return false;
+        }
+        B::quantize_block(x, y);
+    }
+    true
+}
+
+/// C's `p + m` as x86 computes it: when both are NaN the first operand's NaN is the result. The compiler treats
+/// addition as commutative (it does not preserve NaN payloads), so a NaN `p` is returned explicitly, out of the
+/// optimiser's sight; a NaN `m` alone propagates either way. (`p` is a product, so a NaN is already quiet.)
+#[inline(always)]
+pub(super) fn add_nan_first(p: f32, m: f32) -> f32 {
+    if p.is_nan() {
+        std::hint::black_box(p)
+    } else {
+        p + m
     }
 }
 
@@ -185,6 +209,17 @@ impl BlockFormat for BlockQ4_1 {
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         BlockQ4_1::from_bytes(src.try_into().expect("one whole block")).dequantize(dst.try_into().expect("one block"));
     }
+
+    /// `dequantize_row_q4_1`; AVX2 when available, same values.
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if super::x86::q4_1_q5_1_dequantize::<4>(src, dst, Self::dequantize_block) {
+            return;
+        }
+        for (x, y) in src.chunks_exact(Self::BLOCK_BYTES).zip(dst.chunks_exact_mut(QK4_1)) {
+            Self::dequantize_block(x, y);
+        }
+    }
 }
 
 impl Quantize for BlockQ4_1 {
@@ -193,6 +228,15 @@ impl Quantize for BlockQ4_1 {
     /// See [`BlockQ4_1::quantize`].
     fn quantize_block(src: &[f32], dst: &mut [u8]) {
         dst.copy_from_slice(&BlockQ4_1::quantize(src.try_into().expect("one whole block")).to_bytes());
+    }
+
+    /// `quantize_row_q4_1_ref`; AVX2 when available, same bytes.
+    fn quantize_blocks(src: &[f32], dst: &mut [u8]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(ok) = super::x86::q4_1_q5_1_quantize::<4>(src, dst, Self::quantize_block) {
+            return ok;
+        }
+        quantize_blocks_scalar::<Self>(src, dst)
     }
 
     /// `quantize_row_q4_1_impl` on one row.
@@ -307,6 +351,35 @@ mod lane_tests {
             quantize_row_weighted_scalar(xs, ws, yc, nmax, bb, block);
         }
         assert!(a == b && a == c);
+    }
+
+    /// The explicit AVX2 reference quantizer and dequantizer of q4_1 (`BITS` 4) / q5_1 (5) against the scalar
+    /// ones, on random and edge blocks (zero extremes, huge and tiny ranges) and random bytes.
+    fn check_ref<B: Quantize, const BITS: u32>() {
+        assert!(is_x86_feature_detected!("avx2"), "this test needs an AVX2 machine");
+        let mut x = lcg_block_values(3000);
+        x.extend(lcg_block_values(300).iter().map(|v| v.abs())); // minimum 0 in the sparse blocks
+        x.extend(lcg_block_values(300).iter().map(|v| -v.abs()));
+        let n = x.len() / QK4_1 * B::BLOCK_BYTES;
+        let (mut a, mut b) = (vec![0u8; n], vec![1u8; n]);
+        assert_eq!(crate::quant::x86::q4_1_q5_1_quantize::<BITS>(&x, &mut a, B::quantize_block), Some(true));
+        assert!(quantize_blocks_scalar::<B>(&x, &mut b));
+        assert!(a == b);
+        let mut raw: Vec<u8> = (0..n as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        raw.extend(&a);
+        let m = raw.len() / B::BLOCK_BYTES * QK4_1;
+        let (mut fa, mut fb) = (vec![0f32; m], vec![1f32; m]);
+        assert!(crate::quant::x86::q4_1_q5_1_dequantize::<BITS>(&raw, &mut fa, B::dequantize_block));
+        for (r, y) in raw.chunks_exact(B::BLOCK_BYTES).zip(fb.chunks_exact_mut(QK4_1)) {
+            B::dequantize_block(r, y);
+        }
+        assert!(fa.iter().zip(&fb).all(|(p, q)| p.to_bits() == q.to_bits()));
+    }
+
+    #[test]
+    fn reference_avx2_and_scalar_agree() {
+        check_ref::<BlockQ4_1, 4>();
+        check_ref::<BlockQ5_1, 5>();
     }
 
     #[test]

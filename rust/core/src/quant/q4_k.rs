@@ -21,7 +21,7 @@ use super::float::{f16_bits_to_f32, f32_to_f16_bits};
 use super::search_affine::{
     make_qkx_quants, make_qkx_quants_lanes, make_qp_quants, super_block_weights, transpose_in, Search,
 };
-use super::{nearest_int, run_kernel, BlockFormat, Kernel, Quantize};
+use super::{nearest_int, run_kernel, BlockFormat, DequantizeBlocks, Kernel, Quantize};
 use crate::GgmlType;
 
 /// Elements per super-block (`QK_K`).
@@ -44,6 +44,7 @@ pub struct BlockQ4K {
 
 impl BlockQ4K {
     /// Reads a block from its 144 on-disk bytes.
+    #[inline(always)]
     pub fn from_bytes(b: &[u8; 144]) -> BlockQ4K {
         BlockQ4K {
             d: u16::from_le_bytes([b[0], b[1]]),
@@ -84,6 +85,7 @@ impl BlockQ4K {
     }
 
     /// One super-block of `dequantize_row_q4_K`: `y = d*sc * q - dmin*m`, each product rounded to f32.
+    #[inline(always)]
     pub fn dequantize(&self, y: &mut [f32; QK_K]) {
         let d = f16_bits_to_f32(self.d);
         let min = f16_bits_to_f32(self.dmin);
@@ -104,7 +106,7 @@ impl BlockQ4K {
 const Q4K_SEARCH: Search = Search { nmax: 15, rmin: -1.0, rdelta: 0.1, nstep: 20, use_mad: false };
 
 /// ggml's `get_scale_min_k4`: the 6-bit scale and min of sub-block `j` (0..8) from the 12 packed bytes.
-#[inline]
+#[inline(always)]
 pub(super) fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
@@ -389,8 +391,14 @@ impl BlockFormat for BlockQ4K {
     const TYPE: GgmlType = GgmlType::Q4_K;
 
     /// See [`BlockQ4K::dequantize`].
+    #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         BlockQ4K::from_bytes(src.try_into().expect("one whole block")).dequantize(dst.try_into().expect("one block"));
+    }
+
+    /// The dequantizer over whole blocks, compiled for AVX2 when available (same values).
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
+        run_kernel(DequantizeBlocks::<Self> { src, dst, block: std::marker::PhantomData })
     }
 }
 
@@ -543,6 +551,12 @@ mod lane_tests {
             }
         }
         assert!(a == b && a == c, "importance path");
+    }
+
+    #[test]
+    fn dequantize_avx2_and_scalar_agree() {
+        crate::quant::test_util::check_dequantize_avx2::<BlockQ4K>();
+        crate::quant::test_util::check_dequantize_avx2::<BlockQ5K>();
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! same truncation to int32 followed by the low byte.
 
 use super::float::{f16_bits_to_f32, f32_to_f16_bits};
-use super::q4_1::{min_scale, WeightedLanes, QK4_1};
+use super::q4_1::{add_nan_first, min_scale, quantize_blocks_scalar, WeightedLanes, QK4_1};
 use super::{c_float_to_i8, run_kernel, BlockFormat, Quantize};
 use crate::GgmlType;
 
@@ -73,8 +73,8 @@ impl BlockQ5_1 {
         for (j, &q) in self.qs.iter().enumerate() {
             let h0 = ((self.qh >> j) << 4) & 0x10;
             let h1 = (self.qh >> (j + 12)) & 0x10;
-            y[j] = ((q & 0xF) as u32 | h0) as f32 * d + m;
-            y[j + 16] = ((q >> 4) as u32 | h1) as f32 * d + m;
+            y[j] = add_nan_first(((q & 0xF) as u32 | h0) as f32 * d, m);
+            y[j + 16] = add_nan_first(((q >> 4) as u32 | h1) as f32 * d, m);
         }
     }
 }
@@ -86,6 +86,17 @@ impl BlockFormat for BlockQ5_1 {
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         BlockQ5_1::from_bytes(src.try_into().expect("one whole block")).dequantize(dst.try_into().expect("one block"));
     }
+
+    /// `dequantize_row_q5_1`; AVX2 when available, same values.
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if super::x86::q4_1_q5_1_dequantize::<5>(src, dst, Self::dequantize_block) {
+            return;
+        }
+        for (x, y) in src.chunks_exact(Self::BLOCK_BYTES).zip(dst.chunks_exact_mut(QK4_1)) {
+            Self::dequantize_block(x, y);
+        }
+    }
 }
 
 impl Quantize for BlockQ5_1 {
@@ -94,6 +105,15 @@ impl Quantize for BlockQ5_1 {
     /// See [`BlockQ5_1::quantize`].
     fn quantize_block(src: &[f32], dst: &mut [u8]) {
         dst.copy_from_slice(&BlockQ5_1::quantize(src.try_into().expect("one whole block")).to_bytes());
+    }
+
+    /// `quantize_row_q5_1_ref`; AVX2 when available, same bytes.
+    fn quantize_blocks(src: &[f32], dst: &mut [u8]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(ok) = super::x86::q4_1_q5_1_quantize::<5>(src, dst, Self::quantize_block) {
+            return ok;
+        }
+        quantize_blocks_scalar::<Self>(src, dst)
     }
 
     /// `quantize_row_q5_1_impl` on one row.

@@ -12,7 +12,7 @@
 use super::float::f16_bits_to_f32;
 use super::q4_k::{scale_min_k4, RefLanes, SuperK4, WeightedLanes, QK_K};
 use super::search_affine::Search;
-use super::{run_kernel, BlockFormat, Quantize};
+use super::{run_kernel, BlockFormat, DequantizeBlocks, Quantize};
 use crate::GgmlType;
 
 /// One q5_K block as ggml lays it out (`block_q5_K`).
@@ -35,6 +35,7 @@ pub(super) const Q5K_SEARCH: Search = Search { nmax: 31, rmin: -0.5, rdelta: 0.1
 
 impl BlockQ5K {
     /// Reads a block from its 176 on-disk bytes.
+    #[inline(always)]
     pub fn from_bytes(b: &[u8; 176]) -> BlockQ5K {
         BlockQ5K {
             d: u16::from_le_bytes([b[0], b[1]]),
@@ -80,6 +81,7 @@ impl BlockQ5K {
     }
 
     /// One super-block of `dequantize_row_q5_K`: `y = d*sc * (q + 16 h) - dmin*m`.
+    #[inline(always)]
     pub fn dequantize(&self, y: &mut [f32; QK_K]) {
         let d = f16_bits_to_f32(self.d);
         let min = f16_bits_to_f32(self.dmin);
@@ -101,8 +103,14 @@ impl BlockFormat for BlockQ5K {
     const TYPE: GgmlType = GgmlType::Q5_K;
 
     /// See [`BlockQ5K::dequantize`].
+    #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         BlockQ5K::from_bytes(src.try_into().expect("one whole block")).dequantize(dst.try_into().expect("one block"));
+    }
+
+    /// The dequantizer over whole blocks, compiled for AVX2 when available (same values).
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
+        run_kernel(DequantizeBlocks::<Self> { src, dst, block: std::marker::PhantomData })
     }
 }
 
