@@ -116,7 +116,7 @@ pub trait Quantize: BlockFormat {
     }
 }
 
-/// Kernel work written lane-generically: loops over `[f32; K]` arrays in which every lane does its own group's
+/// LaneWork work written lane-generically: loops over `[f32; K]` arrays in which every lane does its own group's
 /// f32 operations in C order, with selects for the data-dependent branches. [`run_lanes`] runs it compiled for
 /// AVX2 when the CPU has it (the compiler vectorizes the lane loops) and as portable code otherwise; both give the
 /// same bits since lanes only use IEEE f32 operations. `run` and everything it calls in its hot loops must be
@@ -137,6 +137,25 @@ pub(crate) fn run_lanes<W: LaneWork>(work: W) -> W::Output {
         Err(work) => work,
     };
     work.run()
+}
+
+/// [`BlockFormat::dequantize_blocks`] as [`LaneWork`]: `block` (an `#[inline(always)]` one-block dequantizer of
+/// `B`) over whole blocks, so that [`run_lanes`] compiles the loop for AVX2.
+pub(crate) struct DequantizeBlocks<'a, B: BlockFormat> {
+    pub src: &'a [u8],
+    pub dst: &'a mut [f32],
+    pub block: std::marker::PhantomData<B>,
+}
+
+impl<B: BlockFormat> LaneWork for DequantizeBlocks<'_, B> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        for (x, y) in self.src.chunks_exact(B::BLOCK_BYTES).zip(self.dst.chunks_exact_mut(B::BLOCK_SIZE)) {
+            B::dequantize_block(x, y);
+        }
+    }
 }
 
 /// True when every value of `x` is finite (no NaN, no ±inf).
@@ -451,6 +470,48 @@ pub(crate) mod test_util {
     /// Lower-case hex, for readable byte comparisons.
     pub fn hex(b: &[u8]) -> String {
         b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    /// [`super::DequantizeBlocks`] of `B` run with AVX2 (directly: fails without it) equals the scalar
+    /// `dequantize_block` bit for bit on random bytes (NaN, infinite and subnormal f16 scales included).
+    #[cfg(target_arch = "x86_64")]
+    pub fn check_dequantize_avx2<B: super::BlockFormat>() {
+        assert!(is_x86_feature_detected!("avx2"), "this test needs an AVX2 machine");
+        let raw: Vec<u8> =
+            (0..B::BLOCK_BYTES as u32 * 700).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let n = raw.len() / B::BLOCK_BYTES * B::BLOCK_SIZE;
+        let (mut a, mut b) = (vec![0f32; n], vec![1f32; n]);
+        let k = super::DequantizeBlocks::<B> { src: &raw, dst: &mut a, block: std::marker::PhantomData };
+        assert!(super::x86::with_avx2(k).is_ok());
+        for (x, y) in raw.chunks_exact(B::BLOCK_BYTES).zip(b.chunks_exact_mut(B::BLOCK_SIZE)) {
+            B::dequantize_block(x, y);
+        }
+        assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+        assert!(a.iter().any(|v| !v.is_finite()));
+    }
+
+    /// `n` importance weights: random in [0, 1), with runs of zeros, near-zero and large ones.
+    pub fn lcg_weights(n: usize) -> Vec<f32> {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        (0..n)
+            .map(|i| {
+                state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                let u = (state >> 40) as f32 / (1u64 << 24) as f32;
+                match (i / 32) % 5 {
+                    0 => u,
+                    1 => 0.0,
+                    2 => u * u * u * 1e-20,
+                    3 => u * 1e20,
+                    _ => {
+                        if u < 0.5 {
+                            0.0
+                        } else {
+                            u
+                        }
+                    }
+                }
+            })
+            .collect()
     }
 
     /// `n` blocks of 32 finite values: random magnitudes over many scales, plus edge blocks (zero, one non-zero,

@@ -15,9 +15,11 @@
 //! `nearest_int((x + dm) / d)` pass skips it). `d`/`dmin` are `+0` when the largest scale/min is not positive.
 
 use super::float::{f16_bits_to_f32, f32_to_f16_bits};
-use super::q4_k::quantize_row_weighted_with;
-use super::search_affine::{make_qkx_quants, make_qp_quants, Search};
-use super::{nearest_int, BlockFormat, Quantize};
+use super::q4_k::padded;
+use super::search_affine::{
+    make_qkx_quants, make_qkx_quants_lanes, make_qp_quants, super_block_weights, transpose_in, Search,
+};
+use super::{nearest_int, run_lanes, BlockFormat, LaneWork, Quantize};
 use crate::GgmlType;
 
 /// Elements per super-block (`QK_K`).
@@ -43,6 +45,7 @@ const Q2K_SEARCH: Search = Search { nmax: 3, rmin: -0.5, rdelta: 0.1, nstep: 15,
 
 impl BlockQ2K {
     /// Reads a block from its 84 on-disk bytes.
+    #[inline(always)]
     pub fn from_bytes(b: &[u8; 84]) -> BlockQ2K {
         BlockQ2K {
             scales: b[..16].try_into().expect("16 bytes"),
@@ -79,6 +82,7 @@ impl BlockQ2K {
 
     /// The reference path after the sub-block searches: 4-bit scale and min codes against their maxima, then the
     /// codes recomputed.
+    #[inline(always)]
     fn from_fits(x: &[f32; QK_K], scales: &[f32; SUB], mins: &[f32; SUB], l: [u8; QK_K]) -> BlockQ2K {
         let mut max_scale = 0.0f32;
         let mut max_min = 0.0f32;
@@ -130,10 +134,23 @@ impl BlockQ2K {
             }
             (scales[j], mins[j]) = make_qkx_quants(Search::weighted(3), xs, &weights, l);
         }
+        BlockQ2K::from_weighted_fits(x, &scales, &mins, &sw, l)
+    }
+
+    /// The importance path after the sub-block searches: `make_qp_quants` for the scales and the mins, then the
+    /// codes recomputed.
+    #[inline(always)]
+    fn from_weighted_fits(
+        x: &[f32; QK_K],
+        scales: &[f32; SUB],
+        mins: &[f32; SUB],
+        sw: &[f32; SUB],
+        l: [u8; QK_K],
+    ) -> BlockQ2K {
         let mut ls = [0u8; SUB];
         let mut lm = [0u8; SUB];
-        let dm = make_qp_quants(15, &scales, &mut ls, &sw);
-        let mm = make_qp_quants(15, &mins, &mut lm, &sw);
+        let dm = make_qp_quants(15, scales, &mut ls, sw);
+        let mm = make_qp_quants(15, mins, &mut lm, sw);
         let mut b = BlockQ2K { scales: [0; SUB], qs: [0; QK_K / 4], d: f32_to_f16_bits(dm), dmin: f32_to_f16_bits(mm) };
         for j in 0..SUB {
             b.scales[j] = ls[j] | (lm[j] << 4);
@@ -144,6 +161,7 @@ impl BlockQ2K {
 
     /// The final pass of both paths: codes recomputed as `clamp(nearest_int((x + dm) / d), 0, 3)` in every
     /// sub-block whose `d` is non-zero, then packed.
+    #[inline(always)]
     fn finish(&mut self, x: &[f32; QK_K], mut l: [u8; QK_K]) {
         let d16 = f16_bits_to_f32(self.d);
         let dmin16 = f16_bits_to_f32(self.dmin);
@@ -165,18 +183,83 @@ impl BlockQ2K {
     }
 
     /// One super-block of `dequantize_row_q2_K`: `y = d*sc * q - dmin*m`.
+    #[inline(always)]
     pub fn dequantize(&self, y: &mut [f32; QK_K]) {
         let d = f16_bits_to_f32(self.d);
         let min = f16_bits_to_f32(self.dmin);
-        for (h, (q, y)) in self.qs.chunks_exact(32).zip(y.chunks_exact_mut(128)).enumerate() {
-            for (k, y) in y.chunks_exact_mut(32).enumerate() {
-                for (half, y) in y.chunks_exact_mut(16).enumerate() {
-                    let sc = self.scales[8 * h + 2 * k + half];
-                    let (dl, ml) = (d * (sc & 0xF) as f32, min * (sc >> 4) as f32);
-                    for (i, y) in y.iter_mut().enumerate() {
-                        *y = dl * ((q[16 * half + i] >> (2 * k)) & 3) as f32 - ml;
-                    }
-                }
+        // Element 128h + 32k + 16half + i: bits 2k..2k+2 of byte 32h + 16half + i, sub-block 8h + 2k + half.
+        for (s, y) in y.chunks_exact_mut(16).enumerate() {
+            let (h, k, half) = (s / 8, (s / 2) % 4, s % 2);
+            let sc = self.scales[s];
+            let (dl, ml) = (d * (sc & 0xF) as f32, min * (sc >> 4) as f32);
+            let q: &[u8; 16] = self.qs[32 * h + 16 * half..][..16].try_into().expect("16 bytes");
+            let shift = 2 * k as u32;
+            for (y, &b) in y.iter_mut().zip(q) {
+                *y = dl * ((b as u32 >> shift) & 3) as f32 - ml;
+            }
+        }
+    }
+}
+
+/// Super-blocks whose sub-block searches run side by side (32 sub-blocks of 16 in the lanes).
+const SB: usize = 2;
+/// Lanes of the vectorised searches.
+const LANES: usize = SB * SUB;
+
+/// `quantize_row_q2_K_ref` over whole super-blocks with the sub-block searches of [`SB`] super-blocks in lanes.
+/// Same bytes as [`BlockQ2K::quantize`] block by block; false at the first group holding a non-finite value.
+struct RefLanes<'a> {
+    src: &'a [f32],
+    dst: &'a mut [u8],
+}
+
+impl LaneWork for RefLanes<'_> {
+    type Output = bool;
+
+    #[inline(always)]
+    fn run(self) -> bool {
+        let mut pad = [0f32; SB * QK_K];
+        for (x, y) in self.src.chunks(SB * QK_K).zip(self.dst.chunks_mut(SB * BlockQ2K::BLOCK_BYTES)) {
+            if !super::all_finite(x) {
+                return false;
+            }
+            let xt = transpose_in::<LANES, 16>(padded(x, &mut pad));
+            let wt = xt.map(|row| row.map(f32::abs));
+            let fits = make_qkx_quants_lanes(Q2K_SEARCH, &xt, &wt);
+            for (s, (xb, yb)) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(BlockQ2K::BLOCK_BYTES)).enumerate() {
+                let (scales, mins, l) = fits.super_block::<SUB, QK_K>(s);
+                let b = BlockQ2K::from_fits(xb.try_into().expect("one super-block"), &scales, &mins, l);
+                yb.copy_from_slice(&b.to_bytes());
+            }
+        }
+        true
+    }
+}
+
+/// `quantize_row_q2_K_impl` on one row with the sub-block searches of [`SB`] super-blocks in lanes. Same bytes as
+/// [`BlockQ2K::quantize_weighted`] block by block.
+struct WeightedLanes<'a> {
+    src: &'a [f32],
+    weights: &'a [f32],
+    dst: &'a mut [u8],
+}
+
+impl LaneWork for WeightedLanes<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let mut pad = [0f32; SB * QK_K];
+        let mut wpad = [0f32; SB * QK_K];
+        let chunks = self.src.chunks(SB * QK_K).zip(self.weights.chunks(SB * QK_K));
+        for ((x, qw), y) in chunks.zip(self.dst.chunks_mut(SB * BlockQ2K::BLOCK_BYTES)) {
+            let (xt, wt, sw) = super_block_weights::<LANES, 16>(padded(x, &mut pad), padded(qw, &mut wpad), 1.0);
+            let fits = make_qkx_quants_lanes(Search::weighted(3), &xt, &wt);
+            for (s, (xb, yb)) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(BlockQ2K::BLOCK_BYTES)).enumerate() {
+                let (scales, mins, l) = fits.super_block::<SUB, QK_K>(s);
+                let sw: &[f32; SUB] = sw[SUB * s..SUB * s + SUB].try_into().expect("SUB sums");
+                let b = BlockQ2K::from_weighted_fits(xb.try_into().expect("one super-block"), &scales, &mins, sw, l);
+                yb.copy_from_slice(&b.to_bytes());
             }
         }
     }
@@ -186,8 +269,20 @@ impl BlockFormat for BlockQ2K {
     const TYPE: GgmlType = GgmlType::Q2_K;
 
     /// See [`BlockQ2K::dequantize`].
+    #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         BlockQ2K::from_bytes(src.try_into().expect("one whole block")).dequantize(dst.try_into().expect("one block"));
+    }
+
+    /// `dequantize_row_q2_K`; AVX2 when available, same values.
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if super::x86::q2_k_dequantize(src, dst) {
+            return;
+        }
+        for (x, y) in src.chunks_exact(Self::BLOCK_BYTES).zip(dst.chunks_exact_mut(QK_K)) {
+            Self::dequantize_block(x, y);
+        }
     }
 }
 
@@ -199,11 +294,14 @@ impl Quantize for BlockQ2K {
         dst.copy_from_slice(&BlockQ2K::quantize(src.try_into().expect("one whole block")).to_bytes());
     }
 
-    /// `quantize_row_q2_K_impl` on one row.
+    /// `quantize_row_q2_K_ref` with the sub-block searches vectorised (see [`RefLanes`]).
+    fn quantize_blocks(src: &[f32], dst: &mut [u8]) -> bool {
+        run_lanes(RefLanes { src, dst })
+    }
+
+    /// `quantize_row_q2_K_impl` on one row, the sub-block searches vectorised (see [`WeightedLanes`]).
     fn quantize_row_weighted(src: &[f32], weights: &[f32], dst: &mut [u8]) {
-        quantize_row_weighted_with::<BlockQ2K>(src, weights, dst, |x, w, y| {
-            y.copy_from_slice(&BlockQ2K::quantize_weighted(x, w).to_bytes())
-        });
+        run_lanes(WeightedLanes { src, weights, dst })
     }
 }
 
@@ -244,5 +342,54 @@ mod tests {
             let s = e / 16;
             assert_eq!(v, 0.5 * s as f32 * q as f32 - 0.25 * (15 - s) as f32, "{e}");
         }
+    }
+}
+
+/// The vectorised kernels against the one-block transcriptions: AVX2 (called directly, so the test fails rather
+/// than compare the portable code with itself when the feature is missing), portable lane code, scalar.
+#[cfg(all(test, target_arch = "x86_64"))]
+mod lane_tests {
+    use super::*;
+    use crate::quant::test_util::{lcg_block_values, lcg_weights};
+    use crate::quant::x86::with_avx2;
+
+    #[test]
+    fn dequantize_avx2_and_scalar_agree() {
+        let raw: Vec<u8> = (0..84 * 700u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let (mut a, mut b) = (vec![0f32; 700 * QK_K], vec![1f32; 700 * QK_K]);
+        assert!(crate::quant::x86::q2_k_dequantize(&raw, &mut a));
+        for (x, y) in raw.chunks_exact(84).zip(b.chunks_exact_mut(QK_K)) {
+            BlockQ2K::dequantize_block(x, y);
+        }
+        assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+    }
+
+    #[test]
+    fn q2_k_avx2_portable_and_scalar_agree() {
+        assert!(is_x86_feature_detected!("avx2"), "this test needs an AVX2 machine");
+        let x = lcg_block_values(8 * 45); // 45 super-blocks: rows of 5 (5 % SB != 0)
+        let w = lcg_weights(x.len());
+        let n = x.len() / QK_K * 84;
+        let (mut a, mut b, mut c) = (vec![0u8; n], vec![1u8; n], vec![2u8; n]);
+        assert!(matches!(with_avx2(RefLanes { src: &x, dst: &mut a }), Ok(true)));
+        assert!(RefLanes { src: &x, dst: &mut b }.run());
+        for (xs, y) in x.chunks_exact(QK_K).zip(c.chunks_exact_mut(84)) {
+            y.copy_from_slice(&BlockQ2K::quantize(xs.try_into().unwrap()).to_bytes());
+        }
+        assert!(a == b && a == c, "reference path");
+        let row = 5 * QK_K;
+        for ((xs, ws), (ya, (yb, yc))) in x
+            .chunks_exact(row)
+            .zip(w.chunks_exact(row))
+            .zip(a.chunks_exact_mut(5 * 84).zip(b.chunks_exact_mut(5 * 84).zip(c.chunks_exact_mut(5 * 84))))
+        {
+            assert!(with_avx2(WeightedLanes { src: xs, weights: ws, dst: ya }).is_ok());
+            WeightedLanes { src: xs, weights: ws, dst: yb }.run();
+            for ((xb, wb), y) in xs.chunks_exact(QK_K).zip(ws.chunks_exact(QK_K)).zip(yc.chunks_exact_mut(84)) {
+                let blk = BlockQ2K::quantize_weighted(xb.try_into().unwrap(), wb.try_into().unwrap());
+                y.copy_from_slice(&blk.to_bytes());
+            }
+        }
+        assert!(a == b && a == c, "importance path");
     }
 }

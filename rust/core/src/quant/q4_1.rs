@@ -13,8 +13,11 @@
 //! `int8_t`; x86 gives 0 (see `c_float_to_i8`).
 
 use super::float::{f16_bits_to_f32, f32_to_f16_bits};
-use super::search_affine::{make_qkx_quants, Search};
-use super::{c_float_to_i8, BlockFormat, Quantize};
+use super::q4_k::padded;
+#[cfg(test)]
+use super::search_affine::make_qkx_quants;
+use super::search_affine::{make_qkx_quants_lanes, transpose_in, Search};
+use super::{c_float_to_i8, run_lanes, BlockFormat, LaneWork, Quantize};
 use crate::GgmlType;
 
 /// Elements per q4_1 / q5_1 block (`QK4_1`, `QK5_1`).
@@ -66,9 +69,33 @@ impl BlockQ4_1 {
         let d = f16_bits_to_f32(self.d);
         let m = f16_bits_to_f32(self.m);
         for (j, &q) in self.qs.iter().enumerate() {
-            y[j] = (q & 0xF) as f32 * d + m;
-            y[j + 16] = (q >> 4) as f32 * d + m;
+            y[j] = add_nan_first((q & 0xF) as f32 * d, m);
+            y[j + 16] = add_nan_first((q >> 4) as f32 * d, m);
         }
+    }
+}
+
+/// The portable reference quantizer over whole blocks (the trait's default, callable when a type overrides it):
+/// false at the first block holding a non-finite value.
+pub(super) fn quantize_blocks_scalar<B: Quantize>(src: &[f32], dst: &mut [u8]) -> bool {
+    for (x, y) in src.chunks_exact(B::BLOCK_SIZE).zip(dst.chunks_exact_mut(B::BLOCK_BYTES)) {
+        if !super::all_finite(x) {
+            return false;
+        }
+        B::quantize_block(x, y);
+    }
+    true
+}
+
+/// C's `p + m` as x86 computes it: when both are NaN the first operand's NaN is the result. The compiler treats
+/// addition as commutative (it does not preserve NaN payloads), so a NaN `p` is returned explicitly, out of the
+/// optimiser's sight; a NaN `m` alone propagates either way. (`p` is a product, so a NaN is already quiet.)
+#[inline(always)]
+pub(super) fn add_nan_first(p: f32, m: f32) -> f32 {
+    if p.is_nan() {
+        std::hint::black_box(p)
+    } else {
+        p + m
     }
 }
 
@@ -90,9 +117,11 @@ pub(super) fn min_scale(x: &[f32; QK4_1], levels: f32) -> (f32, f32, f32) {
     (min, d, id)
 }
 
-/// `quantize_row_q4_1_impl` / `_q5_1_impl` on one row with importance weights: `sigma2` is the mean of x² over the
-/// row; each block gets `make_qkx3_quants` (`nmax` 15 or 31) and `block(scale, -the_min, codes, dst)` writes it.
-pub(super) fn quantize_row_weighted_legacy(
+/// `quantize_row_q4_1_impl` / `_q5_1_impl` on one row with importance weights, one block at a time (the plain
+/// transcription; [`WeightedLanes`] is the same computation vectorised): `sigma2` is the mean of x² over the row;
+/// each block gets `make_qkx3_quants` (`nmax` 15 or 31) and `block(scale, -the_min, codes, dst)` writes it.
+#[cfg(test)]
+pub(super) fn quantize_row_weighted_scalar(
     src: &[f32],
     weights: &[f32],
     dst: &mut [u8],
@@ -100,11 +129,7 @@ pub(super) fn quantize_row_weighted_legacy(
     block_bytes: usize,
     block: impl Fn(f32, f32, &[u8; QK4_1], &mut [u8]),
 ) {
-    let mut sum_x2 = 0.0f32;
-    for &v in src {
-        sum_x2 += v * v;
-    }
-    let sigma2 = sum_x2 / src.len() as f32;
+    let sigma2 = mean_square(src);
     let mut w = [0f32; QK4_1];
     let mut l = [0u8; QK4_1];
     for ((xb, qw), y) in src.chunks_exact(QK4_1).zip(weights.chunks_exact(QK4_1)).zip(dst.chunks_exact_mut(block_bytes))
@@ -117,12 +142,83 @@ pub(super) fn quantize_row_weighted_legacy(
     }
 }
 
+/// `sum x² / n` over a row, the sum sequential (C's `sigma2` of the q4_1/q5_1 importance paths).
+#[inline(always)]
+fn mean_square(src: &[f32]) -> f32 {
+    let mut sum_x2 = 0.0f32;
+    for &v in src {
+        sum_x2 += v * v;
+    }
+    sum_x2 / src.len() as f32
+}
+
+/// Blocks whose searches run side by side.
+const LANES: usize = 16;
+
+/// `quantize_row_q4_1_impl` / `_q5_1_impl` on one row (`nmax` 15 or 31; `block(scale, -the_min, codes, dst)` writes
+/// a block) with the searches of [`LANES`] blocks in lanes.
+pub(super) struct WeightedLanes<'a, P: Fn(f32, f32, &[u8; QK4_1], &mut [u8])> {
+    pub src: &'a [f32],
+    pub weights: &'a [f32],
+    pub dst: &'a mut [u8],
+    pub nmax: i32,
+    pub block_bytes: usize,
+    pub block: P,
+}
+
+impl<P: Fn(f32, f32, &[u8; QK4_1], &mut [u8])> LaneWork for WeightedLanes<'_, P> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let sigma2 = mean_square(self.src);
+        let mut pad = [0f32; LANES * QK4_1];
+        let mut wpad = [0f32; LANES * QK4_1];
+        let chunks = self.src.chunks(LANES * QK4_1).zip(self.weights.chunks(LANES * QK4_1));
+        for ((x, qw), y) in chunks.zip(self.dst.chunks_mut(LANES * self.block_bytes)) {
+            let xt = transpose_in::<LANES, QK4_1>(padded(x, &mut pad));
+            let mut wt = transpose_in::<LANES, QK4_1>(padded(qw, &mut wpad));
+            for (w, row) in wt.iter_mut().zip(&xt) {
+                for k in 0..LANES {
+                    w[k] *= (sigma2 + row[k] * row[k]).sqrt();
+                }
+            }
+            let fits = make_qkx_quants_lanes(Search::weighted(self.nmax), &xt, &wt);
+            for (k, yb) in y.chunks_exact_mut(self.block_bytes).enumerate() {
+                let (d, the_min, l) = fits.super_block::<1, QK4_1>(k);
+                (self.block)(d[0], -the_min[0], &l, yb);
+            }
+        }
+    }
+}
+
+/// Writes one block of `quantize_row_q4_1_impl`: scale `d`, min `m`, codes `l`.
+#[inline(always)]
+fn write_weighted_block(d: f32, m: f32, l: &[u8; QK4_1], y: &mut [u8]) {
+    let mut qs = [0u8; QK4_1 / 2];
+    for (j, q) in qs.iter_mut().enumerate() {
+        *q = l[j] | (l[j + 16] << 4);
+    }
+    y.copy_from_slice(&BlockQ4_1 { d: f32_to_f16_bits(d), m: f32_to_f16_bits(m), qs }.to_bytes());
+}
+
 impl BlockFormat for BlockQ4_1 {
     const TYPE: GgmlType = GgmlType::Q4_1;
 
     /// See [`BlockQ4_1::dequantize`].
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         BlockQ4_1::from_bytes(src.try_into().expect("one whole block")).dequantize(dst.try_into().expect("one block"));
+    }
+
+    /// `dequantize_row_q4_1`; AVX2 when available, same values.
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if super::x86::q4_1_q5_1_dequantize::<4>(src, dst, Self::dequantize_block) {
+            return;
+        }
+        for (x, y) in src.chunks_exact(Self::BLOCK_BYTES).zip(dst.chunks_exact_mut(QK4_1)) {
+            Self::dequantize_block(x, y);
+        }
     }
 }
 
@@ -134,15 +230,18 @@ impl Quantize for BlockQ4_1 {
         dst.copy_from_slice(&BlockQ4_1::quantize(src.try_into().expect("one whole block")).to_bytes());
     }
 
+    /// `quantize_row_q4_1_ref`; AVX2 when available, same bytes.
+    fn quantize_blocks(src: &[f32], dst: &mut [u8]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(ok) = super::x86::q4_1_q5_1_quantize::<4>(src, dst, Self::quantize_block) {
+            return ok;
+        }
+        quantize_blocks_scalar::<Self>(src, dst)
+    }
+
     /// `quantize_row_q4_1_impl` on one row.
     fn quantize_row_weighted(src: &[f32], weights: &[f32], dst: &mut [u8]) {
-        quantize_row_weighted_legacy(src, weights, dst, 15, 20, |d, m, l, y| {
-            let mut qs = [0u8; QK4_1 / 2];
-            for (j, q) in qs.iter_mut().enumerate() {
-                *q = l[j] | (l[j + 16] << 4);
-            }
-            y.copy_from_slice(&BlockQ4_1 { d: f32_to_f16_bits(d), m: f32_to_f16_bits(m), qs }.to_bytes());
-        });
+        run_lanes(WeightedLanes { src, weights, dst, nmax: 15, block_bytes: 20, block: write_weighted_block });
     }
 }
 
@@ -222,5 +321,74 @@ mod tests {
             assert_eq!(y[j], j as f32 * 0.5 - 1.5);
             assert_eq!(y[j + 16], (15 - j) as f32 * 0.5 - 1.5);
         }
+    }
+}
+
+/// The vectorised importance path against the one-block transcription: AVX2 (called directly, so the test fails
+/// rather than compare the portable code with itself when the feature is missing), portable lane code, scalar.
+#[cfg(all(test, target_arch = "x86_64"))]
+mod lane_tests {
+    use super::*;
+    use crate::quant::q5_1::BlockQ5_1;
+    use crate::quant::test_util::{lcg_block_values, lcg_weights};
+    use crate::quant::x86::with_avx2;
+
+    fn check(nmax: i32, bb: usize, block: fn(f32, f32, &[u8; QK4_1], &mut [u8])) {
+        assert!(is_x86_feature_detected!("avx2"), "this test needs an AVX2 machine");
+        let x = lcg_block_values(40 * 9); // rows of 40 blocks (40 % LANES != 0)
+        let w = lcg_weights(x.len());
+        let row = 40 * QK4_1;
+        let n = x.len() / QK4_1 * bb;
+        let (mut a, mut b, mut c) = (vec![0u8; n], vec![1u8; n], vec![2u8; n]);
+        for ((xs, ws), (ya, (yb, yc))) in x
+            .chunks_exact(row)
+            .zip(w.chunks_exact(row))
+            .zip(a.chunks_exact_mut(40 * bb).zip(b.chunks_exact_mut(40 * bb).zip(c.chunks_exact_mut(40 * bb))))
+        {
+            let k = |dst| WeightedLanes { src: xs, weights: ws, dst, nmax, block_bytes: bb, block };
+            assert!(with_avx2(k(ya)).is_ok());
+            k(yb).run();
+            quantize_row_weighted_scalar(xs, ws, yc, nmax, bb, block);
+        }
+        assert!(a == b && a == c);
+    }
+
+    /// The explicit AVX2 reference quantizer and dequantizer of q4_1 (`BITS` 4) / q5_1 (5) against the scalar
+    /// ones, on random and edge blocks (zero extremes, huge and tiny ranges) and random bytes.
+    fn check_ref<B: Quantize, const BITS: u32>() {
+        assert!(is_x86_feature_detected!("avx2"), "this test needs an AVX2 machine");
+        let mut x = lcg_block_values(3000);
+        x.extend(lcg_block_values(300).iter().map(|v| v.abs())); // minimum 0 in the sparse blocks
+        x.extend(lcg_block_values(300).iter().map(|v| -v.abs()));
+        let n = x.len() / QK4_1 * B::BLOCK_BYTES;
+        let (mut a, mut b) = (vec![0u8; n], vec![1u8; n]);
+        assert_eq!(crate::quant::x86::q4_1_q5_1_quantize::<BITS>(&x, &mut a, B::quantize_block), Some(true));
+        assert!(quantize_blocks_scalar::<B>(&x, &mut b));
+        assert!(a == b);
+        let mut raw: Vec<u8> = (0..n as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        raw.extend(&a);
+        let m = raw.len() / B::BLOCK_BYTES * QK4_1;
+        let (mut fa, mut fb) = (vec![0f32; m], vec![1f32; m]);
+        assert!(crate::quant::x86::q4_1_q5_1_dequantize::<BITS>(&raw, &mut fa, B::dequantize_block));
+        for (r, y) in raw.chunks_exact(B::BLOCK_BYTES).zip(fb.chunks_exact_mut(QK4_1)) {
+            B::dequantize_block(r, y);
+        }
+        assert!(fa.iter().zip(&fb).all(|(p, q)| p.to_bits() == q.to_bits()));
+    }
+
+    #[test]
+    fn reference_avx2_and_scalar_agree() {
+        check_ref::<BlockQ4_1, 4>();
+        check_ref::<BlockQ5_1, 5>();
+    }
+
+    #[test]
+    fn q4_1_avx2_portable_and_scalar_agree() {
+        check(15, 20, write_weighted_block);
+    }
+
+    #[test]
+    fn q5_1_avx2_portable_and_scalar_agree() {
+        check(31, 24, |d, m, l, y| y.copy_from_slice(&BlockQ5_1::from_codes(d, m, l).to_bytes()));
     }
 }

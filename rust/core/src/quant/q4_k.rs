@@ -18,8 +18,10 @@
 //! into the packed neighbours.
 
 use super::float::{f16_bits_to_f32, f32_to_f16_bits};
-use super::search_affine::{make_qkx_quants, make_qp_quants, Search};
-use super::{nearest_int, BlockFormat, Quantize};
+use super::search_affine::{
+    make_qkx_quants, make_qkx_quants_lanes, make_qp_quants, super_block_weights, transpose_in, Search,
+};
+use super::{nearest_int, run_lanes, BlockFormat, DequantizeBlocks, LaneWork, Quantize};
 use crate::GgmlType;
 
 /// Elements per super-block (`QK_K`).
@@ -42,6 +44,7 @@ pub struct BlockQ4K {
 
 impl BlockQ4K {
     /// Reads a block from its 144 on-disk bytes.
+    #[inline(always)]
     pub fn from_bytes(b: &[u8; 144]) -> BlockQ4K {
         BlockQ4K {
             d: u16::from_le_bytes([b[0], b[1]]),
@@ -82,6 +85,7 @@ impl BlockQ4K {
     }
 
     /// One super-block of `dequantize_row_q4_K`: `y = d*sc * q - dmin*m`, each product rounded to f32.
+    #[inline(always)]
     pub fn dequantize(&self, y: &mut [f32; QK_K]) {
         let d = f16_bits_to_f32(self.d);
         let min = f16_bits_to_f32(self.dmin);
@@ -102,7 +106,7 @@ impl BlockQ4K {
 const Q4K_SEARCH: Search = Search { nmax: 15, rmin: -1.0, rdelta: 0.1, nstep: 20, use_mad: false };
 
 /// ggml's `get_scale_min_k4`: the 6-bit scale and min of sub-block `j` (0..8) from the 12 packed bytes.
-#[inline]
+#[inline(always)]
 pub(super) fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
@@ -174,6 +178,7 @@ impl SuperK4 {
 
     /// The reference path after the sub-block searches: 6-bit scales and mins against their maxima, then the
     /// codes recomputed.
+    #[inline(always)]
     pub fn from_fits(x: &[f32; QK_K], f: SubFits, nmax: i32) -> SuperK4 {
         let mut max_scale = 0.0f32;
         let mut max_min = 0.0f32;
@@ -232,6 +237,7 @@ impl SuperK4 {
     }
 
     /// The importance path after the sub-block searches: `make_qp_quants` for the scales and the mins.
+    #[inline(always)]
     pub fn from_weighted_fits(
         x: &[f32; QK_K],
         scales: &[f32; SUB],
@@ -261,6 +267,7 @@ impl SuperK4 {
 
     /// The final pass of both paths: every sub-block whose `d = f16(d) * sc` is non-zero gets its codes
     /// recomputed as `clamp(nearest_int((x + dm) / d), 0, nmax)`.
+    #[inline(always)]
     fn requantize(&mut self, x: &[f32; QK_K], nmax: i32) {
         let d16 = f16_bits_to_f32(self.d);
         let dmin16 = f16_bits_to_f32(self.dmin);
@@ -278,17 +285,105 @@ impl SuperK4 {
     }
 }
 
-/// `quantize_q4_K` / `_q5_K` / `_q2_K` with an importance matrix: the weighted quantizer on each super-block of a
-/// row (their importance paths work per super-block).
-pub(super) fn quantize_row_weighted_with<B: BlockFormat>(
-    src: &[f32],
-    weights: &[f32],
-    dst: &mut [u8],
-    block: fn(&[f32; QK_K], &[f32; QK_K], &mut [u8]),
-) {
-    for ((x, w), y) in src.chunks_exact(QK_K).zip(weights.chunks_exact(QK_K)).zip(dst.chunks_exact_mut(B::BLOCK_BYTES))
-    {
-        block(x.try_into().expect("one super-block"), w.try_into().expect("one super-block"), y);
+/// Super-blocks whose sub-block searches run side by side: 32 sub-blocks, four AVX2 vectors per lane operation,
+/// enough independent work to hide the latency of the sequential sums.
+const SB: usize = 4;
+/// Lanes of the vectorised searches.
+const LANES: usize = SB * SUB;
+
+/// `x` (at most `SB` super-blocks) as exactly `SB` super-blocks, zero-padded in `pad` when short.
+#[inline(always)]
+pub(super) fn padded<'a, const LEN: usize>(x: &'a [f32], pad: &'a mut [f32; LEN]) -> &'a [f32] {
+    if x.len() == LEN {
+        x
+    } else {
+        pad[..x.len()].copy_from_slice(x);
+        pad[x.len()..].fill(0.0);
+        pad
+    }
+}
+
+/// `quantize_row_q4_K_ref` / `_q5_K_ref` over whole super-blocks (`search` the sub-block search, `pack` the block
+/// writer), with the sub-block searches of [`SB`] super-blocks in lanes. Same bytes as [`SuperK4::quantize_ref`]
+/// block by block; false at the first group of super-blocks holding a non-finite value.
+pub(super) struct RefLanes<'a, P: Fn(&SuperK4, &mut [u8])> {
+    pub src: &'a [f32],
+    pub dst: &'a mut [u8],
+    pub block_bytes: usize,
+    pub search: Search,
+    pub pack: P,
+}
+
+impl<P: Fn(&SuperK4, &mut [u8])> LaneWork for RefLanes<'_, P> {
+    type Output = bool;
+
+    #[inline(always)]
+    fn run(self) -> bool {
+        let mut pad = [0f32; SB * QK_K];
+        for (x, y) in self.src.chunks(SB * QK_K).zip(self.dst.chunks_mut(SB * self.block_bytes)) {
+            if !super::all_finite(x) {
+                return false;
+            }
+            let xt = transpose_in::<LANES, 32>(padded(x, &mut pad));
+            // Weights sqrt(sum x² / 32) + |x| per sub-block.
+            let mut sum_x2 = [0f32; LANES];
+            for row in &xt {
+                for k in 0..LANES {
+                    sum_x2[k] += row[k] * row[k];
+                }
+            }
+            let mut av_x = [0f32; LANES];
+            for k in 0..LANES {
+                av_x[k] = (sum_x2[k] / 32.0).sqrt();
+            }
+            let mut wt = [[0f32; LANES]; 32];
+            for (w, row) in wt.iter_mut().zip(&xt) {
+                for k in 0..LANES {
+                    w[k] = av_x[k] + row[k].abs();
+                }
+            }
+            let fits = make_qkx_quants_lanes(self.search, &xt, &wt);
+            for (s, (xb, yb)) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(self.block_bytes)).enumerate() {
+                let (scales, mins, l) = fits.super_block::<SUB, QK_K>(s);
+                let f = SubFits { scales, mins, l };
+                (self.pack)(&SuperK4::from_fits(xb.try_into().expect("one super-block"), f, self.search.nmax), yb);
+            }
+        }
+        true
+    }
+}
+
+/// `quantize_row_q4_K_impl` / `_q5_K_impl` on one row (`nmax` 15 or 31, `clamp63` as in
+/// [`SuperK4::quantize_weighted`], `pack` the block writer), with the sub-block searches of [`SB`] super-blocks in
+/// lanes. Same bytes as [`SuperK4::quantize_weighted`] block by block.
+pub(super) struct WeightedLanes<'a, P: Fn(&SuperK4, &mut [u8])> {
+    pub src: &'a [f32],
+    pub weights: &'a [f32],
+    pub dst: &'a mut [u8],
+    pub block_bytes: usize,
+    pub nmax: i32,
+    pub clamp63: bool,
+    pub pack: P,
+}
+
+impl<P: Fn(&SuperK4, &mut [u8])> LaneWork for WeightedLanes<'_, P> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let mut pad = [0f32; SB * QK_K];
+        let mut wpad = [0f32; SB * QK_K];
+        let chunks = self.src.chunks(SB * QK_K).zip(self.weights.chunks(SB * QK_K));
+        for ((x, qw), y) in chunks.zip(self.dst.chunks_mut(SB * self.block_bytes)) {
+            let (xt, wt, sw) = super_block_weights::<LANES, 32>(padded(x, &mut pad), padded(qw, &mut wpad), 2.0);
+            let fits = make_qkx_quants_lanes(Search::weighted(self.nmax), &xt, &wt);
+            for (s, (xb, yb)) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(self.block_bytes)).enumerate() {
+                let (scales, mins, l) = fits.super_block::<SUB, QK_K>(s);
+                let sw: &[f32; SUB] = sw[SUB * s..SUB * s + SUB].try_into().expect("SUB sums");
+                let xb = xb.try_into().expect("one super-block");
+                (self.pack)(&SuperK4::from_weighted_fits(xb, &scales, &mins, sw, l, self.nmax, self.clamp63), yb);
+            }
+        }
     }
 }
 
@@ -296,8 +391,14 @@ impl BlockFormat for BlockQ4K {
     const TYPE: GgmlType = GgmlType::Q4_K;
 
     /// See [`BlockQ4K::dequantize`].
+    #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         BlockQ4K::from_bytes(src.try_into().expect("one whole block")).dequantize(dst.try_into().expect("one block"));
+    }
+
+    /// The dequantizer over whole blocks, compiled for AVX2 when available (same values).
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
+        run_lanes(DequantizeBlocks::<Self> { src, dst, block: std::marker::PhantomData })
     }
 }
 
@@ -309,11 +410,28 @@ impl Quantize for BlockQ4K {
         dst.copy_from_slice(&BlockQ4K::quantize(src.try_into().expect("one whole block")).to_bytes());
     }
 
-    /// `quantize_row_q4_K_impl` on one row.
+    /// `quantize_row_q4_K_ref` with the sub-block searches vectorised (see [`RefLanes`]).
+    fn quantize_blocks(src: &[f32], dst: &mut [u8]) -> bool {
+        run_lanes(RefLanes {
+            src,
+            dst,
+            block_bytes: Self::BLOCK_BYTES,
+            search: Q4K_SEARCH,
+            pack: |s: &SuperK4, y: &mut [u8]| y.copy_from_slice(&BlockQ4K::from_codes(s).to_bytes()),
+        })
+    }
+
+    /// `quantize_row_q4_K_impl` on one row, the sub-block searches vectorised (see [`WeightedLanes`]).
     fn quantize_row_weighted(src: &[f32], weights: &[f32], dst: &mut [u8]) {
-        quantize_row_weighted_with::<BlockQ4K>(src, weights, dst, |x, w, y| {
-            y.copy_from_slice(&BlockQ4K::quantize_weighted(x, w).to_bytes())
-        });
+        run_lanes(WeightedLanes {
+            src,
+            weights,
+            dst,
+            block_bytes: Self::BLOCK_BYTES,
+            nmax: 15,
+            clamp63: false,
+            pack: |s: &SuperK4, y: &mut [u8]| y.copy_from_slice(&BlockQ4K::from_codes(s).to_bytes()),
+        })
     }
 }
 
@@ -387,5 +505,85 @@ mod tests {
                 assert_eq!(y[64 * k + 32 + i], LS[2 * k + 1] as f32 * (15.0 - q) - 2.0 * LM[2 * k + 1] as f32);
             }
         }
+    }
+}
+
+/// The vectorised kernels against the one-block transcriptions: AVX2 (called directly, so the test fails rather
+/// than compare the portable code with itself when the feature is missing), portable lane code, scalar.
+#[cfg(all(test, target_arch = "x86_64"))]
+mod lane_tests {
+    use super::*;
+    use crate::quant::q5_k::BlockQ5K;
+    use crate::quant::test_util::{lcg_block_values, lcg_weights};
+    use crate::quant::x86::with_avx2;
+
+    fn check<B: Quantize>(
+        search: Search,
+        nmax: i32,
+        clamp63: bool,
+        pack: fn(&SuperK4, &mut [u8]),
+        scalar: fn(&[f32; QK_K], Option<&[f32; QK_K]>) -> Vec<u8>,
+    ) {
+        assert!(is_x86_feature_detected!("avx2"), "these tests need an AVX2 machine");
+        let bb = B::BLOCK_BYTES;
+        let x = lcg_block_values(8 * 45); // 45 super-blocks: rows of 5 (5 % SB != 0)
+        let w = lcg_weights(x.len());
+        let n = x.len() / QK_K * bb;
+        let (mut a, mut b, mut c) = (vec![0u8; n], vec![1u8; n], vec![2u8; n]);
+        let k = |dst| RefLanes { src: &x, dst, block_bytes: bb, search, pack };
+        assert!(matches!(with_avx2(k(&mut a)), Ok(true)));
+        assert!(k(&mut b).run());
+        for (xs, y) in x.chunks_exact(QK_K).zip(c.chunks_exact_mut(bb)) {
+            y.copy_from_slice(&scalar(xs.try_into().unwrap(), None));
+        }
+        assert!(a == b && a == c, "reference path");
+        let row = 5 * QK_K;
+        for ((xs, ws), (ya, (yb, yc))) in x
+            .chunks_exact(row)
+            .zip(w.chunks_exact(row))
+            .zip(a.chunks_exact_mut(5 * bb).zip(b.chunks_exact_mut(5 * bb).zip(c.chunks_exact_mut(5 * bb))))
+        {
+            let k = |dst| WeightedLanes { src: xs, weights: ws, dst, block_bytes: bb, nmax, clamp63, pack };
+            assert!(with_avx2(k(ya)).is_ok());
+            k(yb).run();
+            for ((xb, wb), y) in xs.chunks_exact(QK_K).zip(ws.chunks_exact(QK_K)).zip(yc.chunks_exact_mut(bb)) {
+                y.copy_from_slice(&scalar(xb.try_into().unwrap(), Some(wb.try_into().unwrap())));
+            }
+        }
+        assert!(a == b && a == c, "importance path");
+    }
+
+    #[test]
+    fn dequantize_avx2_and_scalar_agree() {
+        crate::quant::test_util::check_dequantize_avx2::<BlockQ4K>();
+        crate::quant::test_util::check_dequantize_avx2::<BlockQ5K>();
+    }
+
+    #[test]
+    fn q4_k_avx2_portable_and_scalar_agree() {
+        check::<BlockQ4K>(
+            Q4K_SEARCH,
+            15,
+            false,
+            |s, y| y.copy_from_slice(&BlockQ4K::from_codes(s).to_bytes()),
+            |x, w| match w {
+                None => BlockQ4K::quantize(x).to_bytes().to_vec(),
+                Some(w) => BlockQ4K::quantize_weighted(x, w).to_bytes().to_vec(),
+            },
+        );
+    }
+
+    #[test]
+    fn q5_k_avx2_portable_and_scalar_agree() {
+        check::<BlockQ5K>(
+            crate::quant::q5_k::Q5K_SEARCH,
+            31,
+            true,
+            |s, y| y.copy_from_slice(&BlockQ5K::from_codes(s).to_bytes()),
+            |x, w| match w {
+                None => BlockQ5K::quantize(x).to_bytes().to_vec(),
+                Some(w) => BlockQ5K::quantize_weighted(x, w).to_bytes().to_vec(),
+            },
+        );
     }
 }

@@ -9,8 +9,8 @@
 //! same truncation to int32 followed by the low byte.
 
 use super::float::{f16_bits_to_f32, f32_to_f16_bits};
-use super::q4_1::{min_scale, quantize_row_weighted_legacy, QK4_1};
-use super::{c_float_to_i8, BlockFormat, Quantize};
+use super::q4_1::{add_nan_first, min_scale, quantize_blocks_scalar, WeightedLanes, QK4_1};
+use super::{c_float_to_i8, run_lanes, BlockFormat, Quantize};
 use crate::GgmlType;
 
 /// One q5_1 block as ggml lays it out (`block_q5_1`).
@@ -48,7 +48,7 @@ impl BlockQ5_1 {
     }
 
     /// The block of scale `d`, min `m` and codes `l` (values 0..32, only their low 5 bits are kept).
-    fn from_codes(d: f32, m: f32, l: &[u8; QK4_1]) -> BlockQ5_1 {
+    pub(super) fn from_codes(d: f32, m: f32, l: &[u8; QK4_1]) -> BlockQ5_1 {
         let mut qs = [0u8; QK4_1 / 2];
         let mut qh = 0u32;
         for (j, q) in qs.iter_mut().enumerate() {
@@ -73,8 +73,8 @@ impl BlockQ5_1 {
         for (j, &q) in self.qs.iter().enumerate() {
             let h0 = ((self.qh >> j) << 4) & 0x10;
             let h1 = (self.qh >> (j + 12)) & 0x10;
-            y[j] = ((q & 0xF) as u32 | h0) as f32 * d + m;
-            y[j + 16] = ((q >> 4) as u32 | h1) as f32 * d + m;
+            y[j] = add_nan_first(((q & 0xF) as u32 | h0) as f32 * d, m);
+            y[j + 16] = add_nan_first(((q >> 4) as u32 | h1) as f32 * d, m);
         }
     }
 }
@@ -86,6 +86,17 @@ impl BlockFormat for BlockQ5_1 {
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         BlockQ5_1::from_bytes(src.try_into().expect("one whole block")).dequantize(dst.try_into().expect("one block"));
     }
+
+    /// `dequantize_row_q5_1`; AVX2 when available, same values.
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if super::x86::q4_1_q5_1_dequantize::<5>(src, dst, Self::dequantize_block) {
+            return;
+        }
+        for (x, y) in src.chunks_exact(Self::BLOCK_BYTES).zip(dst.chunks_exact_mut(QK4_1)) {
+            Self::dequantize_block(x, y);
+        }
+    }
 }
 
 impl Quantize for BlockQ5_1 {
@@ -96,10 +107,26 @@ impl Quantize for BlockQ5_1 {
         dst.copy_from_slice(&BlockQ5_1::quantize(src.try_into().expect("one whole block")).to_bytes());
     }
 
+    /// `quantize_row_q5_1_ref`; AVX2 when available, same bytes.
+    fn quantize_blocks(src: &[f32], dst: &mut [u8]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(ok) = super::x86::q4_1_q5_1_quantize::<5>(src, dst, Self::quantize_block) {
+            return ok;
+        }
+        quantize_blocks_scalar::<Self>(src, dst)
+    }
+
     /// `quantize_row_q5_1_impl` on one row.
     fn quantize_row_weighted(src: &[f32], weights: &[f32], dst: &mut [u8]) {
-        quantize_row_weighted_legacy(src, weights, dst, 31, 24, |d, m, l, y| {
-            y.copy_from_slice(&BlockQ5_1::from_codes(d, m, l).to_bytes())
+        run_lanes(WeightedLanes {
+            src,
+            weights,
+            dst,
+            nmax: 31,
+            block_bytes: 24,
+            block: |d: f32, m: f32, l: &[u8; QK4_1], y: &mut [u8]| {
+                y.copy_from_slice(&BlockQ5_1::from_codes(d, m, l).to_bytes())
+            },
         });
     }
 }

@@ -10,9 +10,9 @@
 //! packing) and `dequantize_row_q5_K`. Traps: those of q4_K.
 
 use super::float::f16_bits_to_f32;
-use super::q4_k::{quantize_row_weighted_with, scale_min_k4, SuperK4, QK_K};
+use super::q4_k::{scale_min_k4, RefLanes, SuperK4, WeightedLanes, QK_K};
 use super::search_affine::Search;
-use super::{BlockFormat, Quantize};
+use super::{run_lanes, BlockFormat, DequantizeBlocks, Quantize};
 use crate::GgmlType;
 
 /// One q5_K block as ggml lays it out (`block_q5_K`).
@@ -31,10 +31,11 @@ pub struct BlockQ5K {
 }
 
 /// `make_qkx2_quants` parameters of `quantize_row_q5_K_ref`.
-const Q5K_SEARCH: Search = Search { nmax: 31, rmin: -0.5, rdelta: 0.1, nstep: 15, use_mad: false };
+pub(super) const Q5K_SEARCH: Search = Search { nmax: 31, rmin: -0.5, rdelta: 0.1, nstep: 15, use_mad: false };
 
 impl BlockQ5K {
     /// Reads a block from its 176 on-disk bytes.
+    #[inline(always)]
     pub fn from_bytes(b: &[u8; 176]) -> BlockQ5K {
         BlockQ5K {
             d: u16::from_le_bytes([b[0], b[1]]),
@@ -66,7 +67,7 @@ impl BlockQ5K {
         BlockQ5K::from_codes(&SuperK4::quantize_weighted(x, qw, 31, true))
     }
 
-    fn from_codes(s: &SuperK4) -> BlockQ5K {
+    pub(super) fn from_codes(s: &SuperK4) -> BlockQ5K {
         let mut qh = [0u8; QK_K / 8];
         let mut qs = [0u8; QK_K / 2];
         for (k, (q, l)) in qs.chunks_exact_mut(32).zip(s.l.chunks_exact(64)).enumerate() {
@@ -80,6 +81,7 @@ impl BlockQ5K {
     }
 
     /// One super-block of `dequantize_row_q5_K`: `y = d*sc * (q + 16 h) - dmin*m`.
+    #[inline(always)]
     pub fn dequantize(&self, y: &mut [f32; QK_K]) {
         let d = f16_bits_to_f32(self.d);
         let min = f16_bits_to_f32(self.dmin);
@@ -101,8 +103,14 @@ impl BlockFormat for BlockQ5K {
     const TYPE: GgmlType = GgmlType::Q5_K;
 
     /// See [`BlockQ5K::dequantize`].
+    #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         BlockQ5K::from_bytes(src.try_into().expect("one whole block")).dequantize(dst.try_into().expect("one block"));
+    }
+
+    /// The dequantizer over whole blocks, compiled for AVX2 when available (same values).
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
+        run_lanes(DequantizeBlocks::<Self> { src, dst, block: std::marker::PhantomData })
     }
 }
 
@@ -114,11 +122,28 @@ impl Quantize for BlockQ5K {
         dst.copy_from_slice(&BlockQ5K::quantize(src.try_into().expect("one whole block")).to_bytes());
     }
 
-    /// `quantize_row_q5_K_impl` on one row.
+    /// `quantize_row_q5_K_ref` with the sub-block searches vectorised (see q4_K's `RefLanes`).
+    fn quantize_blocks(src: &[f32], dst: &mut [u8]) -> bool {
+        run_lanes(RefLanes {
+            src,
+            dst,
+            block_bytes: Self::BLOCK_BYTES,
+            search: Q5K_SEARCH,
+            pack: |s: &SuperK4, y: &mut [u8]| y.copy_from_slice(&BlockQ5K::from_codes(s).to_bytes()),
+        })
+    }
+
+    /// `quantize_row_q5_K_impl` on one row, the sub-block searches vectorised (see q4_K's `WeightedLanes`).
     fn quantize_row_weighted(src: &[f32], weights: &[f32], dst: &mut [u8]) {
-        quantize_row_weighted_with::<BlockQ5K>(src, weights, dst, |x, w, y| {
-            y.copy_from_slice(&BlockQ5K::quantize_weighted(x, w).to_bytes())
-        });
+        run_lanes(WeightedLanes {
+            src,
+            weights,
+            dst,
+            block_bytes: Self::BLOCK_BYTES,
+            nmax: 31,
+            clamp63: true,
+            pack: |s: &SuperK4, y: &mut [u8]| y.copy_from_slice(&BlockQ5K::from_codes(s).to_bytes()),
+        })
     }
 }
 

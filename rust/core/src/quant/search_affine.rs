@@ -214,6 +214,206 @@ pub(super) fn make_qp_quants(nmax: i32, x: &[f32], l: &mut [u8], w: &[f32]) -> f
     }
 }
 
+/// `LANES` values side by side: element `k` belongs to lane (sub-block) `k`.
+pub(super) type Lanes<const LANES: usize> = [f32; LANES];
+
+/// `x` (`LANES` sub-blocks of `N` values one after the other) transposed: `[i][k]` is element `i` of sub-block `k`.
+#[inline(always)]
+pub(super) fn transpose_in<const LANES: usize, const N: usize>(x: &[f32]) -> [Lanes<LANES>; N] {
+    assert_eq!(x.len(), LANES * N);
+    let mut t = [[0f32; LANES]; N];
+    for (k, xs) in x.chunks_exact(N).enumerate() {
+        for (i, &v) in xs.iter().enumerate() {
+            t[i][k] = v;
+        }
+    }
+    t
+}
+
+/// The importance weights of the k-quant `_impl` paths for super-blocks of 256 in lanes: per super-block
+/// `sigma2 = factor * sum x² / 256` (the sum sequential; `factor` 2 for q4_K/q5_K, 1 for q2_K), per element
+/// `w = qw * sqrt(sigma2 + x²)`, per sub-block (lane) the sequential sum of its weights. `xs` and `qw` hold
+/// `LANES * N` values: `LANES * N / 256` super-blocks of `256 / N` sub-blocks. Returns `(xt, wt, sw)`.
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+pub(super) fn super_block_weights<const LANES: usize, const N: usize>(
+    xs: &[f32],
+    qw: &[f32],
+    factor: f32,
+) -> ([Lanes<LANES>; N], [Lanes<LANES>; N], Lanes<LANES>) {
+    const QK_K: usize = 256;
+    let sb = LANES * N / QK_K;
+    let mut sum_x2 = [0f32; LANES];
+    for l in 0..QK_K {
+        for (s, acc) in sum_x2.iter_mut().take(sb).enumerate() {
+            *acc += xs[s * QK_K + l] * xs[s * QK_K + l];
+        }
+    }
+    let mut sigma2 = [0f32; LANES];
+    for k in 0..LANES {
+        sigma2[k] = factor * sum_x2[k / (LANES / sb)] / QK_K as f32;
+    }
+    let xt = transpose_in::<LANES, N>(xs);
+    let mut wt = transpose_in::<LANES, N>(qw);
+    let mut sw = [0f32; LANES];
+    for (w, row) in wt.iter_mut().zip(&xt) {
+        for k in 0..LANES {
+            w[k] *= (sigma2[k] + row[k] * row[k]).sqrt();
+            sw[k] += w[k];
+        }
+    }
+    (xt, wt, sw)
+}
+
+/// The results of [`make_qkx_quants_lanes`]: per lane the scale and `the_min`, and the codes (`[i][k]`).
+pub(super) struct LaneFits<const LANES: usize, const N: usize> {
+    pub scale: Lanes<LANES>,
+    pub the_min: Lanes<LANES>,
+    pub l: [[i32; LANES]; N],
+}
+
+impl<const LANES: usize, const N: usize> LaneFits<LANES, N> {
+    /// The scales, the mins and the codes (as bytes, sub-block after sub-block) of super-block `s`: lanes
+    /// `SUB * s..SUB * (s + 1)`, `SUB * N == LEN`.
+    #[inline(always)]
+    #[allow(clippy::type_complexity)]
+    pub fn super_block<const SUB: usize, const LEN: usize>(&self, s: usize) -> ([f32; SUB], [f32; SUB], [u8; LEN]) {
+        assert_eq!(SUB * N, LEN);
+        let lanes = SUB * s..SUB * s + SUB;
+        let scales = self.scale[lanes.clone()].try_into().expect("SUB lanes");
+        let mins = self.the_min[lanes].try_into().expect("SUB lanes");
+        let mut l = [0u8; LEN];
+        for (j, out) in l.chunks_exact_mut(N).enumerate() {
+            for (o, row) in out.iter_mut().zip(&self.l) {
+                *o = row[SUB * s + j] as u8;
+            }
+        }
+        (scales, mins, l)
+    }
+}
+
+/// [`make_qkx_quants`] on `LANES` sub-blocks of `N` finite values at once (`xt[i][k]`, weights `wt[i][k]`): each
+/// lane does its own sub-block's operations in C order; the branches become per-lane selects.
+///
+/// A lane whose block takes the early exit (`max == min`) keeps computing on meaningless values, but its state
+/// never changes after that and its result is set at the end. Everything is plain array code: written to be
+/// inlined into an AVX2 kernel, where the compiler turns each per-lane loop into vector instructions.
+#[inline(always)]
+pub(super) fn make_qkx_quants_lanes<const LANES: usize, const N: usize>(
+    p: Search,
+    xt: &[Lanes<LANES>; N],
+    wt: &[Lanes<LANES>; N],
+) -> LaneFits<LANES, N> {
+    let mut min = xt[0];
+    let mut max = xt[0];
+    let mut sum_w = wt[0];
+    let mut sum_x = [0f32; LANES];
+    for k in 0..LANES {
+        sum_x[k] = sum_w[k] * xt[0][k];
+    }
+    for i in 1..N {
+        for k in 0..LANES {
+            let v = xt[i][k];
+            min[k] = if v < min[k] { v } else { min[k] };
+            max[k] = if v > max[k] { v } else { max[k] };
+            sum_w[k] += wt[i][k];
+            sum_x[k] += wt[i][k] * v;
+        }
+    }
+    let mut flat = [false; LANES];
+    let mut range = [0f32; LANES];
+    for k in 0..LANES {
+        min[k] = if min[k] > 0.0 { 0.0 } else { min[k] };
+        flat[k] = max[k] == min[k];
+        range[k] = max[k] - min[k];
+    }
+    let nmax = p.nmax as f32;
+    let mut scale = [0f32; LANES];
+    let mut iscale = [0f32; LANES];
+    for k in 0..LANES {
+        iscale[k] = nmax / range[k];
+        scale[k] = 1.0 / iscale[k];
+    }
+    let mut l = [[0i32; LANES]; N];
+    let mut best = [0f32; LANES];
+    for i in 0..N {
+        for k in 0..LANES {
+            let x = xt[i][k];
+            let q = nearest_int(iscale[k] * (x - min[k])).min(p.nmax).max(0);
+            l[i][k] = q;
+            best[k] += wt[i][k] * error_term(scale[k] * q as f32 + min[k] - x, p.use_mad);
+        }
+    }
+    if p.nstep >= 1 {
+        let mut laux = [[0i32; LANES]; N];
+        for is in 0..=p.nstep {
+            let num = p.rmin + p.rdelta * is as f32 + nmax;
+            for k in 0..LANES {
+                iscale[k] = num / (max[k] - min[k]);
+            }
+            let (mut sum_l, mut sum_l2, mut sum_xl) = ([0f32; LANES], [0f32; LANES], [0f32; LANES]);
+            for i in 0..N {
+                for k in 0..LANES {
+                    let x = xt[i][k];
+                    let q = nearest_int(iscale[k] * (x - min[k])).min(p.nmax).max(0);
+                    laux[i][k] = q;
+                    let wl = wt[i][k] * q as f32;
+                    sum_l[k] += wl;
+                    sum_l2[k] += wl * q as f32;
+                    sum_xl[k] += wl * x;
+                }
+            }
+            let mut this_scale = [0f32; LANES];
+            let mut this_min = [0f32; LANES];
+            let mut take = [false; LANES];
+            for k in 0..LANES {
+                let d = sum_w[k] * sum_l2[k] - sum_l[k] * sum_l[k];
+                take[k] = d > 0.0 && !flat[k];
+                let s = (sum_w[k] * sum_xl[k] - sum_x[k] * sum_l[k]) / d;
+                let m = (sum_l2[k] * sum_x[k] - sum_l[k] * sum_xl[k]) / d;
+                let clamp = m > 0.0;
+                this_min[k] = if clamp { 0.0 } else { m };
+                this_scale[k] = if clamp { sum_xl[k] / sum_l2[k] } else { s };
+            }
+            let mut cur = [0f32; LANES];
+            for i in 0..N {
+                for k in 0..LANES {
+                    let diff = this_scale[k] * laux[i][k] as f32 + this_min[k] - xt[i][k];
+                    cur[k] += wt[i][k] * error_term(diff, p.use_mad);
+                }
+            }
+            let mut any = false;
+            for k in 0..LANES {
+                take[k] &= cur[k] < best[k];
+                any |= take[k];
+            }
+            if any {
+                for k in 0..LANES {
+                    best[k] = if take[k] { cur[k] } else { best[k] };
+                    scale[k] = if take[k] { this_scale[k] } else { scale[k] };
+                    min[k] = if take[k] { this_min[k] } else { min[k] };
+                }
+                for i in 0..N {
+                    for k in 0..LANES {
+                        l[i][k] = if take[k] { laux[i][k] } else { l[i][k] };
+                    }
+                }
+            }
+        }
+    }
+    let mut the_min = [0f32; LANES];
+    for k in 0..LANES {
+        scale[k] = if flat[k] { 0.0 } else { scale[k] };
+        the_min[k] = -min[k];
+    }
+    for row in l.iter_mut() {
+        for k in 0..LANES {
+            row[k] = if flat[k] { 0 } else { row[k] };
+        }
+    }
+    LaneFits { scale, the_min, l }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -87,6 +87,57 @@ pub(in crate::quant) fn q8_0_dequantize(src: &[u8], dst: &mut [f32]) -> bool {
     true
 }
 
+/// q4_1 (`BITS` 4, 20-byte blocks) or q5_1 (`BITS` 5, 24-byte blocks) quantize of whole blocks with AVX2 and F16C
+/// (blocks whose min or max is zero, or whose scale or inverse scale is not finite, go to `scalar`); `None` without
+/// them.
+/// Same bytes as `quantize_row_q4_1_ref` / `quantize_row_q5_1_ref`.
+pub(in crate::quant) fn q4_1_q5_1_quantize<const BITS: u32>(
+    src: &[f32],
+    dst: &mut [u8],
+    scalar: ScalarBlock,
+) -> Option<bool> {
+    if !has_avx2_f16c() {
+        return None;
+    }
+    let bb = if BITS == 4 { 20 } else { 24 };
+    assert!(src.len().is_multiple_of(QK4_0) && dst.len() == src.len() / QK4_0 * bb, "q4_1/q5_1 quantize: sizes");
+    // SAFETY: AVX2 is available (checked above); the kernel only touches memory through in-bounds slice chunks.
+    Some(unsafe { q4_1_q5_1_quantize_avx2::<BITS>(src, dst, scalar) })
+}
+
+/// q4_1 (`BITS` 4) or q5_1 (`BITS` 5) dequantize of whole blocks with AVX2; false without AVX2. Same values as
+/// `dequantize_row_q4_1` / `dequantize_row_q5_1`.
+///
+/// Blocks whose `d` or `m` is infinite or NaN go to `scalar`: with two NaN operands x86 returns the first one's
+/// payload, and the compiler may swap the operands of a vector addition (it does not preserve NaN payloads), so
+/// only the scalar code keeps C's `q*d + m` order there.
+pub(in crate::quant) fn q4_1_q5_1_dequantize<const BITS: u32>(
+    src: &[u8],
+    dst: &mut [f32],
+    scalar: fn(&[u8], &mut [f32]),
+) -> bool {
+    if !has_avx2() {
+        return false;
+    }
+    let bb = if BITS == 4 { 20 } else { 24 };
+    assert!(dst.len().is_multiple_of(QK4_0) && src.len() == dst.len() / QK4_0 * bb, "q4_1/q5_1 dequantize: sizes");
+    // SAFETY: AVX2 is available (checked above); the kernel only touches memory through in-bounds slice chunks.
+    unsafe { q4_1_q5_1_dequantize_avx2::<BITS>(src, dst, scalar) };
+    true
+}
+
+/// q2_K dequantize of whole 84-byte super-blocks with AVX2; false without AVX2. Same values as
+/// `dequantize_row_q2_K`.
+pub(in crate::quant) fn q2_k_dequantize(src: &[u8], dst: &mut [f32]) -> bool {
+    if !has_avx2() {
+        return false;
+    }
+    assert!(dst.len().is_multiple_of(256) && src.len() == dst.len() / 256 * 84, "q2_K dequantize: buffer sizes");
+    // SAFETY: AVX2 is available (checked above); the kernel only touches memory through in-bounds slice chunks.
+    unsafe { q2_k_dequantize_avx2(src, dst) };
+    true
+}
+
 /// f32 -> f16 (little-endian bytes) with F16C, round to nearest even; `None` without F16C/AVX2, else whether every
 /// input was finite (the output is then unspecified).
 pub(in crate::quant) fn f32_to_f16_row(src: &[f32], dst: &mut [u8]) -> Option<bool> {
@@ -233,6 +284,156 @@ unsafe fn q8_0_quantize_avx2(src: &[f32], dst: &mut [u8], scalar: ScalarBlock) -
         _mm256_storeu_si256(y[2..34].as_mut_ptr().cast(), b);
     }
     true
+}
+
+/// The smallest and the largest of the 32 values (as a tree: equal to C's sequential strict comparisons unless
+/// the result is a zero, whose sign the tree does not track).
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn block_min_max(v: &[__m256; 4]) -> (f32, f32) {
+    let lo = _mm256_min_ps(_mm256_min_ps(v[0], v[1]), _mm256_min_ps(v[2], v[3]));
+    let hi = _mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3]));
+    let lo = _mm_min_ps(_mm256_castps256_ps128(lo), _mm256_extractf128_ps::<1>(lo));
+    let hi = _mm_max_ps(_mm256_castps256_ps128(hi), _mm256_extractf128_ps::<1>(hi));
+    let lo = _mm_min_ps(lo, _mm_movehl_ps(lo, lo));
+    let hi = _mm_max_ps(hi, _mm_movehl_ps(hi, hi));
+    let lo = _mm_min_ss(lo, _mm_shuffle_ps::<0b01>(lo, lo));
+    let hi = _mm_max_ss(hi, _mm_shuffle_ps::<0b01>(hi, hi));
+    (_mm_cvtss_f32(lo), _mm_cvtss_f32(hi))
+}
+
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn q4_1_q5_1_quantize_avx2<const BITS: u32>(src: &[f32], dst: &mut [u8], scalar: ScalarBlock) -> bool {
+    let (levels, bb) = if BITS == 4 { (15.0f32, 20) } else { (31.0f32, 24) };
+    let half = _mm256_set1_ps(0.5);
+    let fifteen = _mm256_set1_epi32(15);
+    for (x, y) in src.chunks_exact(QK4_0).zip(dst.chunks_exact_mut(bb)) {
+        prefetch_ahead(x);
+        let v = load_block(x);
+        let (_, amax_bits) = abs_bits_and_max(&v);
+        if amax_bits >= 0x7F80_0000 {
+            return false;
+        }
+        let (min, max) = block_min_max(&v);
+        let d = (max - min) / levels;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        if min == 0.0 || max == 0.0 || !d.is_finite() || !id.is_finite() {
+            // A zero extreme takes the sign of the block's first zero; overflowing scales convert NaN/inf to
+            // integers: both left to the scalar definition.
+            scalar(x, y);
+            continue;
+        }
+        // F16C rounds finite values to nearest even, as ggml's software conversion does.
+        let dm = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_setr_ps(d, min, 0.0, 0.0));
+        y[..4].copy_from_slice(&(_mm_cvtsi128_si32(dm) as u32).to_le_bytes());
+        let (minv, idv) = (_mm256_set1_ps(min), _mm256_set1_ps(id));
+        // (x - min) * id, then + 0.5 (separate roundings), truncated: in [0, levels + 0.5] for a finite id.
+        let q = |k: usize| _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(v[k], minv), idv), half));
+        let (q0, q1, q2, q3) = (q(0), q(1), q(2), q(3));
+        let qs = if BITS == 4 {
+            let (q0, q1, q2, q3) = (
+                _mm256_min_epi32(q0, fifteen),
+                _mm256_min_epi32(q1, fifteen),
+                _mm256_min_epi32(q2, fifteen),
+                _mm256_min_epi32(q3, fifteen),
+            );
+            nibbles(q0, q1, q2, q3)
+        } else {
+            // Fifth bits to the sign bit, one movemask per 8 codes: bit j of qh for code j.
+            let h = |q: __m256i| _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_slli_epi32::<27>(q))) as u32;
+            let qh = h(q0) | h(q1) << 8 | h(q2) << 16 | h(q3) << 24;
+            y[4..8].copy_from_slice(&qh.to_le_bytes());
+            let low = _mm256_set1_epi32(0x0F);
+            let m = |q: __m256i| _mm256_and_si256(q, low);
+            nibbles(m(q0), m(q1), m(q2), m(q3))
+        };
+        _mm_storeu_si128(y[bb - 16..].as_mut_ptr().cast(), qs);
+    }
+    true
+}
+
+/// 32 codes (0..16, in four vectors of 8 for elements 0..8, 8..16, 16..24, 24..32) as 16 bytes
+/// `q[j] | q[j + 16] << 4`.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn nibbles(q0: __m256i, q1: __m256i, q2: __m256i, q3: __m256i) -> __m128i {
+    let r0 = _mm256_or_si256(q0, _mm256_slli_epi32::<4>(q2));
+    let r1 = _mm256_or_si256(q1, _mm256_slli_epi32::<4>(q3));
+    let w0 = _mm_packs_epi32(_mm256_castsi256_si128(r0), _mm256_extracti128_si256::<1>(r0));
+    let w1 = _mm_packs_epi32(_mm256_castsi256_si128(r1), _mm256_extracti128_si256::<1>(r1));
+    _mm_packus_epi16(w0, w1)
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn q4_1_q5_1_dequantize_avx2<const BITS: u32>(src: &[u8], dst: &mut [f32], scalar: fn(&[u8], &mut [f32])) {
+    let bb = if BITS == 4 { 20 } else { 24 };
+    let low = _mm_set1_epi8(0x0F);
+    // For q5_1: bit j of qh selects 16 for element j; each lane of 8 tests its own bit.
+    let bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    let sixteen = _mm256_set1_epi32(16);
+    for (x, y) in src.chunks_exact(bb).zip(dst.chunks_exact_mut(QK4_0)) {
+        let (dh, mh) = (u16::from_le_bytes([x[0], x[1]]), u16::from_le_bytes([x[2], x[3]]));
+        if dh & 0x7C00 == 0x7C00 || mh & 0x7C00 == 0x7C00 {
+            scalar(x, y);
+            continue;
+        }
+        let d = _mm256_set1_ps(f16_bits_to_f32(dh));
+        let m = _mm256_set1_ps(f16_bits_to_f32(mh));
+        let qh = if BITS == 4 { 0 } else { u32::from_le_bytes([x[4], x[5], x[6], x[7]]) };
+        let qs = _mm_loadu_si128(x[bb - 16..].as_ptr().cast());
+        let lo = _mm_and_si128(qs, low);
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), low);
+        // q * d, then + m (two roundings, as C), 8 codes at a time; `k` is the first element's index.
+        let f = |b: __m128i, k: u32| {
+            let mut q = _mm256_cvtepu8_epi32(b);
+            if BITS == 5 {
+                let h = _mm256_and_si256(_mm256_set1_epi32((qh >> k) as i32 & 0xFF), bits);
+                q = _mm256_or_si256(q, _mm256_and_si256(_mm256_cmpeq_epi32(h, bits), sixteen));
+            }
+            _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), d), m)
+        };
+        let p = y.as_mut_ptr();
+        _mm256_storeu_ps(p, f(lo, 0));
+        _mm256_storeu_ps(p.add(8), f(_mm_srli_si128::<8>(lo), 8));
+        _mm256_storeu_ps(p.add(16), f(hi, 16));
+        _mm256_storeu_ps(p.add(24), f(_mm_srli_si128::<8>(hi), 24));
+    }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn q2_k_dequantize_avx2(src: &[u8], dst: &mut [f32]) {
+    let three = _mm256_set1_epi8(3);
+    let low = _mm_set1_epi8(0x0F);
+    for (x, y) in src.chunks_exact(84).zip(dst.chunks_exact_mut(256)) {
+        let d = _mm256_set1_ps(f16_bits_to_f32(u16::from_le_bytes([x[80], x[81]])));
+        let min = _mm256_set1_ps(f16_bits_to_f32(u16::from_le_bytes([x[82], x[83]])));
+        // dl = d * (sc & 15), ml = min * (sc >> 4) for the 16 sub-blocks.
+        let sc = _mm_loadu_si128(x.as_ptr().cast());
+        let (lo, hi) = (_mm_and_si128(sc, low), _mm_and_si128(_mm_srli_epi16::<4>(sc), low));
+        let f = |b: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+        let mut dl = [0f32; 16];
+        let mut ml = [0f32; 16];
+        _mm256_storeu_ps(dl.as_mut_ptr(), _mm256_mul_ps(d, f(lo)));
+        _mm256_storeu_ps(dl.as_mut_ptr().add(8), _mm256_mul_ps(d, f(_mm_srli_si128::<8>(lo))));
+        _mm256_storeu_ps(ml.as_mut_ptr(), _mm256_mul_ps(min, f(hi)));
+        _mm256_storeu_ps(ml.as_mut_ptr().add(8), _mm256_mul_ps(min, f(_mm_srli_si128::<8>(hi))));
+        for h in 0..2 {
+            let q = _mm256_loadu_si256(x[16 + 32 * h..16 + 32 * h + 32].as_ptr().cast());
+            for k in 0..4 {
+                // Codes of elements 128h + 32k + 0..32: bits 2k..2k+2 of the 32 bytes.
+                let c = _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * k as i32)), three);
+                let halves = [_mm256_castsi256_si128(c), _mm256_extracti128_si256::<1>(c)];
+                for (half, c) in halves.into_iter().enumerate() {
+                    let s = 8 * h + 2 * k + half;
+                    let (dls, mls) = (_mm256_set1_ps(dl[s]), _mm256_set1_ps(ml[s]));
+                    let p = y.as_mut_ptr().add(16 * s);
+                    // dl * q, then - ml (two roundings, as C).
+                    _mm256_storeu_ps(p, _mm256_sub_ps(_mm256_mul_ps(dls, f(c)), mls));
+                    _mm256_storeu_ps(p.add(8), _mm256_sub_ps(_mm256_mul_ps(dls, f(_mm_srli_si128::<8>(c))), mls));
+                }
+            }
+        }
+    }
 }
 
 #[target_feature(enable = "avx2")]
