@@ -3,10 +3,11 @@
 A benchmark, not a test. For each type (iq1_s … q2_0): the C oracle (``tests/oracles``: ggml-quants.c compiled
 ``gcc -O2 -ffp-contract=off``) quantizes a random matrix once, then ``dequantize_row_<type>`` (C, via ctypes on the
 whole buffer) and ``ggml_lora.dequantize(..., out=)`` run alternately on the same bytes; it prints the best MB/s of
-f32 output of each (the best of the repeats: the least disturbed by other work on the machine) and the ratio, and checks the values are bit-identical. The process runs with ``RAYON_NUM_THREADS=1`` (a
-child process is started with it when it is not set), so ggml_lora uses one thread like the C code.
+f32 output of each (the best of the repeats: the least disturbed by other work on the machine) and the ratio, and
+checks the values are bit-identical. The process runs with ``RAYON_NUM_THREADS=1`` (a child process is started with
+it when it is not set), so ggml_lora uses one thread like the C code.
 
-    python benches/bench_dequantize_readonly.py [--rows 1024] [--cols 4096] [--repeat 7] [--types iq2_xs,mxfp4]
+    python benches/bench_dequantize_readonly.py [--rows 1024] [--cols 4096] [--repeat 15] [--types iq2_xs,mxfp4]
 """
 
 from __future__ import annotations
