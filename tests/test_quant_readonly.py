@@ -322,7 +322,8 @@ def _adapter(path: Path, targets: dict[str, tuple[int, int]], rank: int = 4, see
                                      gguf.GGMLQuantizationType.F32)
         tensors[f"{name}.lora_b"] = ((rng.standard_normal((n_out, rank)) * 0.1).astype(np.float32),
                                      gguf.GGMLQuantizationType.F32)
-    return write_with_gguf_py(path, tensors, {"general.type": "adapter", "adapter.type": "lora", "adapter.lora.alpha": 8.0})
+    metadata: dict[str, str | float] = {"general.type": "adapter", "adapter.type": "lora", "adapter.lora.alpha": 8.0}
+    return write_with_gguf_py(path, tensors, metadata)
 
 
 def _lora_delta(adapter: Path, name: str) -> np.ndarray:

@@ -14,6 +14,7 @@
 //!
 //! **Traps**: each value is `(float)code * scale` (code first).
 
+use super::grid;
 use super::iq_tables::KVALUES_FP4;
 use super::BlockFormat;
 use crate::GgmlType;
@@ -59,6 +60,11 @@ fn nibbles(y: &mut [f32], qs: &[u8], d: f32) {
 impl BlockFormat for BlockMxfp4 {
     const TYPE: GgmlType = GgmlType::MXFP4;
 
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
+        grid::dequantize_blocks::<Self>(src, dst)
+    }
+
+    #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         nibbles(dst, &src[1..17], e8m0_half(src[0]));
     }
@@ -67,6 +73,11 @@ impl BlockFormat for BlockMxfp4 {
 impl BlockFormat for BlockNvfp4 {
     const TYPE: GgmlType = GgmlType::NVFP4;
 
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
+        grid::dequantize_blocks::<Self>(src, dst)
+    }
+
+    #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         for (s, y) in dst.chunks_exact_mut(16).enumerate() {
             nibbles(y, &src[4 + 8 * s..12 + 8 * s], ue4m3_half(src[s]));

@@ -1,5 +1,7 @@
 //! Small pieces shared by the read-only block formats (i-quants, ternary, fp4, q1_0/q2_0): little-endian field
-//! reads at byte offsets, and the "grid point times a scale, with per-value signs" expansion of the i-quants.
+//! reads at byte offsets, the grids as byte arrays, the "grid point times a scale, with per-value signs" expansion
+//! of the i-quants, and their common [`dequantize_blocks`]: the portable per-block code, which the compiler
+//! vectorises when it is compiled again with AVX2 enabled (`x86::lanes`; same values, tested below).
 //!
 //! The trap these helpers keep in one place: ggml writes a signed grid value as `db * grid[j] * (neg ? -1.f :
 //! 1.f)`, and the reference build (gcc `-O2`) turns the multiplication by ±1 into a sign flip, so a NaN scale
@@ -7,6 +9,7 @@
 //! never rounds and flips the sign bit of NaN too), which equals the multiplication for every non-NaN value.
 
 use super::float::f16_bits_to_f32;
+use super::BlockFormat;
 
 /// The little-endian `u16` at byte `at`.
 #[inline(always)]
@@ -26,24 +29,61 @@ pub(super) fn f16_at(b: &[u8], at: usize) -> f32 {
     f16_bits_to_f32(u16_at(b, at))
 }
 
-/// `v` with its sign bit flipped when `negative` (see the module docs).
+/// `v` with its sign bit flipped when `negative` (see the module docs); branch-free, as the signs are random.
 #[inline(always)]
 pub(super) fn negate_if(v: f32, negative: bool) -> f32 {
-    if negative {
-        -v
-    } else {
-        v
+    f32::from_bits(v.to_bits() ^ (negative as u32) << 31)
+}
+
+/// A grid table of 8-byte entries as their bytes, lowest first: ggml reads its `uint64_t` grid entries as bytes on
+/// a little-endian machine. Computed at compile time; byte arrays let the compiler load a run's magnitudes as one
+/// vector.
+pub(super) const fn grid_bytes8<const N: usize>(table: &[u64; N]) -> [[u8; 8]; N] {
+    let mut out = [[0u8; 8]; N];
+    let mut i = 0;
+    while i < N {
+        out[i] = table[i].to_le_bytes();
+        i += 1;
+    }
+    out
+}
+
+/// [`grid_bytes8`] for tables of 4-byte entries.
+pub(super) const fn grid_bytes4<const N: usize>(table: &[u32; N]) -> [[u8; 4]; N] {
+    let mut out = [[0u8; 4]; N];
+    let mut i = 0;
+    while i < N {
+        out[i] = table[i].to_le_bytes();
+        i += 1;
+    }
+    out
+}
+
+/// Eight values of an i-quant run: `y[j] = db * grid[j]` (the unsigned magnitudes of a grid point), negated where
+/// bit `j` of `signs` is set.
+#[inline(always)]
+pub(super) fn signed_grid8(y: &mut [f32; 8], db: f32, grid: &[u8; 8], signs: u8) {
+    for j in 0..8 {
+        y[j] = negate_if(db * grid[j] as f32, signs >> j & 1 != 0);
     }
 }
 
-/// Eight values of an i-quant group: `y[j] = db * grid[j]`, negated where bit `j` of `signs` is set. `grid` holds
-/// the eight unsigned magnitudes, lowest byte first (ggml reads its `uint64_t`/`uint32_t` grid entries as bytes on
-/// a little-endian machine).
+/// The portable dequantize of whole blocks of `B` (its `dequantize_block` over them).
 #[inline(always)]
-pub(super) fn signed_grid8(y: &mut [f32], db: f32, grid: u64, signs: u8) {
-    for (j, (v, g)) in y[..8].iter_mut().zip(grid.to_le_bytes()).enumerate() {
-        *v = negate_if(db * g as f32, signs >> j & 1 != 0);
+pub(super) fn blocks_portable<B: BlockFormat>(src: &[u8], dst: &mut [f32]) {
+    for (x, y) in src.chunks_exact(B::BLOCK_BYTES).zip(dst.chunks_exact_mut(B::BLOCK_SIZE)) {
+        B::dequantize_block(x, y);
     }
+}
+
+/// [`BlockFormat::dequantize_blocks`] of the read-only formats: [`blocks_portable`], compiled for AVX2 when the CPU
+/// has it (same values, see `x86::lanes`).
+pub(super) fn dequantize_blocks<B: BlockFormat>(src: &[u8], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::x86::dequantize_with_avx2(blocks_portable::<B>, src, dst) {
+        return;
+    }
+    blocks_portable::<B>(src, dst)
 }
 
 /// One block of `B` dequantized into a fresh vector (for the block files' golden tests).
@@ -69,7 +109,61 @@ mod tests {
         assert_eq!(negate_if(-3.5, false), -3.5);
         let mut y = [0.0f32; 8];
         // magnitudes 1..8 (lowest byte first), signs on values 0 and 7
-        signed_grid8(&mut y, 0.5, 0x0807_0605_0403_0201, 0x81);
+        signed_grid8(&mut y, 0.5, &[1, 2, 3, 4, 5, 6, 7, 8], 0x81);
         assert_eq!(y, [-0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, -4.0]);
+        assert_eq!(grid_bytes8(&[0x0807_0605_0403_0201]), [[1, 2, 3, 4, 5, 6, 7, 8]]);
+        assert_eq!(grid_bytes4(&[0x0403_0201, 0xFF]), [[1, 2, 3, 4], [0xFF, 0, 0, 0]]);
+    }
+
+    /// Random block bytes (an LCG): every field pattern, NaN/inf/subnormal scales included.
+    fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed;
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                (state >> 56) as u8
+            })
+            .collect()
+    }
+
+    /// The AVX2 compilation of [`blocks_portable`] gives the same bits as the portable one. Fails (rather than
+    /// passing vacuously) on an x86-64 machine without AVX2 or when the AVX2 entry point does not run.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_compilation_equals_portable() {
+        use super::super::*;
+
+        fn check<B: BlockFormat>() {
+            let blocks = 300;
+            let src = random_bytes(blocks * B::BLOCK_BYTES, B::TYPE.id() as u64 + 1);
+            let mut portable = vec![0f32; blocks * B::BLOCK_SIZE];
+            let mut avx2 = vec![1f32; blocks * B::BLOCK_SIZE];
+            blocks_portable::<B>(&src, &mut portable);
+            assert!(
+                super::super::x86::dequantize_with_avx2(blocks_portable::<B>, &src, &mut avx2),
+                "AVX2 path not taken"
+            );
+            let same = portable.iter().zip(&avx2).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{}: AVX2 and portable compilations differ", B::TYPE);
+            // f16 scales: some random ones are NaN (the fp4 formats' scales never are).
+            let fp4 = matches!(B::TYPE, GgmlType::MXFP4 | GgmlType::NVFP4);
+            assert!(fp4 || portable.iter().any(|v| v.is_nan()), "{}: no NaN scale drawn", B::TYPE);
+        }
+        assert!(is_x86_feature_detected!("avx2"), "this test needs an AVX2 machine to compare the two compilations");
+        check::<BlockIq1S>();
+        check::<BlockIq1M>();
+        check::<BlockIq2Xxs>();
+        check::<BlockIq2Xs>();
+        check::<BlockIq2S>();
+        check::<BlockIq3Xxs>();
+        check::<BlockIq3S>();
+        check::<BlockIq4Nl>();
+        check::<BlockIq4Xs>();
+        check::<BlockTq1_0>();
+        check::<BlockTq2_0>();
+        check::<BlockMxfp4>();
+        check::<BlockNvfp4>();
+        check::<BlockQ1_0>();
+        check::<BlockQ2_0>();
     }
 }

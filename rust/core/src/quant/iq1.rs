@@ -16,7 +16,7 @@
 //! run scale `d * (2s + 1)` (an integer converted to float); no sign flips here.
 
 use super::float::f16_bits_to_f32;
-use super::grid::{f16_at, u16_at};
+use super::grid::{self, f16_at, u16_at};
 use super::iq_tables::{IQ1M_DELTA, IQ1S_DELTA, IQ1S_GRID};
 use super::BlockFormat;
 use crate::GgmlType;
@@ -27,13 +27,17 @@ pub struct BlockIq1S;
 /// iq1_m blocks (`block_iq1_m`; see the module docs).
 pub struct BlockIq1M;
 
-/// Eight values `dl * (grid[j] + delta)` of grid point `index`.
+/// Eight values `dl * (grid[j] + delta)` of grid point `index` (signed bytes).
 #[inline(always)]
-fn run(y: &mut [f32], dl: f32, index: usize, delta: f32) {
-    for (v, g) in y[..8].iter_mut().zip(IQ1S_GRID[index].to_le_bytes()) {
-        *v = dl * (g as i8 as f32 + delta);
+fn run(y: &mut [f32; 8], dl: f32, index: usize, delta: f32) {
+    let g = &GRID[index];
+    for j in 0..8 {
+        y[j] = dl * (g[j] as i8 as f32 + delta);
     }
 }
+
+/// [`IQ1S_GRID`] as bytes (see [`grid::grid_bytes8`]).
+static GRID: [[u8; 8]; 2048] = grid::grid_bytes8(&IQ1S_GRID);
 
 /// `±delta`, negative when `negative`.
 #[inline(always)]
@@ -48,14 +52,19 @@ fn shift(delta: f32, negative: bool) -> f32 {
 impl BlockFormat for BlockIq1S {
     const TYPE: GgmlType = GgmlType::IQ1_S;
 
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
+        grid::dequantize_blocks::<Self>(src, dst)
+    }
+
+    #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         let d = f16_at(src, 0);
         let qs = &src[2..34];
-        for (g, y) in dst.chunks_exact_mut(32).enumerate() {
+        for (g, y) in dst.as_chunks_mut::<32>().0.iter_mut().enumerate() {
             let qh = u16_at(src, 34 + 2 * g) as usize;
             let dl = d * (2 * ((qh >> 12) & 7) + 1) as f32;
             let delta = shift(IQ1S_DELTA, qh & 0x8000 != 0);
-            for (l, y) in y.chunks_exact_mut(8).enumerate() {
+            for (l, y) in y.as_chunks_mut::<8>().0.iter_mut().enumerate() {
                 run(y, dl, qs[4 * g + l] as usize | ((qh >> (3 * l)) & 7) << 8, delta);
             }
         }
@@ -65,15 +74,20 @@ impl BlockFormat for BlockIq1S {
 impl BlockFormat for BlockIq1M {
     const TYPE: GgmlType = GgmlType::IQ1_M;
 
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
+        grid::dequantize_blocks::<Self>(src, dst)
+    }
+
+    #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         let (qs, qh) = (&src[..32], &src[32..48]);
         let sc = [u16_at(src, 48), u16_at(src, 50), u16_at(src, 52), u16_at(src, 54)];
         let d = f16_bits_to_f32((sc[0] >> 12) | ((sc[1] >> 8) & 0x00F0) | ((sc[2] >> 4) & 0x0F00) | (sc[3] & 0xF000));
-        for (g, y) in dst.chunks_exact_mut(32).enumerate() {
+        for (g, y) in dst.as_chunks_mut::<32>().0.iter_mut().enumerate() {
             let word = sc[g / 2] as usize;
             let at = 6 * (g % 2);
             let dl = [d * (2 * ((word >> at) & 7) + 1) as f32, d * (2 * ((word >> (at + 3)) & 7) + 1) as f32];
-            for (l, y) in y.chunks_exact_mut(8).enumerate() {
+            for (l, y) in y.as_chunks_mut::<8>().0.iter_mut().enumerate() {
                 let h = qh[2 * g + l / 2] as usize >> (4 * (l % 2));
                 let index = qs[4 * g + l] as usize | (h & 7) << 8;
                 run(y, dl[l / 2], index, shift(IQ1M_DELTA, h & 8 != 0));

@@ -18,7 +18,7 @@
 //! **Traps**: the float operations are C's, in C's order: `(d * (0.5 + s)) * 0.25`, then `db * grid`; the sign is
 //! a sign-bit flip even for NaN (see [`super::grid`]); scales with NaN/inf f16 bits simply propagate.
 
-use super::grid::{f16_at, signed_grid8, u16_at, u32_at};
+use super::grid::{self, f16_at, signed_grid8, u16_at, u32_at};
 use super::iq_tables::{IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, KSIGNS_IQ2XS};
 use super::BlockFormat;
 use crate::GgmlType;
@@ -32,6 +32,11 @@ pub struct BlockIq2Xs;
 /// iq2_s blocks (`block_iq2_s`; see the module docs).
 pub struct BlockIq2S;
 
+/// The grids as bytes (see [`grid::grid_bytes8`]).
+static XXS: [[u8; 8]; 256] = grid::grid_bytes8(&IQ2XXS_GRID);
+static XS: [[u8; 8]; 512] = grid::grid_bytes8(&IQ2XS_GRID);
+static S: [[u8; 8]; 1024] = grid::grid_bytes8(&IQ2S_GRID);
+
 /// `d * (0.5 + s) * 0.25`, the run scale of the three formats for a 4-bit `s`.
 #[inline(always)]
 fn run_scale(d: f32, s: u8) -> f32 {
@@ -41,15 +46,20 @@ fn run_scale(d: f32, s: u8) -> f32 {
 impl BlockFormat for BlockIq2Xxs {
     const TYPE: GgmlType = GgmlType::IQ2_XXS;
 
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
+        grid::dequantize_blocks::<Self>(src, dst)
+    }
+
+    #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         let d = f16_at(src, 0);
-        for (g, y) in dst.chunks_exact_mut(32).enumerate() {
+        for (g, y) in dst.as_chunks_mut::<32>().0.iter_mut().enumerate() {
             let indices = u32_at(src, 2 + 8 * g).to_le_bytes();
             let aux = u32_at(src, 6 + 8 * g);
             let db = run_scale(d, (aux >> 28) as u8);
-            for (l, y) in y.chunks_exact_mut(8).enumerate() {
+            for (l, y) in y.as_chunks_mut::<8>().0.iter_mut().enumerate() {
                 let signs = KSIGNS_IQ2XS[(aux >> (7 * l)) as usize & 127];
-                signed_grid8(y, db, IQ2XXS_GRID[indices[l] as usize], signs);
+                signed_grid8(y, db, &XXS[indices[l] as usize], signs);
             }
         }
     }
@@ -58,15 +68,20 @@ impl BlockFormat for BlockIq2Xxs {
 impl BlockFormat for BlockIq2Xs {
     const TYPE: GgmlType = GgmlType::IQ2_XS;
 
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
+        grid::dequantize_blocks::<Self>(src, dst)
+    }
+
+    #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         let d = f16_at(src, 0);
-        for (g, y) in dst.chunks_exact_mut(32).enumerate() {
+        for (g, y) in dst.as_chunks_mut::<32>().0.iter_mut().enumerate() {
             let scales = src[66 + g];
             let db = [run_scale(d, scales & 0xF), run_scale(d, scales >> 4)];
-            for (l, y) in y.chunks_exact_mut(8).enumerate() {
+            for (l, y) in y.as_chunks_mut::<8>().0.iter_mut().enumerate() {
                 let q = u16_at(src, 2 + 2 * (4 * g + l));
                 let signs = KSIGNS_IQ2XS[(q >> 9) as usize];
-                signed_grid8(y, db[l / 2], IQ2XS_GRID[(q & 511) as usize], signs);
+                signed_grid8(y, db[l / 2], &XS[(q & 511) as usize], signs);
             }
         }
     }
@@ -75,15 +90,20 @@ impl BlockFormat for BlockIq2Xs {
 impl BlockFormat for BlockIq2S {
     const TYPE: GgmlType = GgmlType::IQ2_S;
 
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
+        grid::dequantize_blocks::<Self>(src, dst)
+    }
+
+    #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         let d = f16_at(src, 0);
         let (low, signs, qh, scales) = (&src[2..34], &src[34..66], &src[66..74], &src[74..82]);
-        for (g, y) in dst.chunks_exact_mut(32).enumerate() {
+        for (g, y) in dst.as_chunks_mut::<32>().0.iter_mut().enumerate() {
             let db = [run_scale(d, scales[g] & 0xF), run_scale(d, scales[g] >> 4)];
-            for (l, y) in y.chunks_exact_mut(8).enumerate() {
+            for (l, y) in y.as_chunks_mut::<8>().0.iter_mut().enumerate() {
                 let high = ((qh[g] as usize) << (8 - 2 * l)) & 0x300;
                 let index = low[4 * g + l] as usize | high;
-                signed_grid8(y, db[l / 2], IQ2S_GRID[index], signs[4 * g + l]);
+                signed_grid8(y, db[l / 2], &S[index], signs[4 * g + l]);
             }
         }
     }

@@ -14,7 +14,7 @@
 //! **Traps**: C's operation order (`(d * (0.5 + s)) * 0.5`, then `db * grid`); the sign is a sign-bit flip even
 //! for NaN (see [`super::grid`]).
 
-use super::grid::{f16_at, signed_grid8, u32_at};
+use super::grid::{self, f16_at, signed_grid8, u32_at};
 use super::iq_tables::{IQ3S_GRID, IQ3XXS_GRID, KSIGNS_IQ2XS};
 use super::BlockFormat;
 use crate::GgmlType;
@@ -25,25 +25,34 @@ pub struct BlockIq3Xxs;
 /// iq3_s blocks (`block_iq3_s`; see the module docs).
 pub struct BlockIq3S;
 
+/// The grids as bytes (see [`grid::grid_bytes4`]).
+static XXS: [[u8; 4]; 256] = grid::grid_bytes4(&IQ3XXS_GRID);
+static S: [[u8; 4]; 512] = grid::grid_bytes4(&IQ3S_GRID);
+
 /// Two 4-magnitude grid points as one 8-magnitude run (the first point's bytes first).
 #[inline(always)]
-fn pair(first: u32, second: u32) -> u64 {
-    first as u64 | (second as u64) << 32
+fn pair(first: &[u8; 4], second: &[u8; 4]) -> [u8; 8] {
+    [first[0], first[1], first[2], first[3], second[0], second[1], second[2], second[3]]
 }
 
 impl BlockFormat for BlockIq3Xxs {
     const TYPE: GgmlType = GgmlType::IQ3_XXS;
 
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
+        grid::dequantize_blocks::<Self>(src, dst)
+    }
+
+    #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         let d = f16_at(src, 0);
         let qs = &src[2..66];
-        for (g, y) in dst.chunks_exact_mut(32).enumerate() {
+        for (g, y) in dst.as_chunks_mut::<32>().0.iter_mut().enumerate() {
             let aux = u32_at(src, 66 + 4 * g);
             let db = d * (0.5 + (aux >> 28) as f32) * 0.5;
-            for (l, y) in y.chunks_exact_mut(8).enumerate() {
+            for (l, y) in y.as_chunks_mut::<8>().0.iter_mut().enumerate() {
                 let signs = KSIGNS_IQ2XS[(aux >> (7 * l)) as usize & 127];
                 let at = 8 * g + 2 * l;
-                signed_grid8(y, db, pair(IQ3XXS_GRID[qs[at] as usize], IQ3XXS_GRID[qs[at + 1] as usize]), signs);
+                signed_grid8(y, db, &pair(&XXS[qs[at] as usize], &XXS[qs[at + 1] as usize]), signs);
             }
         }
     }
@@ -52,18 +61,23 @@ impl BlockFormat for BlockIq3Xxs {
 impl BlockFormat for BlockIq3S {
     const TYPE: GgmlType = GgmlType::IQ3_S;
 
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
+        grid::dequantize_blocks::<Self>(src, dst)
+    }
+
+    #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         let d = f16_at(src, 0);
         let (qs, qh, signs, scales) = (&src[2..66], &src[66..74], &src[74..106], &src[106..110]);
-        for (g, y) in dst.chunks_exact_mut(32).enumerate() {
+        for (g, y) in dst.as_chunks_mut::<32>().0.iter_mut().enumerate() {
             let s = (scales[g / 2] >> (4 * (g % 2))) & 0xF;
             let db = d * (1 + 2 * s as i32) as f32;
             let high = qh[g] as usize;
-            for (l, y) in y.chunks_exact_mut(8).enumerate() {
+            for (l, y) in y.as_chunks_mut::<8>().0.iter_mut().enumerate() {
                 let at = 8 * g + 2 * l;
                 let first = qs[at] as usize | ((high << (8 - 2 * l)) & 256);
                 let second = qs[at + 1] as usize | ((high << (7 - 2 * l)) & 256);
-                signed_grid8(y, db, pair(IQ3S_GRID[first], IQ3S_GRID[second]), signs[4 * g + l]);
+                signed_grid8(y, db, &pair(&S[first], &S[second]), signs[4 * g + l]);
             }
         }
     }

@@ -10,7 +10,7 @@
 //!
 //! **Traps**: the product `3^n * q` wraps to 8 bits before the `* 3 >> 8`; each value is `(float)(t - 1) * d`.
 
-use super::grid::f16_at;
+use super::grid::{self, f16_at};
 use super::BlockFormat;
 use crate::GgmlType;
 
@@ -30,10 +30,12 @@ fn trit(q: u8, n: usize, d: f32) -> f32 {
     (t - 1) as f32 * d
 }
 
-/// Trits `0..count` of `bytes`, trit-major: all bytes' trit 0, then all bytes' trit 1, ...
+/// Trits `0..COUNT` of `bytes`, trit-major: all bytes' trit 0, then all bytes' trit 1, ... (`y` holds
+/// `COUNT * B` values).
 #[inline(always)]
-fn trits(y: &mut [f32], bytes: &[u8], count: usize, d: f32) {
-    for (n, y) in y.chunks_exact_mut(bytes.len()).take(count).enumerate() {
+fn trits<const B: usize, const COUNT: usize>(y: &mut [f32], bytes: &[u8], d: f32) {
+    let bytes: &[u8; B] = bytes.try_into().expect("B bytes");
+    for (n, y) in y.as_chunks_mut::<B>().0.iter_mut().take(COUNT).enumerate() {
         for (v, &q) in y.iter_mut().zip(bytes) {
             *v = trit(q, n, d);
         }
@@ -43,19 +45,29 @@ fn trits(y: &mut [f32], bytes: &[u8], count: usize, d: f32) {
 impl BlockFormat for BlockTq1_0 {
     const TYPE: GgmlType = GgmlType::TQ1_0;
 
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
+        grid::dequantize_blocks::<Self>(src, dst)
+    }
+
+    #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         let d = f16_at(src, 52);
         let (first, rest) = dst.split_at_mut(160);
         let (second, last) = rest.split_at_mut(80);
-        trits(first, &src[..32], 5, d);
-        trits(second, &src[32..48], 5, d);
-        trits(last, &src[48..52], 4, d);
+        trits::<32, 5>(first, &src[..32], d);
+        trits::<16, 5>(second, &src[32..48], d);
+        trits::<4, 4>(last, &src[48..52], d);
     }
 }
 
 impl BlockFormat for BlockTq2_0 {
     const TYPE: GgmlType = GgmlType::TQ2_0;
 
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
+        grid::dequantize_blocks::<Self>(src, dst)
+    }
+
+    #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         let d = f16_at(src, 64);
         for (half, y) in dst.chunks_exact_mut(128).enumerate() {
