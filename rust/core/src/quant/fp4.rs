@@ -14,7 +14,6 @@
 //!
 //! **Traps**: each value is `(float)code * scale` (code first).
 
-use super::grid;
 use super::iq_tables::KVALUES_FP4;
 use super::BlockFormat;
 use crate::GgmlType;
@@ -60,10 +59,6 @@ fn nibbles(y: &mut [f32], qs: &[u8], d: f32) {
 impl BlockFormat for BlockMxfp4 {
     const TYPE: GgmlType = GgmlType::MXFP4;
 
-    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
-        grid::dequantize_blocks::<Self>(src, dst)
-    }
-
     #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         nibbles(dst, &src[1..17], e8m0_half(src[0]));
@@ -72,10 +67,6 @@ impl BlockFormat for BlockMxfp4 {
 
 impl BlockFormat for BlockNvfp4 {
     const TYPE: GgmlType = GgmlType::NVFP4;
-
-    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
-        grid::dequantize_blocks::<Self>(src, dst)
-    }
 
     #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {

@@ -9,6 +9,7 @@
 //! never rounds and flips the sign bit of NaN too), which equals the multiplication for every non-NaN value.
 
 use super::float::f16_bits_to_f32;
+#[cfg(test)]
 use super::BlockFormat;
 
 /// The little-endian `u16` at byte `at`.
@@ -68,22 +69,13 @@ pub(super) fn signed_grid8(y: &mut [f32; 8], db: f32, grid: &[u8; 8], signs: u8)
     }
 }
 
-/// The portable dequantize of whole blocks of `B` (its `dequantize_block` over them).
-#[inline(always)]
+/// The portable dequantize of whole blocks of `B` (its `dequantize_block` over them), for the tests that compare it
+/// with the AVX2 compilation of the same loop.
+#[cfg(test)]
 pub(super) fn blocks_portable<B: BlockFormat>(src: &[u8], dst: &mut [f32]) {
     for (x, y) in src.chunks_exact(B::BLOCK_BYTES).zip(dst.chunks_exact_mut(B::BLOCK_SIZE)) {
         B::dequantize_block(x, y);
     }
-}
-
-/// [`BlockFormat::dequantize_blocks`] of the read-only formats: [`blocks_portable`], compiled for AVX2 when the CPU
-/// has it (same values, see `x86::lanes`).
-pub(super) fn dequantize_blocks<B: BlockFormat>(src: &[u8], dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if super::x86::dequantize_with_avx2(blocks_portable::<B>, src, dst) {
-        return;
-    }
-    blocks_portable::<B>(src, dst)
 }
 
 /// One block of `B` dequantized into a fresh vector (for the block files' golden tests).
@@ -139,10 +131,8 @@ mod tests {
             let mut portable = vec![0f32; blocks * B::BLOCK_SIZE];
             let mut avx2 = vec![1f32; blocks * B::BLOCK_SIZE];
             blocks_portable::<B>(&src, &mut portable);
-            assert!(
-                super::super::x86::dequantize_with_avx2(blocks_portable::<B>, &src, &mut avx2),
-                "AVX2 path not taken"
-            );
+            let work = DequantizeBlocks::<B> { src: &src, dst: &mut avx2, block: std::marker::PhantomData };
+            assert!(super::super::x86::with_avx2(work).is_ok(), "AVX2 path not taken");
             let same = portable.iter().zip(&avx2).all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "{}: AVX2 and portable compilations differ", B::TYPE);
             // f16 scales: some random ones are NaN (the fp4 formats' scales never are).

@@ -52,10 +52,6 @@ fn shift(delta: f32, negative: bool) -> f32 {
 impl BlockFormat for BlockIq1S {
     const TYPE: GgmlType = GgmlType::IQ1_S;
 
-    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
-        grid::dequantize_blocks::<Self>(src, dst)
-    }
-
     #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         let d = f16_at(src, 0);
@@ -73,10 +69,6 @@ impl BlockFormat for BlockIq1S {
 
 impl BlockFormat for BlockIq1M {
     const TYPE: GgmlType = GgmlType::IQ1_M;
-
-    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
-        grid::dequantize_blocks::<Self>(src, dst)
-    }
 
     #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {

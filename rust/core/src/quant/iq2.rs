@@ -46,10 +46,6 @@ fn run_scale(d: f32, s: u8) -> f32 {
 impl BlockFormat for BlockIq2Xxs {
     const TYPE: GgmlType = GgmlType::IQ2_XXS;
 
-    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
-        grid::dequantize_blocks::<Self>(src, dst)
-    }
-
     #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         let d = f16_at(src, 0);
@@ -68,10 +64,6 @@ impl BlockFormat for BlockIq2Xxs {
 impl BlockFormat for BlockIq2Xs {
     const TYPE: GgmlType = GgmlType::IQ2_XS;
 
-    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
-        grid::dequantize_blocks::<Self>(src, dst)
-    }
-
     #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         let d = f16_at(src, 0);
@@ -89,10 +81,6 @@ impl BlockFormat for BlockIq2Xs {
 
 impl BlockFormat for BlockIq2S {
     const TYPE: GgmlType = GgmlType::IQ2_S;
-
-    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
-        grid::dequantize_blocks::<Self>(src, dst)
-    }
 
     #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {

@@ -38,10 +38,6 @@ fn pair(first: &[u8; 4], second: &[u8; 4]) -> [u8; 8] {
 impl BlockFormat for BlockIq3Xxs {
     const TYPE: GgmlType = GgmlType::IQ3_XXS;
 
-    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
-        grid::dequantize_blocks::<Self>(src, dst)
-    }
-
     #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         let d = f16_at(src, 0);
@@ -60,10 +56,6 @@ impl BlockFormat for BlockIq3Xxs {
 
 impl BlockFormat for BlockIq3S {
     const TYPE: GgmlType = GgmlType::IQ3_S;
-
-    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
-        grid::dequantize_blocks::<Self>(src, dst)
-    }
 
     #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {

@@ -14,7 +14,7 @@
 //! **Traps**: the scale is the left operand (`d * level`, `dl * level`), which only matters for NaN payloads
 //! (x86 keeps the NaN operand's, and the levels are never NaN).
 
-use super::grid::{self, f16_at, u16_at};
+use super::grid::{f16_at, u16_at};
 use super::iq_tables::KVALUES_IQ4NL;
 use super::BlockFormat;
 use crate::GgmlType;
@@ -38,10 +38,6 @@ fn nibbles(y: &mut [f32], d: f32, qs: &[u8]) {
 impl BlockFormat for BlockIq4Nl {
     const TYPE: GgmlType = GgmlType::IQ4_NL;
 
-    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
-        grid::dequantize_blocks::<Self>(src, dst)
-    }
-
     #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         nibbles(dst, f16_at(src, 0), &src[2..18]);
@@ -50,10 +46,6 @@ impl BlockFormat for BlockIq4Nl {
 
 impl BlockFormat for BlockIq4Xs {
     const TYPE: GgmlType = GgmlType::IQ4_XS;
-
-    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
-        grid::dequantize_blocks::<Self>(src, dst)
-    }
 
     #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {

@@ -76,11 +76,14 @@ pub trait BlockFormat {
     /// Never fails: NaN/inf scales simply propagate.
     fn dequantize_block(src: &[u8], dst: &mut [f32]);
 
-    /// Dequantizes whole blocks; the default runs [`BlockFormat::dequantize_block`] over them.
-    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
-        for (x, y) in src.chunks_exact(Self::BLOCK_BYTES).zip(dst.chunks_exact_mut(Self::BLOCK_SIZE)) {
-            Self::dequantize_block(x, y);
-        }
+    /// Dequantizes whole blocks. The default runs [`BlockFormat::dequantize_block`] over them, compiled for AVX2
+    /// when the CPU has it ([`run_lanes`]: the same operations, so the same values); a `dequantize_block` marked
+    /// `#[inline(always)]` is then vectorised by the compiler.
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32])
+    where
+        Self: Sized,
+    {
+        run_lanes(DequantizeBlocks::<Self> { src, dst, block: std::marker::PhantomData })
     }
 }
 

@@ -9,7 +9,7 @@
 //! **Traps**: q1_0's `-d` is a sign flip (also of a NaN `d`; `+0.0` becomes `-0.0`); q2_0's code 1 gives `0 * d`,
 //! a zero with `d`'s sign (NaN for NaN or infinite `d`).
 
-use super::grid::{self, f16_at, negate_if};
+use super::grid::{f16_at, negate_if};
 use super::BlockFormat;
 use crate::GgmlType;
 
@@ -28,10 +28,6 @@ fn code_bytes<'a>(src: &'a [u8], dst: &'a mut [f32], per_byte: usize) -> impl It
 impl BlockFormat for BlockQ1_0 {
     const TYPE: GgmlType = GgmlType::Q1_0;
 
-    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
-        grid::dequantize_blocks::<Self>(src, dst)
-    }
-
     #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         let d = f16_at(src, 0);
@@ -45,10 +41,6 @@ impl BlockFormat for BlockQ1_0 {
 
 impl BlockFormat for BlockQ2_0 {
     const TYPE: GgmlType = GgmlType::Q2_0;
-
-    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
-        grid::dequantize_blocks::<Self>(src, dst)
-    }
 
     #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {

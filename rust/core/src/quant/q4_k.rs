@@ -21,7 +21,7 @@ use super::float::{f16_bits_to_f32, f32_to_f16_bits};
 use super::search_affine::{
     make_qkx_quants, make_qkx_quants_lanes, make_qp_quants, super_block_weights, transpose_in, Search,
 };
-use super::{nearest_int, run_lanes, BlockFormat, DequantizeBlocks, LaneWork, Quantize};
+use super::{nearest_int, run_lanes, BlockFormat, LaneWork, Quantize};
 use crate::GgmlType;
 
 /// Elements per super-block (`QK_K`).
@@ -394,11 +394,6 @@ impl BlockFormat for BlockQ4K {
     #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         BlockQ4K::from_bytes(src.try_into().expect("one whole block")).dequantize(dst.try_into().expect("one block"));
-    }
-
-    /// The dequantizer over whole blocks, compiled for AVX2 when available (same values).
-    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
-        run_lanes(DequantizeBlocks::<Self> { src, dst, block: std::marker::PhantomData })
     }
 }
 

@@ -12,7 +12,7 @@
 use super::float::f16_bits_to_f32;
 use super::q4_k::{scale_min_k4, RefLanes, SuperK4, WeightedLanes, QK_K};
 use super::search_affine::Search;
-use super::{run_lanes, BlockFormat, DequantizeBlocks, Quantize};
+use super::{run_lanes, BlockFormat, Quantize};
 use crate::GgmlType;
 
 /// One q5_K block as ggml lays it out (`block_q5_K`).
@@ -106,11 +106,6 @@ impl BlockFormat for BlockQ5K {
     #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         BlockQ5K::from_bytes(src.try_into().expect("one whole block")).dequantize(dst.try_into().expect("one block"));
-    }
-
-    /// The dequantizer over whole blocks, compiled for AVX2 when available (same values).
-    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
-        run_lanes(DequantizeBlocks::<Self> { src, dst, block: std::marker::PhantomData })
     }
 }
 

@@ -10,7 +10,7 @@
 //!
 //! **Traps**: the product `3^n * q` wraps to 8 bits before the `* 3 >> 8`; each value is `(float)(t - 1) * d`.
 
-use super::grid::{self, f16_at};
+use super::grid::f16_at;
 use super::BlockFormat;
 use crate::GgmlType;
 
@@ -45,10 +45,6 @@ fn trits<const B: usize, const COUNT: usize>(y: &mut [f32], bytes: &[u8], d: f32
 impl BlockFormat for BlockTq1_0 {
     const TYPE: GgmlType = GgmlType::TQ1_0;
 
-    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
-        grid::dequantize_blocks::<Self>(src, dst)
-    }
-
     #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         let d = f16_at(src, 52);
@@ -62,10 +58,6 @@ impl BlockFormat for BlockTq1_0 {
 
 impl BlockFormat for BlockTq2_0 {
     const TYPE: GgmlType = GgmlType::TQ2_0;
-
-    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
-        grid::dequantize_blocks::<Self>(src, dst)
-    }
 
     #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {

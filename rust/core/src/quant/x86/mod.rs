@@ -8,9 +8,6 @@
 
 use std::arch::x86_64::*;
 
-mod lanes;
-pub(in crate::quant) use lanes::dequantize_with_avx2;
-
 use super::float::{f16_bits_to_f32, f32_to_f16_bits};
 use super::LaneWork;
 
