@@ -661,6 +661,7 @@ impl<'a> PatchPlan<'a> {
         })
     }
 
+    #[allow(clippy::too_many_arguments)] // the pipeline's ends and the run's fixed facts, each used once
     fn compute_loop(
         &self,
         pool: &rayon::ThreadPool,
