@@ -20,6 +20,7 @@ use crate::{Error, GgmlType, Result};
 
 mod float;
 mod q4_0;
+mod q5_0;
 mod q6_k;
 mod q8_0;
 mod search_symmetric;
@@ -28,6 +29,7 @@ mod x86;
 
 pub use float::{bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits, BF16, F16, F32};
 pub use q4_0::{BlockQ4_0, QK4_0};
+pub use q5_0::{BlockQ5_0, QK5_0};
 pub use q6_k::BlockQ6K;
 pub use q8_0::{BlockQ8_0, QK8_0};
 
@@ -70,13 +72,7 @@ pub trait Quantize: BlockFormat {
     /// (`dst` is then partly written and unspecified). The default checks each block, then runs
     /// [`Quantize::quantize_block`].
     fn quantize_blocks(src: &[f32], dst: &mut [u8]) -> bool {
-        for (x, y) in src.chunks_exact(Self::BLOCK_SIZE).zip(dst.chunks_exact_mut(Self::BLOCK_BYTES)) {
-            if !all_finite(x) {
-                return false;
-            }
-            Self::quantize_block(x, y);
-        }
-        true
+        quantize_each_block::<Self>(src, dst)
     }
 
     /// ggml's `quantize_row_<type>_impl`: one whole row of finite values (`src.len()` a multiple of
@@ -109,6 +105,39 @@ pub(crate) fn run_lanes<W: LaneWork>(work: W) -> W::Output {
         Err(work) => work,
     };
     work.run()
+}
+
+/// The default [`Quantize::quantize_blocks`]: checks each block, then runs [`Quantize::quantize_block`] on it.
+pub(crate) fn quantize_each_block<B: Quantize + ?Sized>(src: &[f32], dst: &mut [u8]) -> bool {
+    for (x, y) in src.chunks_exact(B::BLOCK_SIZE).zip(dst.chunks_exact_mut(B::BLOCK_BYTES)) {
+        if !all_finite(x) {
+            return false;
+        }
+        B::quantize_block(x, y);
+    }
+    true
+}
+
+/// Lane work: [`BlockFormat::dequantize_block`] over whole blocks, for the types whose `dequantize_block` is
+/// `#[inline(always)]` code that the compiler vectorizes (see [`LaneWork`]).
+pub(crate) struct DequantizeBlocks<'a, B> {
+    /// Whole blocks of bytes.
+    pub src: &'a [u8],
+    /// Their values.
+    pub dst: &'a mut [f32],
+    /// The block type.
+    pub ty: std::marker::PhantomData<B>,
+}
+
+impl<B: BlockFormat> LaneWork for DequantizeBlocks<'_, B> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        for (x, y) in self.src.chunks_exact(B::BLOCK_BYTES).zip(self.dst.chunks_exact_mut(B::BLOCK_SIZE)) {
+            B::dequantize_block(x, y);
+        }
+    }
 }
 
 /// True when every value of `x` is finite (no NaN, no ±inf).
@@ -168,6 +197,7 @@ pub fn kernels(ty: GgmlType) -> Option<Kernels> {
         GgmlType::BF16 => Kernels::read_write::<BF16>(),
         GgmlType::Q8_0 => Kernels::read_write::<BlockQ8_0>(),
         GgmlType::Q4_0 => Kernels::read_write::<BlockQ4_0>(),
+        GgmlType::Q5_0 => Kernels::read_write::<BlockQ5_0>(),
         GgmlType::Q6_K => Kernels::read_write::<BlockQ6K>(),
         _ => return None,
     })
@@ -445,8 +475,8 @@ mod tests {
     use super::test_util::lcg_block_values;
     use super::*;
 
-    const TYPES: [GgmlType; 6] =
-        [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q6_K];
+    const TYPES: [GgmlType; 7] =
+        [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q6_K];
 
     #[test]
     fn dispatch_matches_the_type_table() {

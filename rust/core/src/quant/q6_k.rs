@@ -14,14 +14,15 @@
 //! and re-codes the group). The division `x / d` is a true division, not a multiplication by an inverse.
 //! `(int8_t)` of the scale and the dequantize product `(d * sc) * q` follow C's evaluation order.
 //!
-//! **Speed.** [`Quantize::quantize_blocks`] runs the 16 group searches of a block in 16 lanes
-//! (`make_qx_quants_lanes`), compiled for AVX2 when available; [`BlockQ6K::quantize`] is the scalar definition the
+//! **Speed.** [`Quantize::quantize_blocks`] runs the 16 group searches of a block in lanes, 8 at a time
+//! (`make_qx_quants_x8`: AVX2 when available), the rest compiled for AVX2 too; [`BlockQ6K::quantize`] is the scalar definition the
 //! tests compare it with.
 
 use super::float::{f16_bits_to_f32, f32_to_f16_bits};
-use super::search_symmetric::{make_qx_quants, make_qx_quants_lanes, nearest, signed_max, GROUP_MAX_EPS};
-use super::{all_finite, run_lanes, BlockFormat, LaneWork, Quantize};
+use super::search_symmetric::{make_qx_quants, make_qx_quants_x8, nearest, signed_max, GROUP_MAX_EPS};
+use super::{all_finite, run_lanes, BlockFormat, DequantizeBlocks, LaneWork, Quantize};
 use crate::GgmlType;
+use std::marker::PhantomData;
 
 /// Elements per k-quant super-block (`QK_K`).
 pub const QK_K: usize = 256;
@@ -147,39 +148,35 @@ fn dequantize_bytes(b: &[u8], y: &mut [f32]) {
     }
 }
 
-/// The lane version of [`BlockQ6K::quantize`] for one block: the 16 group searches run in 16 lanes.
+/// The lane version of [`BlockQ6K::quantize`] for one block: the 16 group searches run in lanes, 8 at a time.
 #[inline(always)]
 fn quantize_block_lanes(x: &[f32], weights: Option<&[f32]>, dst: &mut [u8]) {
     let x: &[f32; QK_K] = x.try_into().expect("one whole block");
-    let mut xt = [[0.0f32; 16]; 16];
-    let mut wt = [[0.0f32; 16]; 16];
-    for (k, g) in x.chunks_exact(16).enumerate() {
-        for (i, &v) in g.iter().enumerate() {
-            xt[i][k] = v;
+    let mut scales = [0.0f32; QK_K / 16];
+    let mut codes = [0u8; QK_K];
+    for h in 0..2 {
+        // Groups 8h..8h+8 transposed: xt[i][k] is value i of group 8h + k.
+        let mut xt = [[0.0f32; 8]; 16];
+        let mut wt = [[0.0f32; 8]; 16];
+        for (k, g) in x[128 * h..128 * h + 128].chunks_exact(16).enumerate() {
+            for (i, &v) in g.iter().enumerate() {
+                xt[i][k] = v;
+                wt[i][k] = v * v;
+            }
         }
-    }
-    match weights {
-        Some(w) => {
-            for (k, g) in w.chunks_exact(16).enumerate() {
+        if let Some(w) = weights {
+            for (k, g) in w[128 * h..128 * h + 128].chunks_exact(16).enumerate() {
                 for (i, &v) in g.iter().enumerate() {
                     wt[i][k] = v;
                 }
             }
         }
-        None => {
-            for (wr, xr) in wt.iter_mut().zip(&xt) {
-                for (w, &v) in wr.iter_mut().zip(xr) {
-                    *w = v * v;
-                }
+        let mut ct = [[0u8; 8]; 16];
+        scales[8 * h..8 * h + 8].copy_from_slice(&make_qx_quants_x8(32, &xt, &wt, &mut ct));
+        for (k, g) in codes[128 * h..128 * h + 128].chunks_exact_mut(16).enumerate() {
+            for (i, c) in g.iter_mut().enumerate() {
+                *c = ct[i][k];
             }
-        }
-    }
-    let mut ct = [[0u8; 16]; 16];
-    let scales = make_qx_quants_lanes(32, &xt, &wt, &mut ct);
-    let mut codes = [0u8; QK_K];
-    for (k, g) in codes.chunks_exact_mut(16).enumerate() {
-        for (i, c) in g.iter_mut().enumerate() {
-            *c = ct[i][k];
         }
     }
     BlockQ6K::finish(x, &scales, &mut codes).write(dst);
@@ -209,34 +206,18 @@ impl LaneWork for QuantizeLanes<'_> {
     }
 }
 
-/// Lane work: `dequantize_row_q6_K` over whole blocks.
-struct DequantizeLanes<'a> {
-    src: &'a [u8],
-    dst: &'a mut [f32],
-}
-
-impl LaneWork for DequantizeLanes<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn run(self) {
-        for (x, y) in self.src.chunks_exact(BYTES).zip(self.dst.chunks_exact_mut(QK_K)) {
-            dequantize_bytes(x, y);
-        }
-    }
-}
-
 impl BlockFormat for BlockQ6K {
     const TYPE: GgmlType = GgmlType::Q6_K;
 
     /// See [`BlockQ6K::dequantize`].
+    #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         dequantize_bytes(src, dst);
     }
 
     /// `dequantize_row_q6_K`, compiled for AVX2 when available (same values).
     fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
-        run_lanes(DequantizeLanes { src, dst })
+        run_lanes(DequantizeBlocks::<Self> { src, dst, ty: PhantomData })
     }
 }
 
@@ -385,7 +366,7 @@ mod tests {
         let raw: Vec<u8> = (0..BYTES * 300).map(|i: usize| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
         let mut a = vec![0f32; 300 * QK_K];
         let mut b = a.clone();
-        assert!(with_avx2(DequantizeLanes { src: &raw, dst: &mut a }).is_ok());
+        assert!(with_avx2(DequantizeBlocks::<BlockQ6K> { src: &raw, dst: &mut a, ty: PhantomData }).is_ok());
         for (x, y) in raw.chunks_exact(BYTES).zip(b.chunks_exact_mut(QK_K)) {
             BlockQ6K::from_bytes(x.try_into().unwrap()).dequantize(y.try_into().unwrap());
         }
