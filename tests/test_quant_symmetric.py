@@ -19,8 +19,8 @@ import ggml_lora
 from oracles import ggml_quants
 
 #: The types of this family ggml_lora quantizes, and those whose ggml quantizer takes an importance matrix.
-TYPES = ["q6_k", "q5_0"]
-WEIGHTED = ["q6_k", "q5_0", "q4_0"]
+TYPES = ["q6_k", "q5_0", "q3_k"]
+WEIGHTED = ["q6_k", "q5_0", "q4_0", "q3_k"]
 #: Byte offset of the f16 super-block/block scale ``d`` inside each type's block.
 D_OFFSET = {"q6_k": 208, "q5_0": 0, "q3_k": 108, "q4_0": 0}
 
@@ -121,7 +121,7 @@ def arbitrary_block(draw: st.DrawFn, t: str) -> np.ndarray:
 
 def edge_rows(t: str) -> np.ndarray:
     n = 2 * block(t)
-    rows = [np.zeros(n), np.full(n, -0.0), np.full(n, 1.0), np.full(n, -2.5), np.full(n, 1e-30), np.full(n, 1e30),
+    rows = [np.zeros(n), np.full(n, -0.0), np.full(n, 1.0), np.full(n, -2.5), np.full(n, 1e-30), np.full(n, 1e30), np.full(n, 2.6e16),
             np.full(n, 1e-45), np.full(n, 3.4e38), np.arange(n) - n / 2, (np.arange(n) - n / 2) / 2,
             np.eye(1, n, 7)[0], -np.eye(1, n, n - 1)[0] * 1e-20, np.tile([1e30, 0.0, -1e30, 1.0], n // 4)]
     return np.array(rows, dtype=np.float32)
@@ -174,7 +174,8 @@ def test_edge_rows_match_ggml(t: str) -> None:
 def test_edge_rows_with_imatrix_match_ggml(t: str) -> None:
     x = edge_rows(t)
     n = x.shape[1]
-    for w in (np.ones(n), np.zeros(n), np.linspace(0, 2, n), np.full(n, 1e-30), np.full(n, 3e38)):
+    # 1e4 with the 2.6e16 row: q3_K's group scales overflow to infinity and its scale search meets them.
+    for w in (np.ones(n), np.zeros(n), np.linspace(0, 2, n), np.full(n, 1e-30), np.full(n, 1e4), np.full(n, 3e38)):
         check(x, t, w.astype(np.float32))
 
 

@@ -709,7 +709,7 @@ def test_type_table_agrees_with_gguf_py() -> None:
         assert ggml_lora.type_info(member.value) == info == ggml_lora.type_info(member) == ggml_lora.type_info(
             member.name)
     # exactly the types this project (de)quantizes: these five and the symmetric family (test_quant_symmetric.py)
-    symmetric = {"q6_k", "q5_0"}
+    symmetric = {"q6_k", "q5_0", "q3_k"}
     assert {n for n, t in ggml_lora.GGML_TYPES.items() if t.can_quantize} == set(QUANT_TYPES) | symmetric
     assert {n for n, t in ggml_lora.GGML_TYPES.items() if t.can_dequantize} == set(QUANT_TYPES) | symmetric
 

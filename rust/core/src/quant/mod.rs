@@ -19,6 +19,7 @@ use rayon::prelude::*;
 use crate::{Error, GgmlType, Result};
 
 mod float;
+mod q3_k;
 mod q4_0;
 mod q5_0;
 mod q6_k;
@@ -28,6 +29,7 @@ mod search_symmetric;
 mod x86;
 
 pub use float::{bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits, BF16, F16, F32};
+pub use q3_k::BlockQ3K;
 pub use q4_0::{BlockQ4_0, QK4_0};
 pub use q5_0::{BlockQ5_0, QK5_0};
 pub use q6_k::BlockQ6K;
@@ -198,6 +200,7 @@ pub fn kernels(ty: GgmlType) -> Option<Kernels> {
         GgmlType::Q8_0 => Kernels::read_write::<BlockQ8_0>(),
         GgmlType::Q4_0 => Kernels::read_write::<BlockQ4_0>(),
         GgmlType::Q5_0 => Kernels::read_write::<BlockQ5_0>(),
+        GgmlType::Q3_K => Kernels::read_write::<BlockQ3K>(),
         GgmlType::Q6_K => Kernels::read_write::<BlockQ6K>(),
         _ => return None,
     })
@@ -475,8 +478,16 @@ mod tests {
     use super::test_util::lcg_block_values;
     use super::*;
 
-    const TYPES: [GgmlType; 7] =
-        [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q6_K];
+    const TYPES: [GgmlType; 8] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q5_0,
+        GgmlType::Q6_K,
+        GgmlType::Q3_K,
+    ];
 
     #[test]
     fn dispatch_matches_the_type_table() {

@@ -319,13 +319,10 @@ mod tests {
     #[test]
     fn weighted_lanes_equal_scalar() {
         use crate::quant::search_symmetric::weighted_row_32;
-        let mut src = lcg_block_values(8 * 5 + 7);
-        for v in &mut src {
-            if v.abs() > 1e8 {
-                *v *= 1e-30;
-            }
-        }
-        let w: Vec<f32> = (0..src.len()).map(|i| [0.0, 1e-9, 0.5, 3.0, 7e4][i * 31 % 5]).collect();
+        // 51 blocks: 6 full sets of 8 lanes and a short one.
+        let mut src = crate::quant::search_symmetric::test_inputs::superblocks(7);
+        src.truncate(51 * 32);
+        let w = crate::quant::search_symmetric::test_inputs::weights(src.len());
         let mut expected = vec![0u8; src.len() / 32 * 18];
         weighted_row_32(8, &src, &w, &mut expected, write_weighted_block);
         let mut out = vec![1u8; expected.len()];

@@ -103,7 +103,6 @@ pub(super) fn make_qx_quants(nmax: i32, x: &[f32], weights: Option<&[f32]>, code
 
 /// `make_q3_quants(n, nmax, x, L, true)` for one group: returns the scale and writes the codes `L[i] + nmax`
 /// (or all 0 for an all-zero group) into `codes`. Weights are `x*x`; up to 5 passes of single-code changes.
-#[allow(dead_code)] // until q3_K lands
 pub(super) fn make_q3_quants(nmax: i32, x: &[f32], codes: &mut [u8]) -> f32 {
     let (max, amax) = signed_max(x);
     if amax < GROUP_MAX_EPS {
@@ -286,7 +285,6 @@ pub(super) fn make_qx_quants_x8<const N: usize>(
 /// `codes[i][k]`, returns the scales. A lane that changed nothing in a pass would change nothing in later passes
 /// (its state is the same), so running the passes until no lane changes gives each lane C's early exit.
 #[inline(always)]
-#[allow(dead_code)] // until q3_K lands
 pub(super) fn make_q3_quants_lanes<const N: usize, const K: usize>(
     nmax: i32,
     x: &[[f32; K]; N],
@@ -349,6 +347,29 @@ pub(super) fn make_q3_quants_lanes<const N: usize, const K: usize>(
         }
     }
     scale
+}
+
+/// A k-quant super-block's 16 groups of 16 values as two sets of 8 lanes: `out[h][i][k]` is value `i` of group
+/// `8h + k` (`x` is 256 values).
+#[inline(always)]
+pub(super) fn groups_to_lanes(x: &[f32]) -> [[[f32; 8]; 16]; 2] {
+    let mut out = [[[0.0f32; 8]; 16]; 2];
+    for (g, values) in x.chunks_exact(16).enumerate() {
+        for (i, &v) in values.iter().enumerate() {
+            out[g / 8][i][g % 8] = v;
+        }
+    }
+    out
+}
+
+/// The inverse of [`groups_to_lanes`] for codes: `out[16g + i]` is `lanes[g / 8][i][g % 8]`.
+#[inline(always)]
+pub(super) fn lanes_to_groups(lanes: &[[[u8; 8]; 16]; 2], out: &mut [u8; 256]) {
+    for (g, codes) in out.chunks_exact_mut(16).enumerate() {
+        for (i, c) in codes.iter_mut().enumerate() {
+            *c = lanes[g / 8][i][g % 8];
+        }
+    }
 }
 
 /// Values per block of the legacy types (q4_0, q5_0).
@@ -428,6 +449,42 @@ impl LaneWork for Weighted32<'_> {
                 (self.write)(d[k], &codes, y);
             }
         }
+    }
+}
+
+/// Inputs shared by the tests of the symmetric types.
+#[cfg(test)]
+pub(super) mod test_inputs {
+    /// `n_blocks` super-blocks (256 values each) of many shapes (see `lcg_block_values`), with magnitudes above
+    /// 1e8 scaled down so squares and sums stay finite (larger values make ggml's sums NaN; the Python tests cover
+    /// them against the C code).
+    pub fn superblocks(n_blocks: usize) -> Vec<f32> {
+        let mut v = crate::quant::test_util::lcg_block_values(n_blocks * 8);
+        for x in &mut v {
+            if x.abs() > 1e8 {
+                *x *= 1e-30;
+            }
+        }
+        v
+    }
+
+    /// The bytes of `quantize` (a scalar block definition) run on each super-block of `src` with its weights.
+    pub fn per_superblock<const B: usize>(
+        src: &[f32],
+        weights: Option<&[f32]>,
+        quantize: impl Fn(&[f32; 256], Option<&[f32; 256]>) -> [u8; B],
+    ) -> Vec<u8> {
+        let mut out = Vec::with_capacity(src.len() / 256 * B);
+        for (b, x) in src.chunks_exact(256).enumerate() {
+            let w = weights.map(|w| w[256 * b..256 * b + 256].try_into().unwrap());
+            out.extend(quantize(x.try_into().unwrap(), w));
+        }
+        out
+    }
+
+    /// `n` importance weights cycling through zero, near-zero, ordinary and large ones.
+    pub fn weights(n: usize) -> Vec<f32> {
+        (0..n).map(|i| [0.0, 1e-9, 0.5, 3.0, 7e4][i * 31 % 5]).collect()
     }
 }
 
@@ -564,6 +621,42 @@ mod tests {
                     assert_eq!(c, column(&simd), "avx2 {t}/{k}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn x8_dispatch_equals_scalar_on_infinite_values() {
+        // q3_K's scale search can see overflowed (infinite) group scales: nearest_int then meets NaN and infinity.
+        let mut x = [[0.5f32; 8]; 16];
+        for (i, row) in x.iter_mut().enumerate() {
+            for (k, v) in row.iter_mut().enumerate() {
+                *v = match (i + k) % 4 {
+                    0 => f32::NEG_INFINITY,
+                    1 => f32::INFINITY,
+                    2 => -3.0,
+                    _ => 1e30,
+                };
+            }
+        }
+        x[3] = [f32::INFINITY; 8];
+        let w = [[2.0f32; 8]; 16];
+        let mut codes = [[0u8; 8]; 16];
+        let scales = make_qx_quants_x8(32, &x, &w, &mut codes);
+        #[cfg(target_arch = "x86_64")]
+        assert!(crate::quant::x86::make_qx_quants_x8(
+            32,
+            &candidates(32),
+            x.as_flattened(),
+            w.as_flattened(),
+            &mut [0; 128]
+        )
+        .is_none());
+        for k in 0..8 {
+            let g: Vec<f32> = (0..16).map(|i| x[i][k]).collect();
+            let mut c = [0u8; 16];
+            let s = make_qx_quants(32, &g, Some(&[2.0; 16]), &mut c);
+            assert_eq!(s.to_bits(), scales[k].to_bits(), "lane {k}");
+            assert_eq!(c.to_vec(), codes.iter().map(|r| r[k]).collect::<Vec<_>>(), "lane {k}");
         }
     }
 

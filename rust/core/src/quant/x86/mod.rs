@@ -65,13 +65,16 @@ pub(in crate::quant) fn q5_0_quantize(src: &[f32], dst: &mut [u8], scalar: Scala
     Some(unsafe { q5_0_quantize_avx2(src, dst, scalar) })
 }
 
-/// ggml's `make_qx_quants(n, nmax, x, L, 1, w)` for 8 groups in the 8 AVX2 lanes; `None` without AVX2.
+/// ggml's `make_qx_quants(n, nmax, x, L, 1, w)` for 8 groups in the 8 AVX2 lanes; `None` without AVX2 or when a
+/// value of `x` is not finite (the caller then uses the portable lanes).
 ///
 /// `x` and `w` hold `n <= 32` rows of 8 (row `i` is value `i` of each group), `candidates` the 18 numerators
 /// `nmax + 0.1f*is` in C order; `codes` receives `n` rows of 8 codes; returns the 8 scales. Same bits as the scalar
 /// search (see `search_symmetric`): every lane does its group's operations in C order. `nearest_int` becomes
-/// `_mm256_round_ps` to nearest even, equal for `|v| < 2^22`: every argument here is `iscale * x` with `|x| <=
-/// |max|`, so at most `nmax + 1` in magnitude (lanes of all-zero groups compute garbage that is masked out).
+/// `_mm256_round_ps` to nearest even, equal for `|v| < 2^22`: with finite values every argument is `iscale * x`
+/// with `|x| <= |max|` and `|max| >= 1e-15`, so at most `nmax + 1` in magnitude (lanes of all-zero groups compute
+/// garbage that is masked out). An infinite `x` (reachable when q3_K's scale search runs on overflowed group
+/// scales) would give `nearest_int`'s NaN/infinity results instead, hence the fallback.
 pub(in crate::quant) fn make_qx_quants_x8(
     nmax: i32,
     candidates: &[f32; 18],
@@ -87,6 +90,9 @@ pub(in crate::quant) fn make_qx_quants_x8(
         "make_qx_quants_x8: buffer sizes"
     );
     assert!((1..=64).contains(&nmax), "make_qx_quants_x8: nmax");
+    if super::float::max_abs_bits(x) >= 0x7F80_0000 {
+        return None;
+    }
     // SAFETY: AVX2 is available (checked above); the kernel only reads and writes within the checked slices.
     Some(unsafe { make_qx_quants_avx2(nmax, candidates, x, w, codes) })
 }
