@@ -717,11 +717,11 @@ def test_type_table_agrees_with_gguf_py() -> None:
         assert (info.block_size, info.type_size) == gguf.GGML_QUANT_SIZES[member] == ggml_lora.GGML_QUANT_SIZES[name]
         assert ggml_lora.type_info(member.value) == info == ggml_lora.type_info(member) == ggml_lora.type_info(
             member.name)
-    # exactly the types this project (de)quantizes: these five, the affine family (test_quant_affine.py) and the
-    # symmetric family (test_quant_symmetric.py)
+    # exactly the types this project (de)quantizes: these five, the affine family (test_quant_affine.py), the
+    # symmetric family (test_quant_symmetric.py) and the read-only types (test_quant_readonly.py)
     families = {"q4_1", "q5_1", "q2_k", "q4_k", "q5_k"} | {"q6_k", "q5_0", "q3_k"}
     writable = {n for n, t in ggml_lora.GGML_TYPES.items() if t.can_quantize}
-    assert set(QUANT_TYPES) <= writable <= set(QUANT_TYPES) | families
+    assert writable == set(QUANT_TYPES) | families
     assert {n for n, t in ggml_lora.GGML_TYPES.items() if t.can_dequantize} == writable | READ_ONLY_TYPES
 
 

@@ -25,13 +25,15 @@ mod iq1;
 mod iq2;
 mod iq3;
 mod iq4;
-mod q2_k;
 #[rustfmt::skip]
 mod iq_tables;
 mod q1_q2;
+mod q2_k;
+mod q3_k;
 mod q4_0;
 mod q4_1;
 mod q4_k;
+mod q5_0;
 mod q5_1;
 mod q5_k;
 mod q6_k;
@@ -50,9 +52,11 @@ pub use iq3::{BlockIq3S, BlockIq3Xxs};
 pub use iq4::{BlockIq4Nl, BlockIq4Xs};
 pub use q1_q2::{BlockQ1_0, BlockQ2_0};
 pub use q2_k::BlockQ2K;
+pub use q3_k::BlockQ3K;
 pub use q4_0::{BlockQ4_0, QK4_0};
 pub use q4_1::{BlockQ4_1, QK4_1};
 pub use q4_k::{BlockQ4K, QK_K};
+pub use q5_0::{BlockQ5_0, QK5_0};
 pub use q5_1::BlockQ5_1;
 pub use q5_k::BlockQ5K;
 pub use q6_k::BlockQ6K;
@@ -101,13 +105,7 @@ pub trait Quantize: BlockFormat {
     /// (`dst` is then partly written and unspecified). The default checks each block, then runs
     /// [`Quantize::quantize_block`].
     fn quantize_blocks(src: &[f32], dst: &mut [u8]) -> bool {
-        for (x, y) in src.chunks_exact(Self::BLOCK_SIZE).zip(dst.chunks_exact_mut(Self::BLOCK_BYTES)) {
-            if !all_finite(x) {
-                return false;
-            }
-            Self::quantize_block(x, y);
-        }
-        true
+        quantize_each_block::<Self>(src, dst)
     }
 
     /// ggml's `quantize_row_<type>_impl`: one whole row of finite values (`src.len()` a multiple of
@@ -140,6 +138,17 @@ pub(crate) fn run_lanes<W: LaneWork>(work: W) -> W::Output {
         Err(work) => work,
     };
     work.run()
+}
+
+/// The default [`Quantize::quantize_blocks`]: checks each block, then runs [`Quantize::quantize_block`] on it.
+pub(crate) fn quantize_each_block<B: Quantize + ?Sized>(src: &[f32], dst: &mut [u8]) -> bool {
+    for (x, y) in src.chunks_exact(B::BLOCK_SIZE).zip(dst.chunks_exact_mut(B::BLOCK_BYTES)) {
+        if !all_finite(x) {
+            return false;
+        }
+        B::quantize_block(x, y);
+    }
+    true
 }
 
 /// [`BlockFormat::dequantize_blocks`] as [`LaneWork`]: `block` (an `#[inline(always)]` one-block dequantizer of
@@ -223,6 +232,8 @@ pub fn kernels(ty: GgmlType) -> Option<Kernels> {
         GgmlType::Q2_K => Kernels::read_write::<BlockQ2K>(),
         GgmlType::Q4_K => Kernels::read_write::<BlockQ4K>(),
         GgmlType::Q5_K => Kernels::read_write::<BlockQ5K>(),
+        GgmlType::Q5_0 => Kernels::read_write::<BlockQ5_0>(),
+        GgmlType::Q3_K => Kernels::read_write::<BlockQ3K>(),
         GgmlType::Q6_K => Kernels::read_write::<BlockQ6K>(),
         GgmlType::IQ1_S => Kernels::read_only::<BlockIq1S>(),
         GgmlType::IQ1_M => Kernels::read_only::<BlockIq1M>(),
@@ -564,7 +575,7 @@ mod tests {
     use super::test_util::lcg_block_values;
     use super::*;
 
-    const TYPES: [GgmlType; 11] = [
+    const TYPES: [GgmlType; 13] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::BF16,
@@ -576,6 +587,8 @@ mod tests {
         GgmlType::Q4_K,
         GgmlType::Q5_K,
         GgmlType::Q6_K,
+        GgmlType::Q5_0,
+        GgmlType::Q3_K,
     ];
     /// The types this crate reads but does not write.
     const READ_ONLY: [GgmlType; 15] = [

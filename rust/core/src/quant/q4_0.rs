@@ -1,7 +1,13 @@
 //! q4_0: blocks of 32 weights as an f16 scale and 32 unsigned 4-bit codes (`x = d * (q - 8)`).
+//!
+//! Reproduces ggml's `quantize_row_q4_0_ref` (no importance matrix; see [`BlockQ4_0::quantize`]),
+//! `quantize_row_q4_0_impl` (with one: `sigma2 = sum(x*x)/n` over the whole row, weights `qw * sqrtf(sigma2 +
+//! x*x)`, then `make_qx_quants(32, 8, …, rmse_type 1)` gives `d` and the codes; an all-zero block, largest
+//! magnitude below 1e-15, gets `d = 0` and codes 0, not 8) and `dequantize_row_q4_0`.
 
 use super::float::{f16_bits_to_f32, f32_to_f16_bits};
-use super::{c_float_to_i8, BlockFormat, Quantize};
+use super::search_symmetric::Weighted32;
+use super::{c_float_to_i8, run_lanes, BlockFormat, Quantize};
 use crate::GgmlType;
 
 /// Elements per q4_0 block (`QK4_0`).
@@ -76,6 +82,15 @@ impl BlockQ4_0 {
     }
 }
 
+/// Stores one block of `quantize_row_q4_0_impl`: `d` rounded to f16, byte `j` = `L[j] | L[j + 16] << 4`.
+fn write_weighted_block(d: f32, codes: &[u8; QK4_0], dst: &mut [u8]) {
+    let mut qs = [0u8; QK4_0 / 2];
+    for (j, q) in qs.iter_mut().enumerate() {
+        *q = codes[j] | (codes[j + 16] << 4);
+    }
+    dst.copy_from_slice(&BlockQ4_0 { d: f32_to_f16_bits(d), qs }.to_bytes());
+}
+
 /// Portable `quantize_row_q4_0_ref` over whole blocks; false (stopping early) at the first block holding a
 /// non-finite value.
 pub(super) fn quantize_blocks_scalar(src: &[f32], dst: &mut [u8]) -> bool {
@@ -115,6 +130,8 @@ impl BlockFormat for BlockQ4_0 {
 }
 
 impl Quantize for BlockQ4_0 {
+    const TAKES_IMATRIX: bool = true;
+
     /// See [`BlockQ4_0::quantize`].
     fn quantize_block(src: &[f32], dst: &mut [u8]) {
         dst.copy_from_slice(&BlockQ4_0::quantize(src.try_into().expect("one whole block")).to_bytes());
@@ -127,6 +144,11 @@ impl Quantize for BlockQ4_0 {
             return ok;
         }
         quantize_blocks_scalar(src, dst)
+    }
+
+    /// `quantize_row_q4_0_impl`, the searches of 8 blocks at a time in lanes (AVX2 when available; same bytes).
+    fn quantize_row_weighted(src: &[f32], weights: &[f32], dst: &mut [u8]) {
+        run_lanes(Weighted32 { nmax: 8, src, qw: weights, dst, write: write_weighted_block })
     }
 }
 
@@ -295,6 +317,50 @@ mod tests {
         simd_dequantize(&raw[1..], &mut fa);
         dequantize_blocks_scalar(&raw[1..], &mut fb);
         assert!(fa.iter().zip(&fb).all(|(p, q)| p.to_bits() == q.to_bits()));
+    }
+
+    #[test]
+    fn golden_weighted_block() {
+        // One block [-8, -7, ..., 7] twice over, with weights: sigma2 = 2*sum(k^2, k=-8..7)/32 = 2*344/32 = 21.5,
+        // weights qw*sqrt(21.5 + x^2) with qw = 1. max = -8 (the first), iscale = -8/-8 = 1: every code fits
+        // exactly (l = x), scale 1, and no candidate can beat an exact fit. Codes x + 8 = 0..15, d = 1 (0x3C00).
+        let x: Vec<f32> = (0..32).map(|i| (i % 16) as f32 - 8.0).collect();
+        let mut out = [0u8; 18];
+        BlockQ4_0::quantize_row_weighted(&x, &[1.0; 32], &mut out);
+        let mut expected = vec![0x00, 0x3C];
+        expected.extend((0..16u8).map(|j| j | (j << 4)));
+        assert_eq!(hex(&out), hex(&expected));
+        // All zero: d = 0 (+0.0, unlike the reference's -0.0) and codes 0 (unlike the reference's 8).
+        BlockQ4_0::quantize_row_weighted(&[-0.0; 32], &[1.0; 32], &mut out);
+        assert_eq!(out, [0u8; 18]);
+    }
+
+    #[test]
+    fn weighted_lanes_equal_scalar() {
+        use crate::quant::search_symmetric::weighted_row_32;
+        // 51 blocks: 6 full sets of 8 lanes and a short one.
+        let mut src = crate::quant::search_symmetric::test_inputs::superblocks(7);
+        src.truncate(51 * 32);
+        let w = crate::quant::search_symmetric::test_inputs::weights(src.len());
+        let mut expected = vec![0u8; src.len() / 32 * 18];
+        weighted_row_32(8, &src, &w, &mut expected, write_weighted_block);
+        let mut out = vec![1u8; expected.len()];
+        crate::quant::LaneWork::run(Weighted32 {
+            nmax: 8,
+            src: &src,
+            qw: &w,
+            dst: &mut out,
+            write: write_weighted_block,
+        });
+        assert!(out == expected);
+        #[cfg(target_arch = "x86_64")]
+        {
+            assert!(is_x86_feature_detected!("avx2"), "this test needs AVX2 to exercise the AVX2 path");
+            let mut out = vec![1u8; expected.len()];
+            let work = Weighted32 { nmax: 8, src: &src, qw: &w, dst: &mut out, write: write_weighted_block };
+            assert!(crate::quant::x86::with_avx2(work).is_ok());
+            assert!(out == expected);
+        }
     }
 
     #[test]

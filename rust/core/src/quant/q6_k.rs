@@ -14,12 +14,14 @@
 //! and re-codes the group). The division `x / d` is a true division, not a multiplication by an inverse.
 //! `(int8_t)` of the scale and the dequantize product `(d * sc) * q` follow C's evaluation order.
 //!
-//! **Speed.** [`Quantize::quantize_blocks`] runs the 16 group searches of a block in 16 lanes
-//! (`make_qx_quants_lanes`), compiled for AVX2 when available; [`BlockQ6K::quantize`] is the scalar definition the
-//! tests compare it with.
+//! **Speed.** [`Quantize::quantize_blocks`] runs the 16 group searches of a block in lanes, 8 at a time
+//! (`make_qx_quants_x8`: AVX2 when available), the rest compiled for AVX2 too; [`BlockQ6K::quantize`] is the
+//! scalar definition the tests compare it with.
 
 use super::float::{f16_bits_to_f32, f32_to_f16_bits};
-use super::search_symmetric::{make_qx_quants, make_qx_quants_lanes, nearest, signed_max, GROUP_MAX_EPS};
+use super::search_symmetric::{
+    groups_to_lanes, lanes_to_groups, make_qx_quants, make_qx_quants_x8, nearest, signed_max, GROUP_MAX_EPS,
+};
 use super::{all_finite, run_lanes, BlockFormat, LaneWork, Quantize};
 use crate::GgmlType;
 
@@ -147,41 +149,22 @@ fn dequantize_bytes(b: &[u8], y: &mut [f32]) {
     }
 }
 
-/// The lane version of [`BlockQ6K::quantize`] for one block: the 16 group searches run in 16 lanes.
+/// The lane version of [`BlockQ6K::quantize`] for one block: the 16 group searches run in lanes, 8 at a time.
 #[inline(always)]
 fn quantize_block_lanes(x: &[f32], weights: Option<&[f32]>, dst: &mut [u8]) {
     let x: &[f32; QK_K] = x.try_into().expect("one whole block");
-    let mut xt = [[0.0f32; 16]; 16];
-    let mut wt = [[0.0f32; 16]; 16];
-    for (k, g) in x.chunks_exact(16).enumerate() {
-        for (i, &v) in g.iter().enumerate() {
-            xt[i][k] = v;
-        }
+    let xt = groups_to_lanes(x);
+    let mut wt = xt.map(|half| half.map(|row| row.map(|v| v * v)));
+    if let Some(w) = weights {
+        wt = groups_to_lanes(w);
     }
-    match weights {
-        Some(w) => {
-            for (k, g) in w.chunks_exact(16).enumerate() {
-                for (i, &v) in g.iter().enumerate() {
-                    wt[i][k] = v;
-                }
-            }
-        }
-        None => {
-            for (wr, xr) in wt.iter_mut().zip(&xt) {
-                for (w, &v) in wr.iter_mut().zip(xr) {
-                    *w = v * v;
-                }
-            }
-        }
+    let mut ct = [[[0u8; 8]; 16]; 2];
+    let mut scales = [0.0f32; QK_K / 16];
+    for h in 0..2 {
+        scales[8 * h..8 * h + 8].copy_from_slice(&make_qx_quants_x8(32, &xt[h], &wt[h], &mut ct[h]));
     }
-    let mut ct = [[0u8; 16]; 16];
-    let scales = make_qx_quants_lanes(32, &xt, &wt, &mut ct);
     let mut codes = [0u8; QK_K];
-    for (k, g) in codes.chunks_exact_mut(16).enumerate() {
-        for (i, c) in g.iter_mut().enumerate() {
-            *c = ct[i][k];
-        }
-    }
+    lanes_to_groups(&ct, &mut codes);
     BlockQ6K::finish(x, &scales, &mut codes).write(dst);
 }
 
@@ -209,34 +192,13 @@ impl LaneWork for QuantizeLanes<'_> {
     }
 }
 
-/// Lane work: `dequantize_row_q6_K` over whole blocks.
-struct DequantizeLanes<'a> {
-    src: &'a [u8],
-    dst: &'a mut [f32],
-}
-
-impl LaneWork for DequantizeLanes<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn run(self) {
-        for (x, y) in self.src.chunks_exact(BYTES).zip(self.dst.chunks_exact_mut(QK_K)) {
-            dequantize_bytes(x, y);
-        }
-    }
-}
-
 impl BlockFormat for BlockQ6K {
     const TYPE: GgmlType = GgmlType::Q6_K;
 
     /// See [`BlockQ6K::dequantize`].
+    #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         dequantize_bytes(src, dst);
-    }
-
-    /// `dequantize_row_q6_K`, compiled for AVX2 when available (same values).
-    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
-        run_lanes(DequantizeLanes { src, dst })
     }
 }
 
@@ -262,34 +224,18 @@ impl Quantize for BlockQ6K {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::test_util::lcg_block_values;
-
-    /// Blocks of many shapes with squares that stay finite (larger values make the C reference's sums NaN).
-    fn blocks(n: usize) -> Vec<f32> {
-        let mut v = lcg_block_values(n * 8);
-        for x in &mut v {
-            if x.abs() > 1e8 {
-                *x *= 1e-30;
-            }
-        }
-        v
-    }
+    use crate::quant::search_symmetric::test_inputs::{per_superblock, superblocks, weights};
 
     fn scalar_blocks(src: &[f32], weights: Option<&[f32]>) -> Vec<u8> {
-        let mut out = vec![0u8; src.len() / QK_K * BYTES];
-        for (b, (x, y)) in src.chunks_exact(QK_K).zip(out.chunks_exact_mut(BYTES)).enumerate() {
-            let w = weights.map(|w| w[b * QK_K..][..QK_K].try_into().unwrap());
-            y.copy_from_slice(&BlockQ6K::quantize(x.try_into().unwrap(), w).to_bytes());
-        }
-        out
+        per_superblock(src, weights, |x, w| BlockQ6K::quantize(x, w).to_bytes())
     }
 
     #[test]
     fn golden_exact_grid_block() {
-        // Every group holds -16..=-1: max = -16 (the first), iscale = -32/-16 = 2, l = 2x in -32..=-2, an exact fit: scale =
-        // sumlx/suml2 = 1/2 (sum w*x*2x / sum w*4x^2); no candidate can beat an exact fit. All scales 0.5: max_scale
-        // = 0.5, iscale = -256, d = -1/256 (f16 0x9C00), sc = nearest(-256*0.5) = -128 (min 127 keeps it).
-        // d*sc = 0.5, re-coding x/0.5 = 2x again: codes 2x + 32 = 0, 2, ..., 30.
+        // Every group holds -16..=-1: max = -16 (the first), iscale = -32/-16 = 2, l = 2x in -32..=-2, an exact
+        // fit: scale = sumlx/suml2 = 1/2 (sum w*x*2x / sum w*4x^2); no candidate can beat an exact fit. All scales
+        // 0.5: max_scale = 0.5, iscale = -256, d = -1/256 (f16 0x9C00), sc = nearest(-256*0.5) = -128 (min 127
+        // keeps it). d*sc = 0.5, re-coding x/0.5 = 2x again: codes 2x + 32 = 0, 2, ..., 30.
         let mut x = [0.0f32; QK_K];
         for (i, v) in x.iter_mut().enumerate() {
             *v = (i % 16) as f32 - 16.0;
@@ -355,12 +301,12 @@ mod tests {
 
     #[test]
     fn lanes_equal_scalar_on_random_and_edge_blocks() {
-        let src = blocks(60);
+        let src = superblocks(60);
         let expected = scalar_blocks(&src, None);
         let mut out = vec![0u8; expected.len()];
         assert!(QuantizeLanes { src: &src, weights: None, dst: &mut out }.run());
         assert!(out == expected, "portable lanes");
-        let weights: Vec<f32> = (0..src.len()).map(|i| [0.0, 1e-9, 0.5, 3.0, 7e4][i * 31 % 5]).collect();
+        let weights = weights(src.len());
         let expected = scalar_blocks(&src, Some(&weights));
         let mut out = vec![0u8; expected.len()];
         assert!(QuantizeLanes { src: &src, weights: Some(&weights), dst: &mut out }.run());
@@ -372,12 +318,12 @@ mod tests {
     fn avx2_lanes_equal_scalar() {
         use crate::quant::x86::with_avx2;
         assert!(is_x86_feature_detected!("avx2"), "this test needs AVX2 to exercise the AVX2 path");
-        let src = blocks(60);
+        let src = superblocks(60);
         let expected = scalar_blocks(&src, None);
         let mut out = vec![0u8; expected.len()];
         assert!(matches!(with_avx2(QuantizeLanes { src: &src, weights: None, dst: &mut out }), Ok(true)));
         assert!(out == expected);
-        let weights: Vec<f32> = (0..src.len()).map(|i| [0.0, 1e-9, 0.5, 3.0, 7e4][i * 31 % 5]).collect();
+        let weights = weights(src.len());
         let expected = scalar_blocks(&src, Some(&weights));
         assert!(matches!(with_avx2(QuantizeLanes { src: &src, weights: Some(&weights), dst: &mut out }), Ok(true)));
         assert!(out == expected);
@@ -385,7 +331,12 @@ mod tests {
         let raw: Vec<u8> = (0..BYTES * 300).map(|i: usize| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
         let mut a = vec![0f32; 300 * QK_K];
         let mut b = a.clone();
-        assert!(with_avx2(DequantizeLanes { src: &raw, dst: &mut a }).is_ok());
+        assert!(with_avx2(crate::quant::DequantizeBlocks::<BlockQ6K> {
+            src: &raw,
+            dst: &mut a,
+            block: std::marker::PhantomData
+        })
+        .is_ok());
         for (x, y) in raw.chunks_exact(BYTES).zip(b.chunks_exact_mut(QK_K)) {
             BlockQ6K::from_bytes(x.try_into().unwrap()).dequantize(y.try_into().unwrap());
         }

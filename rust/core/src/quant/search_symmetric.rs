@@ -17,6 +17,11 @@
 //! too (C's truthiness), while `suml2 > 0` is not. Out-of-range or NaN arguments of `nearest_int` (reachable only
 //! for values whose squares overflow) give what a release build of ggml gives: the low mantissa bits of the sum
 //! (ggml's assertion is compiled out in `llama-quantize`).
+//!
+//! Also here: the importance-matrix row quantizer shared by q4_0 and q5_0 ([`weighted_row_32`], [`Weighted32`]),
+//! whose `sigma2 = sum(x*x)/n` is one sequential sum over the whole row.
+
+use super::LaneWork;
 
 /// ggml's `GROUP_MAX_EPS`: groups whose largest magnitude is below it count as all zero.
 pub(super) const GROUP_MAX_EPS: f32 = 1e-15;
@@ -98,7 +103,6 @@ pub(super) fn make_qx_quants(nmax: i32, x: &[f32], weights: Option<&[f32]>, code
 
 /// `make_q3_quants(n, nmax, x, L, true)` for one group: returns the scale and writes the codes `L[i] + nmax`
 /// (or all 0 for an all-zero group) into `codes`. Weights are `x*x`; up to 5 passes of single-code changes.
-#[allow(dead_code)] // until q3_K lands
 pub(super) fn make_q3_quants(nmax: i32, x: &[f32], codes: &mut [u8]) -> f32 {
     let (max, amax) = signed_max(x);
     if amax < GROUP_MAX_EPS {
@@ -255,11 +259,32 @@ pub(super) fn make_qx_quants_lanes<const N: usize, const K: usize>(
     scale
 }
 
+/// [`make_qx_quants`] for 8 groups of `N` values in lanes (as [`make_qx_quants_lanes`]): the explicit AVX2
+/// kernel when the CPU has AVX2, else the portable lanes. Same bits either way.
+#[inline(always)]
+pub(super) fn make_qx_quants_x8<const N: usize>(
+    nmax: i32,
+    x: &[[f32; 8]; N],
+    w: &[[f32; 8]; N],
+    codes: &mut [[u8; 8]; N],
+) -> [f32; 8] {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(scales) = super::x86::make_qx_quants_x8(
+        nmax,
+        &candidates(nmax),
+        x.as_flattened(),
+        w.as_flattened(),
+        codes.as_flattened_mut(),
+    ) {
+        return scales;
+    }
+    make_qx_quants_lanes(nmax, x, w, codes)
+}
+
 /// [`make_q3_quants`] for `K` groups of `N` values at once, transposed (`x[i][k]`); writes the codes to
 /// `codes[i][k]`, returns the scales. A lane that changed nothing in a pass would change nothing in later passes
 /// (its state is the same), so running the passes until no lane changes gives each lane C's early exit.
 #[inline(always)]
-#[allow(dead_code)] // until q3_K lands
 pub(super) fn make_q3_quants_lanes<const N: usize, const K: usize>(
     nmax: i32,
     x: &[[f32; K]; N],
@@ -322,6 +347,145 @@ pub(super) fn make_q3_quants_lanes<const N: usize, const K: usize>(
         }
     }
     scale
+}
+
+/// A k-quant super-block's 16 groups of 16 values as two sets of 8 lanes: `out[h][i][k]` is value `i` of group
+/// `8h + k` (`x` is 256 values).
+#[inline(always)]
+pub(super) fn groups_to_lanes(x: &[f32]) -> [[[f32; 8]; 16]; 2] {
+    let mut out = [[[0.0f32; 8]; 16]; 2];
+    for (g, values) in x.chunks_exact(16).enumerate() {
+        for (i, &v) in values.iter().enumerate() {
+            out[g / 8][i][g % 8] = v;
+        }
+    }
+    out
+}
+
+/// The inverse of [`groups_to_lanes`] for codes: `out[16g + i]` is `lanes[g / 8][i][g % 8]`.
+#[inline(always)]
+pub(super) fn lanes_to_groups(lanes: &[[[u8; 8]; 16]; 2], out: &mut [u8; 256]) {
+    for (g, codes) in out.chunks_exact_mut(16).enumerate() {
+        for (i, c) in codes.iter_mut().enumerate() {
+            *c = lanes[g / 8][i][g % 8];
+        }
+    }
+}
+
+/// Values per block of the legacy types (q4_0, q5_0).
+const QK32: usize = 32;
+/// Blocks searched together in lanes by [`Weighted32`].
+const LEGACY_LANES: usize = 8;
+
+/// The row statistic of `quantize_row_q4_0_impl` / `quantize_row_q5_0_impl`: `sigma2 = sum(x*x) / n`, the sum
+/// sequential over the whole row.
+#[inline(always)]
+fn row_sigma2(x: &[f32]) -> f32 {
+    let mut sum_x2 = 0.0f32;
+    for &v in x {
+        sum_x2 += v * v;
+    }
+    sum_x2 / x.len() as f32
+}
+
+/// Writes one legacy block from its scale `d` (f32, before the f16 rounding) and its 32 codes.
+pub(super) type WriteBlock32 = fn(f32, &[u8; QK32], &mut [u8]);
+
+/// ggml's `quantize_row_q4_0_impl` / `quantize_row_q5_0_impl` with importance weights, one row, scalar: each
+/// block of 32 gets weights `qw * sqrtf(sigma2 + x*x)` and `make_qx_quants(32, nmax, …, 1, weights)`; `write`
+/// stores the scale and the codes. The definition [`Weighted32`] is tested against.
+#[cfg(test)]
+pub(super) fn weighted_row_32(nmax: i32, src: &[f32], qw: &[f32], dst: &mut [u8], write: WriteBlock32) {
+    let sigma2 = row_sigma2(src);
+    let block_bytes = dst.len() / (src.len() / QK32);
+    for ((x, q), y) in src.chunks_exact(QK32).zip(qw.chunks_exact(QK32)).zip(dst.chunks_exact_mut(block_bytes)) {
+        let mut w = [0.0f32; QK32];
+        for ((w, &q), &v) in w.iter_mut().zip(q).zip(x) {
+            *w = q * (sigma2 + v * v).sqrt();
+        }
+        let mut codes = [0u8; QK32];
+        let d = make_qx_quants(nmax, x, Some(&w), &mut codes);
+        write(d, &codes, y);
+    }
+}
+
+/// Lane work: [`weighted_row_32`] with the searches of 8 blocks at a time in lanes (a short last group is padded
+/// with zero blocks whose results are dropped).
+pub(super) struct Weighted32<'a> {
+    /// `nmax` of the type (8 for q4_0, 16 for q5_0).
+    pub nmax: i32,
+    /// One row of finite values.
+    pub src: &'a [f32],
+    /// Its importance weights (finite, non-negative).
+    pub qw: &'a [f32],
+    /// The row's blocks.
+    pub dst: &'a mut [u8],
+    /// Stores one block.
+    pub write: WriteBlock32,
+}
+
+impl LaneWork for Weighted32<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        const K: usize = LEGACY_LANES;
+        let sigma2 = row_sigma2(self.src);
+        let block_bytes = self.dst.len() / (self.src.len() / QK32);
+        let groups = self.src.chunks(QK32 * K).zip(self.qw.chunks(QK32 * K)).zip(self.dst.chunks_mut(block_bytes * K));
+        for ((xs, qs), ys) in groups {
+            let mut xt = [[0.0f32; K]; QK32];
+            let mut wt = [[0.0f32; K]; QK32];
+            for (k, (x, q)) in xs.chunks_exact(QK32).zip(qs.chunks_exact(QK32)).enumerate() {
+                for i in 0..QK32 {
+                    xt[i][k] = x[i];
+                    wt[i][k] = q[i] * (sigma2 + x[i] * x[i]).sqrt();
+                }
+            }
+            let mut ct = [[0u8; K]; QK32];
+            let d = make_qx_quants_x8(self.nmax, &xt, &wt, &mut ct);
+            for (k, y) in ys.chunks_exact_mut(block_bytes).enumerate() {
+                let codes: [u8; QK32] = std::array::from_fn(|i| ct[i][k]);
+                (self.write)(d[k], &codes, y);
+            }
+        }
+    }
+}
+
+/// Inputs shared by the tests of the symmetric types.
+#[cfg(test)]
+pub(super) mod test_inputs {
+    /// `n_blocks` super-blocks (256 values each) of many shapes (see `lcg_block_values`), with magnitudes above
+    /// 1e8 scaled down so squares and sums stay finite (larger values make ggml's sums NaN; the Python tests cover
+    /// them against the C code).
+    pub fn superblocks(n_blocks: usize) -> Vec<f32> {
+        let mut v = crate::quant::test_util::lcg_block_values(n_blocks * 8);
+        for x in &mut v {
+            if x.abs() > 1e8 {
+                *x *= 1e-30;
+            }
+        }
+        v
+    }
+
+    /// The bytes of `quantize` (a scalar block definition) run on each super-block of `src` with its weights.
+    pub fn per_superblock<const B: usize>(
+        src: &[f32],
+        weights: Option<&[f32]>,
+        quantize: impl Fn(&[f32; 256], Option<&[f32; 256]>) -> [u8; B],
+    ) -> Vec<u8> {
+        let mut out = Vec::with_capacity(src.len() / 256 * B);
+        for (b, x) in src.chunks_exact(256).enumerate() {
+            let w = weights.map(|w| w[256 * b..256 * b + 256].try_into().unwrap());
+            out.extend(quantize(x.try_into().unwrap(), w));
+        }
+        out
+    }
+
+    /// `n` importance weights cycling through zero, near-zero, ordinary and large ones.
+    pub fn weights(n: usize) -> Vec<f32> {
+        (0..n).map(|i| [0.0, 1e-9, 0.5, 3.0, 7e4][i * 31 % 5]).collect()
+    }
 }
 
 #[cfg(test)]
@@ -417,6 +581,91 @@ mod tests {
                 assert_eq!(c.to_vec(), codes.iter().map(|r| r[k]).collect::<Vec<_>>(), "group {t}/{k}");
             }
         }
+    }
+
+    /// The AVX2 kernel and the portable 8-lane code against the scalar search, for groups of 16 and 32.
+    fn check_x8<const N: usize>(nmax: i32) {
+        let xs = groups(8 * N / 16 * 60);
+        for (t, chunk) in xs.chunks_exact(8 * N).enumerate() {
+            let x: [[f32; 8]; N] = to_lanes(chunk);
+            let wv: Vec<f32> = (0..8 * N).map(|i| [0.0, 1e-9, 0.5, 3.0, 7e4][(i * 7 + t) % 5]).collect();
+            let sq: Vec<f32> = chunk.iter().map(|v| v * v).collect();
+            let w: [[f32; 8]; N] = to_lanes(if t % 2 == 1 { &wv } else { &sq });
+            let mut portable = [[0u8; 8]; N];
+            let portable_scales = make_qx_quants_lanes(nmax, &x, &w, &mut portable);
+            #[cfg(target_arch = "x86_64")]
+            let (simd_scales, simd) = {
+                assert!(is_x86_feature_detected!("avx2"), "this test needs AVX2 to exercise the AVX2 kernel");
+                let mut codes = [[0u8; 8]; N];
+                let scales = crate::quant::x86::make_qx_quants_x8(
+                    nmax,
+                    &candidates(nmax),
+                    x.as_flattened(),
+                    w.as_flattened(),
+                    codes.as_flattened_mut(),
+                )
+                .unwrap();
+                (scales, codes)
+            };
+            for k in 0..8 {
+                let g: Vec<f32> = (0..N).map(|i| x[i][k]).collect();
+                let wg: Vec<f32> = (0..N).map(|i| w[i][k]).collect();
+                let mut c = vec![0u8; N];
+                let s = make_qx_quants(nmax, &g, (t % 2 == 1).then_some(&wg[..]), &mut c);
+                let column = |codes: &[[u8; 8]; N]| codes.iter().map(|r| r[k]).collect::<Vec<_>>();
+                assert_eq!(s.to_bits(), portable_scales[k].to_bits(), "portable {t}/{k}: {g:?}");
+                assert_eq!(c, column(&portable), "portable {t}/{k}");
+                #[cfg(target_arch = "x86_64")]
+                {
+                    assert_eq!(s.to_bits(), simd_scales[k].to_bits(), "avx2 {t}/{k}: {g:?}");
+                    assert_eq!(c, column(&simd), "avx2 {t}/{k}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn x8_dispatch_equals_scalar_on_infinite_values() {
+        // q3_K's scale search can see overflowed (infinite) group scales: nearest_int then meets NaN and infinity.
+        let mut x = [[0.5f32; 8]; 16];
+        for (i, row) in x.iter_mut().enumerate() {
+            for (k, v) in row.iter_mut().enumerate() {
+                *v = match (i + k) % 4 {
+                    0 => f32::NEG_INFINITY,
+                    1 => f32::INFINITY,
+                    2 => -3.0,
+                    _ => 1e30,
+                };
+            }
+        }
+        x[3] = [f32::INFINITY; 8];
+        let w = [[2.0f32; 8]; 16];
+        let mut codes = [[0u8; 8]; 16];
+        let scales = make_qx_quants_x8(32, &x, &w, &mut codes);
+        #[cfg(target_arch = "x86_64")]
+        assert!(crate::quant::x86::make_qx_quants_x8(
+            32,
+            &candidates(32),
+            x.as_flattened(),
+            w.as_flattened(),
+            &mut [0; 128]
+        )
+        .is_none());
+        for k in 0..8 {
+            let g: Vec<f32> = (0..16).map(|i| x[i][k]).collect();
+            let mut c = [0u8; 16];
+            let s = make_qx_quants(32, &g, Some(&[2.0; 16]), &mut c);
+            assert_eq!(s.to_bits(), scales[k].to_bits(), "lane {k}");
+            assert_eq!(c.to_vec(), codes.iter().map(|r| r[k]).collect::<Vec<_>>(), "lane {k}");
+        }
+    }
+
+    #[test]
+    fn x8_kernels_equal_scalar_make_qx_quants() {
+        check_x8::<16>(32);
+        check_x8::<16>(4);
+        check_x8::<32>(8);
+        check_x8::<32>(16);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::arch::x86_64::*;
 use super::float::{f16_bits_to_f32, f32_to_f16_bits};
 use super::LaneWork;
 
-/// Elements per q4_0 / q8_0 block.
+/// Elements per q4_0 / q5_0 / q8_0 block.
 const QK4_0: usize = 32;
 const QK8_0: usize = 32;
 
@@ -52,6 +52,49 @@ pub(in crate::quant) fn q4_0_quantize(src: &[f32], dst: &mut [u8], scalar: Scala
     assert!(src.len().is_multiple_of(QK4_0) && dst.len() == src.len() / QK4_0 * 18, "q4_0 quantize: buffer sizes");
     // SAFETY: AVX2 is available (checked above); the kernel only touches memory through in-bounds slice chunks.
     Some(unsafe { q4_0_quantize_avx2(src, dst, scalar) })
+}
+
+/// q5_0 quantize of whole blocks with AVX2 (blocks whose inverse scale overflows go to `scalar`); `None` without
+/// AVX2. Same bytes as `quantize_row_q5_0_ref`.
+pub(in crate::quant) fn q5_0_quantize(src: &[f32], dst: &mut [u8], scalar: ScalarBlock) -> Option<bool> {
+    if !has_avx2() {
+        return None;
+    }
+    assert!(src.len().is_multiple_of(QK4_0) && dst.len() == src.len() / QK4_0 * 22, "q5_0 quantize: buffer sizes");
+    // SAFETY: AVX2 is available (checked above); the kernel only touches memory through in-bounds slice chunks.
+    Some(unsafe { q5_0_quantize_avx2(src, dst, scalar) })
+}
+
+/// ggml's `make_qx_quants(n, nmax, x, L, 1, w)` for 8 groups in the 8 AVX2 lanes; `None` without AVX2 or when a
+/// value of `x` is not finite (the caller then uses the portable lanes).
+///
+/// `x` and `w` hold `n <= 32` rows of 8 (row `i` is value `i` of each group), `candidates` the 18 numerators
+/// `nmax + 0.1f*is` in C order; `codes` receives `n` rows of 8 codes; returns the 8 scales. Same bits as the scalar
+/// search (see `search_symmetric`): every lane does its group's operations in C order. `nearest_int` becomes
+/// `_mm256_round_ps` to nearest even, equal for `|v| < 2^22`: with finite values every argument is `iscale * x`
+/// with `|x| <= |max|` and `|max| >= 1e-15`, so at most `nmax + 1` in magnitude (lanes of all-zero groups compute
+/// garbage that is masked out). An infinite `x` (reachable when q3_K's scale search runs on overflowed group
+/// scales) would give `nearest_int`'s NaN/infinity results instead, hence the fallback.
+pub(in crate::quant) fn make_qx_quants_x8(
+    nmax: i32,
+    candidates: &[f32; 18],
+    x: &[f32],
+    w: &[f32],
+    codes: &mut [u8],
+) -> Option<[f32; 8]> {
+    if !has_avx2() {
+        return None;
+    }
+    assert!(
+        x.len().is_multiple_of(8) && x.len() <= 8 * MAX_ROWS && w.len() == x.len() && codes.len() == x.len(),
+        "make_qx_quants_x8: buffer sizes"
+    );
+    assert!((1..=64).contains(&nmax), "make_qx_quants_x8: nmax");
+    if super::float::max_abs_bits(x) >= 0x7F80_0000 {
+        return None;
+    }
+    // SAFETY: AVX2 is available (checked above); the kernel only reads and writes within the checked slices.
+    Some(unsafe { make_qx_quants_avx2(nmax, candidates, x, w, codes) })
 }
 
 /// q4_0 dequantize of whole blocks with AVX2; false without AVX2. Same values as `dequantize_row_q4_0`.
@@ -201,52 +244,199 @@ unsafe fn abs_bits_and_max(v: &[__m256; 4]) -> ([__m256i; 4], u32) {
     (a, _mm_cvtsi128_si32(m) as u32)
 }
 
+/// One block of a legacy symmetric type (q4_0, q5_0) as [`legacy_codes`] sees it.
+enum LegacyBlock {
+    /// The block holds NaN or an infinity.
+    NonFinite,
+    /// `1/d` overflows: the caller leaves the block to the scalar definition.
+    Tiny,
+    /// The f32 scale `d` and the 32 codes in 4 vectors of 8 (elements 0-7, 8-15, 16-23, 24-31).
+    Codes(f32, [__m256i; 4]),
+}
+
+/// The shared part of `quantize_row_q4_0_ref` / `quantize_row_q5_0_ref`: `max` the first element of largest
+/// magnitude (sign kept; +0.0 for an all-zero block, as C starts from `max = 0.0f` and only replaces it on a
+/// strictly larger magnitude), `d = max / div`, `id = 1/d` (0 when `d == 0`), codes `min(top, trunc(x*id +
+/// bias))` with the product and the sum rounded separately (never fused). A finite `id` keeps every `x*id + bias`
+/// in `[0.5, 2*bias]`, so the int32 truncation equals C's `(int8_t)`.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn legacy_codes(x: &[f32], div: f32, bias: f32, top: i32) -> LegacyBlock {
+    let v = load_block(x);
+    let (a, amax_bits) = abs_bits_and_max(&v);
+    if amax_bits >= 0x7F80_0000 {
+        return LegacyBlock::NonFinite;
+    }
+    let max = if amax_bits == 0 {
+        0.0f32
+    } else {
+        let t = _mm256_set1_epi32(amax_bits as i32);
+        let mut mask = 0u32;
+        for (k, ak) in a.iter().enumerate() {
+            mask |= (_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(*ak, t))) as u32) << (8 * k);
+        }
+        x[mask.trailing_zeros() as usize]
+    };
+    let d = max / div;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    if !id.is_finite() {
+        return LegacyBlock::Tiny;
+    }
+    let (idv, biasv, topv) = (_mm256_set1_ps(id), _mm256_set1_ps(bias), _mm256_set1_epi32(top));
+    let q = |k: usize| _mm256_min_epi32(_mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v[k], idv), biasv)), topv);
+    LegacyBlock::Codes(d, [q(0), q(1), q(2), q(3)])
+}
+
+/// Bytes `j` = `lo[j] | hi[j] << 4` of 16 codes `lo` (2 vectors of 8) and 16 codes `hi`, each below 16.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn pack_nibbles(lo: [__m256i; 2], hi: [__m256i; 2]) -> __m128i {
+    let r0 = _mm256_or_si256(lo[0], _mm256_slli_epi32::<4>(hi[0]));
+    let r1 = _mm256_or_si256(lo[1], _mm256_slli_epi32::<4>(hi[1]));
+    let w0 = _mm_packs_epi32(_mm256_castsi256_si128(r0), _mm256_extracti128_si256::<1>(r0));
+    let w1 = _mm_packs_epi32(_mm256_castsi256_si128(r1), _mm256_extracti128_si256::<1>(r1));
+    _mm_packus_epi16(w0, w1)
+}
+
 #[target_feature(enable = "avx2")]
 unsafe fn q4_0_quantize_avx2(src: &[f32], dst: &mut [u8], scalar: ScalarBlock) -> bool {
-    let half8 = _mm256_set1_ps(8.5);
-    let fifteen = _mm256_set1_epi32(15);
     for (x, y) in src.chunks_exact(QK4_0).zip(dst.chunks_exact_mut(18)) {
         prefetch_ahead(x);
-        let v = load_block(x);
-        let (a, amax_bits) = abs_bits_and_max(&v);
-        if amax_bits >= 0x7F80_0000 {
-            return false;
-        }
-        // The first element whose magnitude is the maximum, sign kept; +0.0 when the block is all zeros (C starts
-        // from max = 0.0f and only replaces it on a strictly larger magnitude).
-        let max = if amax_bits == 0 {
-            0.0f32
-        } else {
-            let t = _mm256_set1_epi32(amax_bits as i32);
-            let mut mask = 0u32;
-            for (k, ak) in a.iter().enumerate() {
-                mask |= (_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(*ak, t))) as u32) << (8 * k);
+        match legacy_codes(x, -8.0, 8.5, 15) {
+            LegacyBlock::NonFinite => return false,
+            LegacyBlock::Tiny => scalar(x, y),
+            LegacyBlock::Codes(d, q) => {
+                y[..2].copy_from_slice(&f32_to_f16_bits(d).to_le_bytes());
+                // Byte j = q[j] | q[j+16] << 4: elements 0..8 pair with 16..24, 8..16 with 24..32.
+                _mm_storeu_si128(y[2..18].as_mut_ptr().cast(), pack_nibbles([q[0], q[1]], [q[2], q[3]]));
             }
-            x[mask.trailing_zeros() as usize]
-        };
-        let d = max / -8.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        if !id.is_finite() {
-            // Tiny block (see the block file): leave it to the scalar definition.
-            scalar(x, y);
-            continue;
         }
-        y[..2].copy_from_slice(&f32_to_f16_bits(d).to_le_bytes());
-        let idv = _mm256_set1_ps(id);
-        // x*id, then + 8.5: two roundings as in C (mul and add, never fused); truncate; min(15). Finite id keeps
-        // every value in [0, 16.5], so the int32 truncation equals C's (int8_t).
-        let q =
-            |k: usize| _mm256_min_epi32(_mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v[k], idv), half8)), fifteen);
-        let (q0, q1, q2, q3) = (q(0), q(1), q(2), q(3));
-        // Byte j = q[j] | q[j+16] << 4: elements 0..8 pair with 16..24, 8..16 with 24..32.
-        let r0 = _mm256_or_si256(q0, _mm256_slli_epi32::<4>(q2));
-        let r1 = _mm256_or_si256(q1, _mm256_slli_epi32::<4>(q3));
-        let w0 = _mm_packs_epi32(_mm256_castsi256_si128(r0), _mm256_extracti128_si256::<1>(r0));
-        let w1 = _mm_packs_epi32(_mm256_castsi256_si128(r1), _mm256_extracti128_si256::<1>(r1));
-        let bytes = _mm_packus_epi16(w0, w1);
-        _mm_storeu_si128(y[2..18].as_mut_ptr().cast(), bytes);
     }
     true
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn q5_0_quantize_avx2(src: &[f32], dst: &mut [u8], scalar: ScalarBlock) -> bool {
+    let low = _mm256_set1_epi32(0x0F);
+    for (x, y) in src.chunks_exact(QK4_0).zip(dst.chunks_exact_mut(22)) {
+        prefetch_ahead(x);
+        match legacy_codes(x, -16.0, 16.5, 31) {
+            LegacyBlock::NonFinite => return false,
+            LegacyBlock::Tiny => scalar(x, y),
+            LegacyBlock::Codes(d, q) => {
+                y[..2].copy_from_slice(&f32_to_f16_bits(d).to_le_bytes());
+                // Bit 4 of code j is bit j of qh: shifted into the sign bit, 8 codes per movemask.
+                let mut qh = 0u32;
+                for (k, qk) in q.iter().enumerate() {
+                    qh |= (_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_slli_epi32::<27>(*qk))) as u32) << (8 * k);
+                }
+                y[2..6].copy_from_slice(&qh.to_le_bytes());
+                let n = q.map(|v| _mm256_and_si256(v, low));
+                _mm_storeu_si128(y[6..22].as_mut_ptr().cast(), pack_nibbles([n[0], n[1]], [n[2], n[3]]));
+            }
+        }
+    }
+    true
+}
+
+/// Rows (values per group) [`make_qx_quants_x8`] accepts.
+const MAX_ROWS: usize = 32;
+/// Candidate inverse scales summed in one sweep over the values: independent sums for instruction-level
+/// parallelism (each one still sequential over the values, as in C).
+const SWEEP: usize = 3;
+
+/// `l = clamp(nearest(iscale * v), lo, hi)` as a float.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn qx_code(iscale: __m256, v: __m256, lo: __m256, hi: __m256) -> __m256 {
+    let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(iscale, v));
+    _mm256_max_ps(_mm256_min_ps(r, hi), lo)
+}
+
+/// `sumlx = sum((w*x)*l)` and `suml2 = sum((w*l)*l)` for `M` inverse scales at once, sequential over the rows.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn qx_sums<const M: usize>(
+    rows: &[[__m256; 3]],
+    iscales: &[__m256],
+    lo: __m256,
+    hi: __m256,
+) -> ([__m256; M], [__m256; M]) {
+    let mut sx = [_mm256_setzero_ps(); M];
+    let mut s2 = [_mm256_setzero_ps(); M];
+    for &[v, wv, wxv] in rows {
+        for m in 0..M {
+            let l = qx_code(iscales[m], v, lo, hi);
+            sx[m] = _mm256_add_ps(sx[m], _mm256_mul_ps(wxv, l));
+            s2[m] = _mm256_add_ps(s2[m], _mm256_mul_ps(_mm256_mul_ps(wv, l), l));
+        }
+    }
+    (sx, s2)
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn make_qx_quants_avx2(nmax: i32, candidates: &[f32; 18], x: &[f32], w: &[f32], codes: &mut [u8]) -> [f32; 8] {
+    let n = x.len() / 8;
+    let sign = _mm256_set1_ps(-0.0);
+    let zero = _mm256_setzero_ps();
+    // Rows of (x, w, w*x); the first value of largest magnitude per lane (strict >, sign kept).
+    let mut rows = [[zero; 3]; MAX_ROWS];
+    let (mut amax, mut max) = (zero, zero);
+    for (i, row) in rows.iter_mut().enumerate().take(n) {
+        let v = _mm256_loadu_ps(x[8 * i..8 * i + 8].as_ptr());
+        let wv = _mm256_loadu_ps(w[8 * i..8 * i + 8].as_ptr());
+        let a = _mm256_andnot_ps(sign, v);
+        let gt = _mm256_cmp_ps::<_CMP_GT_OQ>(a, amax);
+        amax = _mm256_blendv_ps(amax, a, gt);
+        max = _mm256_blendv_ps(max, v, gt);
+        *row = [v, wv, _mm256_mul_ps(wv, v)];
+    }
+    let rows = &rows[..n];
+    // Lanes whose group is all zero (largest magnitude below ggml's GROUP_MAX_EPS = 1e-15).
+    let all_zero = _mm256_cmp_ps::<_CMP_LT_OQ>(amax, _mm256_set1_ps(1e-15));
+    let (lo, hi) = (_mm256_set1_ps(-nmax as f32), _mm256_set1_ps((nmax - 1) as f32));
+    // The 19 inverse scales: the first guess -nmax/max, then -(candidate)/max.
+    let mut iscales = [zero; 19];
+    iscales[0] = _mm256_div_ps(lo, max);
+    for (is, &c) in iscales[1..].iter_mut().zip(candidates) {
+        *is = _mm256_div_ps(_mm256_set1_ps(-c), max);
+    }
+    let mut sumlx = [zero; 19];
+    let mut suml2 = [zero; 19];
+    for start in (0..18).step_by(SWEEP) {
+        let (sx, s2) = qx_sums::<SWEEP>(rows, &iscales[start..start + SWEEP], lo, hi);
+        sumlx[start..start + SWEEP].copy_from_slice(&sx);
+        suml2[start..start + SWEEP].copy_from_slice(&s2);
+    }
+    let (sx, s2) = qx_sums::<1>(rows, &iscales[18..], lo, hi);
+    (sumlx[18], suml2[18]) = (sx[0], s2[0]);
+    // `suml2 ? sumlx/suml2 : 0` (NaN counts as true), then the candidates in C order.
+    let mut scale = _mm256_and_ps(_mm256_div_ps(sumlx[0], suml2[0]), _mm256_cmp_ps::<_CMP_NEQ_UQ>(suml2[0], zero));
+    let mut best = _mm256_mul_ps(scale, sumlx[0]);
+    let mut best_iscale = iscales[0];
+    for c in 1..19 {
+        let (sx, s2) = (sumlx[c], suml2[c]);
+        let take = _mm256_and_ps(
+            _mm256_cmp_ps::<_CMP_GT_OQ>(s2, zero),
+            _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_mul_ps(sx, sx), _mm256_mul_ps(best, s2)),
+        );
+        let s = _mm256_div_ps(sx, s2);
+        best_iscale = _mm256_blendv_ps(best_iscale, iscales[c], take);
+        scale = _mm256_blendv_ps(scale, s, take);
+        best = _mm256_blendv_ps(best, _mm256_mul_ps(s, sx), take);
+    }
+    // Codes l + nmax of the last accepted scale; 0 (and scale 0) for all-zero groups.
+    let keep = _mm256_castps_si256(_mm256_xor_ps(all_zero, _mm256_castsi256_ps(_mm256_set1_epi32(-1))));
+    let offset = _mm256_set1_epi32(nmax);
+    for (i, &[v, _, _]) in rows.iter().enumerate() {
+        let l = _mm256_cvttps_epi32(qx_code(best_iscale, v, lo, hi));
+        let c = _mm256_and_si256(_mm256_add_epi32(l, offset), keep);
+        let c16 = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256::<1>(c));
+        _mm_storel_epi64(codes[8 * i..8 * i + 8].as_mut_ptr().cast(), _mm_packus_epi16(c16, c16));
+    }
+    let mut out = [0.0f32; 8];
+    _mm256_storeu_ps(out.as_mut_ptr(), _mm256_andnot_ps(all_zero, scale));
+    out
 }
 
 #[target_feature(enable = "avx2")]
