@@ -142,8 +142,9 @@ impl<B: BlockFormat> LaneWork for DequantizeBlocks<'_, B> {
     }
 }
 
-/// True when every value of `x` is finite (no NaN, no ±inf).
-#[inline]
+/// True when every value of `x` is finite (no NaN, no ±inf). Always inlined, so that lane work compiled for AVX2
+/// checks with AVX2 too.
+#[inline(always)]
 pub(crate) fn all_finite(x: &[f32]) -> bool {
     float::max_abs_bits(x) < 0x7F80_0000
 }
