@@ -461,6 +461,9 @@ unsafe fn make_q3_quants_avx2<const G: usize>(nmax: i32, x: &[f32], codes: &mut 
     // Per set and row: x, w = x*x, w*x; the codes l (as floats); the first value of largest magnitude.
     let mut rows = [[[zero; 3]; G]; MAX_ROWS];
     let mut l = [[zero; G]; MAX_ROWS];
+    // C's products w*x*L and w*L*L of each value's current code, kept up to date with the codes.
+    let mut lx = [[zero; G]; MAX_ROWS];
+    let mut l2 = [[zero; G]; MAX_ROWS];
     let (mut amax, mut max) = ([zero; G], [zero; G]);
     let mut finite = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
     for (i, row) in rows.iter_mut().enumerate().take(n) {
@@ -487,26 +490,31 @@ unsafe fn make_q3_quants_avx2<const G: usize>(nmax: i32, x: &[f32], codes: &mut 
         for g in 0..G {
             let [v, w, wx] = row[g];
             let li = qx_code(iscale[g], v, lo, hi);
-            l[i][g] = li;
-            sumlx[g] = _mm256_add_ps(sumlx[g], _mm256_mul_ps(wx, li));
-            suml2[g] = _mm256_add_ps(suml2[g], _mm256_mul_ps(_mm256_mul_ps(w, li), li));
+            (l[i][g], lx[i][g], l2[i][g]) = (li, _mm256_mul_ps(wx, li), _mm256_mul_ps(_mm256_mul_ps(w, li), li));
+            sumlx[g] = _mm256_add_ps(sumlx[g], lx[i][g]);
+            suml2[g] = _mm256_add_ps(suml2[g], l2[i][g]);
         }
     }
+    let mut sumlx_sq = sumlx.map(|s| _mm256_mul_ps(s, s));
+    // A set of 8 groups that changed nothing in a pass would change nothing in the next one (same state): it
+    // drops out, which is C's early exit at the granularity of 8 groups.
+    let mut active = [true; G];
     for _ in 0..5 {
         let mut changed = [zero; G];
         for (i, row) in rows.iter().enumerate() {
-            for g in 0..G {
+            for g in (0..G).filter(|&g| active[g]) {
                 let [v, w, wx] = row[g];
                 let li = l[i][g];
-                let slx = _mm256_sub_ps(sumlx[g], _mm256_mul_ps(wx, li));
-                let sl2 = _mm256_sub_ps(suml2[g], _mm256_mul_ps(_mm256_mul_ps(w, li), li));
+                let slx = _mm256_sub_ps(sumlx[g], lx[i][g]);
+                let sl2 = _mm256_sub_ps(suml2[g], l2[i][g]);
                 let q = nearest_int_trick(_mm256_div_ps(_mm256_mul_ps(v, sl2), slx));
                 let new_l = _mm256_cvtepi32_ps(_mm256_max_epi32(_mm256_min_epi32(q, hi_i), lo_i));
-                let slx_new = _mm256_add_ps(slx, _mm256_mul_ps(wx, new_l));
-                let sl2_new = _mm256_add_ps(sl2, _mm256_mul_ps(_mm256_mul_ps(w, new_l), new_l));
+                let (new_lx, new_l2) = (_mm256_mul_ps(wx, new_l), _mm256_mul_ps(_mm256_mul_ps(w, new_l), new_l));
+                let slx_new = _mm256_add_ps(slx, new_lx);
+                let sl2_new = _mm256_add_ps(sl2, new_l2);
                 let better = _mm256_cmp_ps::<_CMP_GT_OQ>(
                     _mm256_mul_ps(_mm256_mul_ps(slx_new, slx_new), suml2[g]),
-                    _mm256_mul_ps(_mm256_mul_ps(sumlx[g], sumlx[g]), sl2_new),
+                    _mm256_mul_ps(sumlx_sq[g], sl2_new),
                 );
                 let take = _mm256_and_ps(
                     _mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(slx, zero), _mm256_cmp_ps::<_CMP_NEQ_OQ>(new_l, li)),
@@ -516,13 +524,19 @@ unsafe fn make_q3_quants_avx2<const G: usize>(nmax: i32, x: &[f32], codes: &mut 
                 // sums off the division's latency chain, as C's branches do.
                 if _mm256_movemask_ps(take) != 0 {
                     l[i][g] = _mm256_blendv_ps(li, new_l, take);
+                    lx[i][g] = _mm256_blendv_ps(lx[i][g], new_lx, take);
+                    l2[i][g] = _mm256_blendv_ps(l2[i][g], new_l2, take);
                     sumlx[g] = _mm256_blendv_ps(sumlx[g], slx_new, take);
                     suml2[g] = _mm256_blendv_ps(suml2[g], sl2_new, take);
+                    sumlx_sq[g] = _mm256_mul_ps(sumlx[g], sumlx[g]);
                     changed[g] = _mm256_or_ps(changed[g], take);
                 }
             }
         }
-        if _mm256_movemask_ps(changed.iter().fold(zero, |a, &c| _mm256_or_ps(a, c))) == 0 {
+        for g in 0..G {
+            active[g] = _mm256_movemask_ps(changed[g]) != 0;
+        }
+        if !active.contains(&true) {
             break;
         }
     }
