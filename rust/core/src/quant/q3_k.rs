@@ -30,7 +30,7 @@ use std::marker::PhantomData;
 use super::float::{f16_bits_to_f32, f32_to_f16_bits};
 use super::search_symmetric::{
     groups_to_lanes, lanes_to_groups, make_q3_quants, make_q3_quants_blocks, make_qx_quants, make_qx_quants_x8,
-    nearest, signed_max,
+    nearest, recode_groups16, signed_max,
 };
 use super::{all_finite, run_lanes, BlockFormat, DequantizeBlocks, LaneWork, Quantize};
 use crate::GgmlType;
@@ -161,15 +161,7 @@ fn finish(x: &[f32], ls: &[u8; 16], d: u16, codes: &mut [u8; QK_K]) -> BlockQ3K 
         out.scales[j % 4 + 8] |= (l >> 4) << (2 * (j / 4));
     }
     let d = f16_bits_to_f32(d);
-    for ((xg, cg), &l) in x.chunks_exact(16).zip(codes.chunks_exact_mut(16)).zip(ls) {
-        let dg = d * (l as i32 - 32) as f32;
-        if dg == 0.0 {
-            continue;
-        }
-        for (c, &v) in cg.iter_mut().zip(xg) {
-            *c = (nearest(v / dg).clamp(-4, 3) + 4) as u8;
-        }
-    }
+    recode_groups16(x, &ls.map(|l| d * (l as i32 - 32) as f32), 4, codes);
     // Value e = 32r + m: bit r of hmask[m] (rows of 32 values, so the loop over m vectorizes).
     for (r, row) in codes.chunks_exact(32).enumerate() {
         for (h, &c) in out.hmask.iter_mut().zip(row) {

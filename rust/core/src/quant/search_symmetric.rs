@@ -400,6 +400,31 @@ pub(super) fn lanes_to_groups(lanes: &[[[u8; 8]; 16]; 2], out: &mut [u8; 256]) {
     }
 }
 
+/// The re-coding step of q6_K and q3_K: for each group `g` of 16 values whose `d[g]` is not zero (NaN is not
+/// zero: C's `if (!d)`), `codes = clamp(nearest_int(x / d[g]), -nmax, nmax - 1) + nmax` with a true division;
+/// the other groups keep their search codes. AVX2 when available (same bytes).
+#[inline(always)]
+pub(super) fn recode_groups16(x: &[f32], d: &[f32; 16], nmax: i32, codes: &mut [u8; 256]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::x86::recode_groups16(x, d, nmax, codes) {
+        return;
+    }
+    recode_groups16_portable(x, d, nmax, codes);
+}
+
+/// The portable [`recode_groups16`].
+#[inline(always)]
+fn recode_groups16_portable(x: &[f32], d: &[f32; 16], nmax: i32, codes: &mut [u8; 256]) {
+    for ((xg, cg), &dg) in x.chunks_exact(16).zip(codes.chunks_exact_mut(16)).zip(d) {
+        if dg == 0.0 {
+            continue;
+        }
+        for (c, &v) in cg.iter_mut().zip(xg) {
+            *c = (nearest(v / dg).clamp(-nmax, nmax - 1) + nmax) as u8;
+        }
+    }
+}
+
 /// Values per block of the legacy types (q4_0, q5_0).
 const QK32: usize = 32;
 /// Blocks searched together in lanes by [`Weighted32`].
@@ -648,6 +673,26 @@ mod tests {
                     assert_eq!(s.to_bits(), simd_scales[k].to_bits(), "avx2 {t}/{k}: {g:?}");
                     assert_eq!(c, column(&simd), "avx2 {t}/{k}");
                 }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_recode_equals_portable() {
+        assert!(is_x86_feature_detected!("avx2"), "this test needs AVX2 to exercise the AVX2 kernel");
+        let xs = groups(16 * 20);
+        for (t, x) in xs.chunks_exact(256).enumerate() {
+            // Scales: zero, -0, NaN (re-codes), tiny (huge quotients), ordinary, negative.
+            let d: [f32; 16] = std::array::from_fn(|g| {
+                [0.0, -0.0, f32::NAN, 1e-38, 0.37, -2.5, 1e-3, 3e30][(g + t) % 8] * if g % 3 == 0 { -1.0 } else { 1.0 }
+            });
+            for nmax in [4, 32] {
+                let start: [u8; 256] = std::array::from_fn(|i| (i * 7 % 11) as u8);
+                let (mut a, mut b) = (start, start);
+                assert!(crate::quant::x86::recode_groups16(x, &d, nmax, &mut a));
+                recode_groups16_portable(x, &d, nmax, &mut b);
+                assert_eq!(a, b, "set {t}, nmax {nmax}");
             }
         }
     }

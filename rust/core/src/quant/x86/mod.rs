@@ -129,6 +129,21 @@ pub(in crate::quant) fn make_q3_quants_sets(nmax: i32, x: &[f32], codes: &mut [u
     out.then_some(())
 }
 
+/// The re-coding step of q6_K and q3_K with AVX2: for each group `g` of 16 values whose `d[g]` is not zero (NaN
+/// is not zero, as in C's `if (!d)`), `codes[16g + i] = clamp(nearest_int(x[16g + i] / d[g]), -nmax, nmax - 1) +
+/// nmax`, a true division and ggml's exact `nearest_int` (the quotient may be huge or NaN); other groups keep
+/// their codes. False without AVX2.
+pub(in crate::quant) fn recode_groups16(x: &[f32], d: &[f32], nmax: i32, codes: &mut [u8]) -> bool {
+    if !has_avx2() {
+        return false;
+    }
+    assert!(x.len() == 16 * d.len() && codes.len() == x.len(), "recode_groups16: buffer sizes");
+    assert!((1..=64).contains(&nmax), "recode_groups16: nmax");
+    // SAFETY: AVX2 is available (checked above); the kernel only touches memory through in-bounds slice chunks.
+    unsafe { recode_groups16_avx2(x, d, nmax, codes) };
+    true
+}
+
 /// q3_K dequantize of whole blocks with AVX2; false without AVX2. Same values as `dequantize_row_q3_K`:
 /// `(d * (sc - 32)) * (q - 4)` per value, with the block layout of `block_q3_K` (see `q3_k.rs`).
 pub(in crate::quant) fn q3_k_dequantize(src: &[u8], dst: &mut [f32]) -> bool {
@@ -611,6 +626,27 @@ unsafe fn q4_0_dequantize_avx2(src: &[u8], dst: &mut [f32]) {
         _mm256_storeu_ps(p.add(8), f(_mm_srli_si128::<8>(lo)));
         _mm256_storeu_ps(p.add(16), f(hi));
         _mm256_storeu_ps(p.add(24), f(_mm_srli_si128::<8>(hi)));
+    }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn recode_groups16_avx2(x: &[f32], d: &[f32], nmax: i32, codes: &mut [u8]) {
+    let (lo, hi, offset) = (_mm256_set1_epi32(-nmax), _mm256_set1_epi32(nmax - 1), _mm256_set1_epi32(nmax));
+    for ((xg, cg), &dg) in x.chunks_exact(16).zip(codes.chunks_exact_mut(16)).zip(d) {
+        if dg == 0.0 {
+            continue;
+        }
+        let dv = _mm256_set1_ps(dg);
+        let code = |v: __m256| {
+            let q = nearest_int_trick(_mm256_div_ps(v, dv));
+            _mm256_add_epi32(_mm256_max_epi32(_mm256_min_epi32(q, hi), lo), offset)
+        };
+        let c0 = code(_mm256_loadu_ps(xg.as_ptr()));
+        let c1 = code(_mm256_loadu_ps(xg[8..].as_ptr()));
+        // Codes are in 0..2*nmax <= 128: the saturating packs keep them, then restore the element order.
+        let w = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(c0, c1));
+        let b = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w));
+        _mm_storeu_si128(cg.as_mut_ptr().cast(), b);
     }
 }
 
