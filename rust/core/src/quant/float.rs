@@ -62,7 +62,7 @@ pub fn bf16_bits_to_f32(h: u16) -> f32 {
 
 /// Largest absolute-value bit pattern of `src` (`bits & 0x7FFF_FFFF`, maximum as integers); the slice is all
 /// finite iff the result is below `0x7F80_0000`. Written so the compiler vectorizes it.
-#[inline]
+#[inline(always)]
 pub(super) fn max_abs_bits(src: &[f32]) -> u32 {
     let mut acc = [0u32; 16];
     let mut chunks = src.chunks_exact(16);

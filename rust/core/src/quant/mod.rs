@@ -87,7 +87,7 @@ pub trait BlockFormat {
     where
         Self: Sized,
     {
-        run_lanes(DequantizeBlocks::<Self> { src, dst, block: std::marker::PhantomData })
+        dequantize_each_block::<Self>(src, dst)
     }
 }
 
@@ -151,6 +151,12 @@ pub(crate) fn quantize_each_block<B: Quantize + ?Sized>(src: &[f32], dst: &mut [
     true
 }
 
+/// The default [`BlockFormat::dequantize_blocks`]: [`BlockFormat::dequantize_block`] over whole blocks, compiled
+/// for AVX2 when the CPU has it (for the types whose explicit SIMD kernel is unavailable, their fallback too).
+pub(crate) fn dequantize_each_block<B: BlockFormat>(src: &[u8], dst: &mut [f32]) {
+    run_lanes(DequantizeBlocks::<B> { src, dst, block: std::marker::PhantomData })
+}
+
 /// [`BlockFormat::dequantize_blocks`] as [`LaneWork`]: `block` (an `#[inline(always)]` one-block dequantizer of
 /// `B`) over whole blocks, so that [`run_lanes`] compiles the loop for AVX2.
 pub(crate) struct DequantizeBlocks<'a, B: BlockFormat> {
@@ -170,8 +176,9 @@ impl<B: BlockFormat> LaneWork for DequantizeBlocks<'_, B> {
     }
 }
 
-/// True when every value of `x` is finite (no NaN, no ±inf).
-#[inline]
+/// True when every value of `x` is finite (no NaN, no ±inf). Always inlined, so that lane work compiled for AVX2
+/// checks with AVX2 too.
+#[inline(always)]
 pub(crate) fn all_finite(x: &[f32]) -> bool {
     float::max_abs_bits(x) < 0x7F80_0000
 }

@@ -20,16 +20,17 @@
 //! bytes 0-7, of groups 8-15 in the high halves of bytes 0-7; the high 2 bits of group `j` in bits `2*(j/4)` of
 //! byte `8 + j%4`), `d` (f16).
 //!
-//! **Speed.** The row quantizers run 8 group searches in lanes (`make_q3_quants_lanes`, compiled for AVX2 when
-//! available; with weights `make_qx_quants_x8`, and the scale search of 8 super-blocks at a time in lanes);
+//! **Speed.** The row quantizers run the group searches in lanes (`make_q3_quants_blocks`, the 16 groups of a block;
+//! with weights `make_qx_quants_x8`, 8 groups at a time, and the scale search of 8 super-blocks at a time), AVX2
+//! when available;
 //! [`BlockQ3K::quantize`] is the scalar definition the tests compare them with.
 
 use super::float::{f16_bits_to_f32, f32_to_f16_bits};
 use super::search_symmetric::{
-    groups_to_lanes, lanes_to_groups, make_q3_quants, make_q3_quants_lanes, make_qx_quants, make_qx_quants_x8, nearest,
-    signed_max,
+    groups_to_lanes, lanes_to_groups, make_q3_quants, make_q3_quants_blocks, make_qx_quants, make_qx_quants_x8,
+    nearest, recode_groups16, signed_max,
 };
-use super::{all_finite, run_lanes, BlockFormat, LaneWork, Quantize};
+use super::{all_finite, dequantize_each_block, run_lanes, BlockFormat, LaneWork, Quantize};
 use crate::GgmlType;
 
 /// Elements per super-block.
@@ -158,17 +159,12 @@ fn finish(x: &[f32], ls: &[u8; 16], d: u16, codes: &mut [u8; QK_K]) -> BlockQ3K 
         out.scales[j % 4 + 8] |= (l >> 4) << (2 * (j / 4));
     }
     let d = f16_bits_to_f32(d);
-    for ((xg, cg), &l) in x.chunks_exact(16).zip(codes.chunks_exact_mut(16)).zip(ls) {
-        let dg = d * (l as i32 - 32) as f32;
-        if dg == 0.0 {
-            continue;
+    recode_groups16(x, &ls.map(|l| d * (l as i32 - 32) as f32), 4, codes);
+    // Value e = 32r + m: bit r of hmask[m] (rows of 32 values, so the loop over m vectorizes).
+    for (r, row) in codes.chunks_exact(32).enumerate() {
+        for (h, &c) in out.hmask.iter_mut().zip(row) {
+            *h |= (c >> 2) << r;
         }
-        for (c, &v) in cg.iter_mut().zip(xg) {
-            *c = (nearest(v / dg).clamp(-4, 3) + 4) as u8;
-        }
-    }
-    for (e, &c) in codes.iter().enumerate() {
-        out.hmask[e % 32] |= (c >> 2) << (e / 32);
     }
     for n in 0..2 {
         for l in 0..32 {
@@ -183,18 +179,20 @@ fn finish(x: &[f32], ls: &[u8; 16], d: u16, codes: &mut [u8; QK_K]) -> BlockQ3K 
 #[inline(always)]
 fn dequantize_bytes(b: &[u8], y: &mut [f32]) {
     let d = f16_bits_to_f32(u16::from_le_bytes([b[D], b[D + 1]]));
-    let (hmask, qs, sc) = (&b[..QS], &b[QS..SCALES], &b[SCALES..D]);
+    let hmask: &[u8; 32] = b[..QS].try_into().expect("block");
+    let sc: &[u8; 12] = b[SCALES..D].try_into().expect("block");
     for (j, yg) in y.chunks_exact_mut(16).enumerate() {
-        // Group j: values 16j.. of half n = j / 8, bit pair k = (j % 8) / 2 of the qs bytes 32n + 16(j % 2) + l.
+        // Group j: half n = j / 8, bit pair k = (j % 8) / 2 of the qs bytes 32n + 16(j % 2) + l, hmask bit 4n + k.
         let low = if j < 8 { sc[j] & 0xF } else { sc[j - 8] >> 4 };
-        let scale = (low | (((sc[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) as i32 - 32;
-        let dl = d * scale as f32;
+        let dl = d * (((low | (((sc[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) as i32 - 32) as f32);
         let (n, k, half) = (j / 8, (j % 8) / 2, j % 2);
-        for (l, v) in yg.iter_mut().enumerate() {
-            let e = 16 * half + l;
-            let q = ((qs[32 * n + e] >> (2 * k)) & 3) as i32;
-            let high = hmask[e] & (1 << (4 * n + k)) != 0;
-            *v = dl * (q - if high { 0 } else { 4 }) as f32;
+        let q: &[u8; 16] = b[QS + 32 * n + 16 * half..][..16].try_into().expect("block");
+        let h: &[u8; 16] = hmask[16 * half..16 * half + 16].try_into().expect("block");
+        let yg: &mut [f32; 16] = yg.try_into().expect("group");
+        for l in 0..16 {
+            let low_bits = ((q[l] >> (2 * k)) & 3) as i32;
+            let high = ((h[l] >> (4 * n + k)) & 1) as i32;
+            yg[l] = dl * (low_bits - 4 + 4 * high) as f32;
         }
     }
 }
@@ -210,22 +208,29 @@ impl LaneWork for QuantizeLanes<'_> {
 
     #[inline(always)]
     fn run(self) -> bool {
+        // One super-block at a time: its 16 groups in two independent chains (more blocks at once measured
+        // slower: every lane then waits for the slowest group's refinement passes).
         for (x, y) in self.src.chunks_exact(QK_K).zip(self.dst.chunks_exact_mut(BYTES)) {
             if !all_finite(x) {
                 return false;
             }
-            let xt = groups_to_lanes(x);
-            let mut ct = [[[0u8; 8]; 16]; 2];
-            let mut scales = [0.0f32; 16];
-            for h in 0..2 {
-                scales[8 * h..8 * h + 8].copy_from_slice(&make_q3_quants_lanes(4, &xt[h], &mut ct[h]));
-            }
-            let mut codes = [0u8; QK_K];
-            lanes_to_groups(&ct, &mut codes);
-            let (ls, d) = scale_codes(&scales);
-            finish(x, &ls, d, &mut codes).write(y);
+            quantize_ref_blocks::<1>(x, y);
         }
         true
+    }
+}
+
+/// `quantize_row_q3_K_ref` of `S` super-blocks (values `x`, bytes `y`) with their group searches in lanes.
+#[inline(always)]
+fn quantize_ref_blocks<const S: usize>(x: &[f32], y: &mut [u8]) {
+    let xt: [[[[f32; 8]; 16]; 2]; S] = std::array::from_fn(|b| groups_to_lanes(&x[b * QK_K..(b + 1) * QK_K]));
+    let mut ct = [[[[0u8; 8]; 16]; 2]; S];
+    let scales = make_q3_quants_blocks(4, &xt, &mut ct);
+    for (b, (x, y)) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(BYTES)).enumerate() {
+        let mut codes = [0u8; QK_K];
+        lanes_to_groups(&ct[b], &mut codes);
+        let (ls, d) = scale_codes(&scales[b]);
+        finish(x, &ls, d, &mut codes).write(y);
     }
 }
 
@@ -285,6 +290,15 @@ impl BlockFormat for BlockQ3K {
     #[inline(always)]
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
         dequantize_bytes(src, dst);
+    }
+
+    /// `dequantize_row_q3_K`; AVX2 when available (same values).
+    fn dequantize_blocks(src: &[u8], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if super::x86::q3_k_dequantize(src, dst) {
+            return;
+        }
+        dequantize_each_block::<Self>(src, dst)
     }
 }
 
@@ -381,7 +395,7 @@ mod tests {
 
     #[test]
     fn lanes_equal_scalar_on_random_and_edge_blocks() {
-        let src = superblocks(60);
+        let src = superblocks(61);
         let expected = scalar_blocks(&src, None);
         let mut out = vec![0u8; expected.len()];
         assert!(QuantizeLanes { src: &src, dst: &mut out }.run());
@@ -398,7 +412,7 @@ mod tests {
     fn avx2_lanes_equal_scalar() {
         use crate::quant::x86::with_avx2;
         assert!(is_x86_feature_detected!("avx2"), "this test needs AVX2 to exercise the AVX2 path");
-        let src = superblocks(60);
+        let src = superblocks(61);
         let expected = scalar_blocks(&src, None);
         let mut out = vec![0u8; expected.len()];
         assert!(matches!(with_avx2(QuantizeLanes { src: &src, dst: &mut out }), Ok(true)));
@@ -410,12 +424,7 @@ mod tests {
         let raw: Vec<u8> = (0..BYTES * 300).map(|i: usize| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
         let mut a = vec![0f32; 300 * QK_K];
         let mut b = a.clone();
-        assert!(with_avx2(crate::quant::DequantizeBlocks::<BlockQ3K> {
-            src: &raw,
-            dst: &mut a,
-            block: std::marker::PhantomData
-        })
-        .is_ok());
+        assert!(crate::quant::x86::q3_k_dequantize(&raw, &mut a));
         for (x, y) in raw.chunks_exact(BYTES).zip(b.chunks_exact_mut(QK_K)) {
             BlockQ3K::from_bytes(x.try_into().unwrap()).dequantize(y.try_into().unwrap());
         }

@@ -20,7 +20,8 @@
 
 use super::float::{f16_bits_to_f32, f32_to_f16_bits};
 use super::search_symmetric::{
-    groups_to_lanes, lanes_to_groups, make_qx_quants, make_qx_quants_x8, nearest, signed_max, GROUP_MAX_EPS,
+    groups_to_lanes, lanes_to_groups, make_qx_quants, make_qx_quants_x8, nearest, recode_groups16, signed_max,
+    GROUP_MAX_EPS,
 };
 use super::{all_finite, run_lanes, BlockFormat, LaneWork, Quantize};
 use crate::GgmlType;
@@ -101,15 +102,7 @@ impl BlockQ6K {
             *o = nearest(iscale * s).min(127) as i8;
         }
         let d = f16_bits_to_f32(out.d);
-        for ((xg, cg), &sc) in x.chunks_exact(16).zip(codes.chunks_exact_mut(16)).zip(&out.scales) {
-            let dg = d * sc as f32;
-            if dg == 0.0 {
-                continue;
-            }
-            for (c, &v) in cg.iter_mut().zip(xg) {
-                *c = (nearest(v / dg).clamp(-32, 31) + 32) as u8;
-            }
-        }
+        recode_groups16(x, &out.scales.map(|sc| d * sc as f32), 32, codes);
         for h in 0..2 {
             let (c, ql, qh) = (&codes[128 * h..128 * h + 128], &mut out.ql[64 * h..64 * h + 64], &mut out.qh[32 * h..]);
             for l in 0..32 {

@@ -281,6 +281,34 @@ pub(super) fn make_qx_quants_x8<const N: usize>(
     make_qx_quants_lanes(nmax, x, w, codes)
 }
 
+/// [`make_q3_quants`] for the 16 groups of each of `S` super-blocks (`S` 1 or 2), each laid out by
+/// [`groups_to_lanes`]: the explicit AVX2 kernel when the CPU has AVX2, else the portable lanes. Same bits.
+#[inline(always)]
+pub(super) fn make_q3_quants_blocks<const S: usize>(
+    nmax: i32,
+    x: &[[[[f32; 8]; 16]; 2]; S],
+    codes: &mut [[[[u8; 8]; 16]; 2]; S],
+) -> [[f32; 16]; S] {
+    let mut scales = [[0.0f32; 16]; S];
+    #[cfg(target_arch = "x86_64")]
+    if super::x86::make_q3_quants_sets(
+        nmax,
+        x.as_flattened().as_flattened().as_flattened(),
+        codes.as_flattened_mut().as_flattened_mut().as_flattened_mut(),
+        scales.as_flattened_mut(),
+    )
+    .is_some()
+    {
+        return scales;
+    }
+    for ((x, codes), scales) in x.iter().zip(codes.iter_mut()).zip(&mut scales) {
+        for h in 0..2 {
+            scales[8 * h..8 * h + 8].copy_from_slice(&make_q3_quants_lanes(nmax, &x[h], &mut codes[h]));
+        }
+    }
+    scales
+}
+
 /// [`make_q3_quants`] for `K` groups of `N` values at once, transposed (`x[i][k]`); writes the codes to
 /// `codes[i][k]`, returns the scales. A lane that changed nothing in a pass would change nothing in later passes
 /// (its state is the same), so running the passes until no lane changes gives each lane C's early exit.
@@ -368,6 +396,31 @@ pub(super) fn lanes_to_groups(lanes: &[[[u8; 8]; 16]; 2], out: &mut [u8; 256]) {
     for (g, codes) in out.chunks_exact_mut(16).enumerate() {
         for (i, c) in codes.iter_mut().enumerate() {
             *c = lanes[g / 8][i][g % 8];
+        }
+    }
+}
+
+/// The re-coding step of q6_K and q3_K: for each group `g` of 16 values whose `d[g]` is not zero (NaN is not
+/// zero: C's `if (!d)`), `codes = clamp(nearest_int(x / d[g]), -nmax, nmax - 1) + nmax` with a true division;
+/// the other groups keep their search codes. AVX2 when available (same bytes).
+#[inline(always)]
+pub(super) fn recode_groups16(x: &[f32], d: &[f32; 16], nmax: i32, codes: &mut [u8; 256]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::x86::recode_groups16(x, d, nmax, codes) {
+        return;
+    }
+    recode_groups16_portable(x, d, nmax, codes);
+}
+
+/// The portable [`recode_groups16`].
+#[inline(always)]
+fn recode_groups16_portable(x: &[f32], d: &[f32; 16], nmax: i32, codes: &mut [u8; 256]) {
+    for ((xg, cg), &dg) in x.chunks_exact(16).zip(codes.chunks_exact_mut(16)).zip(d) {
+        if dg == 0.0 {
+            continue;
+        }
+        for (c, &v) in cg.iter_mut().zip(xg) {
+            *c = (nearest(v / dg).clamp(-nmax, nmax - 1) + nmax) as u8;
         }
     }
 }
@@ -624,6 +677,26 @@ mod tests {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_recode_equals_portable() {
+        assert!(is_x86_feature_detected!("avx2"), "this test needs AVX2 to exercise the AVX2 kernel");
+        let xs = groups(16 * 20);
+        for (t, x) in xs.chunks_exact(256).enumerate() {
+            // Scales: zero, -0, NaN (re-codes), tiny (huge quotients), ordinary, negative.
+            let d: [f32; 16] = std::array::from_fn(|g| {
+                [0.0, -0.0, f32::NAN, 1e-38, 0.37, -2.5, 1e-3, 3e30][(g + t) % 8] * if g % 3 == 0 { -1.0 } else { 1.0 }
+            });
+            for nmax in [4, 32] {
+                let start: [u8; 256] = std::array::from_fn(|i| (i * 7 % 11) as u8);
+                let (mut a, mut b) = (start, start);
+                assert!(crate::quant::x86::recode_groups16(x, &d, nmax, &mut a));
+                recode_groups16_portable(x, &d, nmax, &mut b);
+                assert_eq!(a, b, "set {t}, nmax {nmax}");
+            }
+        }
+    }
+
     #[test]
     fn x8_dispatch_equals_scalar_on_infinite_values() {
         // q3_K's scale search can see overflowed (infinite) group scales: nearest_int then meets NaN and infinity.
@@ -666,6 +739,37 @@ mod tests {
         check_x8::<16>(4);
         check_x8::<32>(8);
         check_x8::<32>(16);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_kernel_equals_scalar_make_q3_quants() {
+        assert!(is_x86_feature_detected!("avx2"), "this test needs AVX2 to exercise the AVX2 kernel");
+        let xs = groups(16 * 60);
+        for blocks in [1, 2] {
+            for (t, chunk) in xs.chunks_exact(256 * blocks).enumerate() {
+                let x: Vec<[[[f32; 8]; 16]; 2]> = chunk.chunks_exact(256).map(groups_to_lanes).collect();
+                let mut codes = vec![[[[0u8; 8]; 16]; 2]; blocks];
+                let mut scales = vec![0.0f32; 16 * blocks];
+                crate::quant::x86::make_q3_quants_sets(
+                    4,
+                    x.as_flattened().as_flattened().as_flattened(),
+                    codes.as_flattened_mut().as_flattened_mut().as_flattened_mut(),
+                    &mut scales,
+                )
+                .unwrap();
+                for (b, block) in chunk.chunks_exact(256).enumerate() {
+                    let mut flat = [0u8; 256];
+                    lanes_to_groups(&codes[b], &mut flat);
+                    for (k, g) in block.chunks_exact(16).enumerate() {
+                        let mut c = [0u8; 16];
+                        let s = make_q3_quants(4, g, &mut c);
+                        assert_eq!(s.to_bits(), scales[16 * b + k].to_bits(), "group {t}/{b}/{k}: {g:?}");
+                        assert_eq!(c, flat[16 * k..16 * k + 16], "group {t}/{b}/{k}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

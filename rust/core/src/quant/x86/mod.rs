@@ -90,11 +90,70 @@ pub(in crate::quant) fn make_qx_quants_x8(
         "make_qx_quants_x8: buffer sizes"
     );
     assert!((1..=64).contains(&nmax), "make_qx_quants_x8: nmax");
-    if super::float::max_abs_bits(x) >= 0x7F80_0000 {
+    // SAFETY: AVX2 is available (checked above); the kernel only reads and writes within the checked slices.
+    unsafe { make_qx_quants_avx2(nmax, candidates, x, w, codes) }
+}
+
+/// ggml's `make_q3_quants(n, nmax, x, L, true)` for `8 * sets` groups (`sets` 2 or 4: one or two q3_K
+/// super-blocks) in the lanes of `sets` AVX2 vectors, which give as many independent chains of the sequential
+/// refinement (instruction-level parallelism); `None` without AVX2 or when a value of `x` is not finite (the
+/// caller then uses the portable lanes).
+///
+/// `x` holds `sets` sets of `n <= 32` rows of 8 (set `s`, row `i`, lane `k`: value `i` of group `8s + k`),
+/// `codes` receives the codes in the same layout and `scales` the `8 * sets` scales. Same bits as the scalar
+/// search: the first guess `nearest_int(iscale * x)` is bounded as in [`make_qx_quants_x8`] (`_mm256_round_ps`),
+/// the refinement's `nearest_int(x * sl2 / slx)` is not (a tiny `slx` makes it huge), so it uses ggml's
+/// `+ 12582912` bit trick.
+pub(in crate::quant) fn make_q3_quants_sets(nmax: i32, x: &[f32], codes: &mut [u8], scales: &mut [f32]) -> Option<()> {
+    if !has_avx2() {
         return None;
     }
+    let sets = scales.len() / 8;
+    assert!(
+        matches!(sets, 2 | 4)
+            && scales.len() == 8 * sets
+            && x.len().is_multiple_of(8 * sets)
+            && x.len() <= 8 * sets * MAX_ROWS
+            && codes.len() == x.len(),
+        "make_q3_quants_sets: buffer sizes"
+    );
+    assert!((1..=64).contains(&nmax), "make_q3_quants_sets: nmax");
     // SAFETY: AVX2 is available (checked above); the kernel only reads and writes within the checked slices.
-    Some(unsafe { make_qx_quants_avx2(nmax, candidates, x, w, codes) })
+    let out = unsafe {
+        if sets == 2 {
+            make_q3_quants_avx2::<2>(nmax, x, codes, scales)
+        } else {
+            make_q3_quants_avx2::<4>(nmax, x, codes, scales)
+        }
+    };
+    out.then_some(())
+}
+
+/// The re-coding step of q6_K and q3_K with AVX2: for each group `g` of 16 values whose `d[g]` is not zero (NaN
+/// is not zero, as in C's `if (!d)`), `codes[16g + i] = clamp(nearest_int(x[16g + i] / d[g]), -nmax, nmax - 1) +
+/// nmax`, a true division and ggml's exact `nearest_int` (the quotient may be huge or NaN); other groups keep
+/// their codes. False without AVX2.
+pub(in crate::quant) fn recode_groups16(x: &[f32], d: &[f32], nmax: i32, codes: &mut [u8]) -> bool {
+    if !has_avx2() {
+        return false;
+    }
+    assert!(x.len() == 16 * d.len() && codes.len() == x.len(), "recode_groups16: buffer sizes");
+    assert!((1..=64).contains(&nmax), "recode_groups16: nmax");
+    // SAFETY: AVX2 is available (checked above); the kernel only touches memory through in-bounds slice chunks.
+    unsafe { recode_groups16_avx2(x, d, nmax, codes) };
+    true
+}
+
+/// q3_K dequantize of whole blocks with AVX2; false without AVX2. Same values as `dequantize_row_q3_K`:
+/// `(d * (sc - 32)) * (q - 4)` per value, with the block layout of `block_q3_K` (see `q3_k.rs`).
+pub(in crate::quant) fn q3_k_dequantize(src: &[u8], dst: &mut [f32]) -> bool {
+    if !has_avx2() {
+        return false;
+    }
+    assert!(dst.len().is_multiple_of(256) && src.len() == dst.len() / 256 * 110, "q3_K dequantize: buffer sizes");
+    // SAFETY: AVX2 is available (checked above); the kernel only touches memory through in-bounds slice chunks.
+    unsafe { q3_k_dequantize_avx2(src, dst) };
+    true
 }
 
 /// q4_0 dequantize of whole blocks with AVX2; false without AVX2. Same values as `dequantize_row_q4_0`.
@@ -375,10 +434,17 @@ fn qx_sums<const M: usize>(
 }
 
 #[target_feature(enable = "avx2")]
-unsafe fn make_qx_quants_avx2(nmax: i32, candidates: &[f32; 18], x: &[f32], w: &[f32], codes: &mut [u8]) -> [f32; 8] {
+unsafe fn make_qx_quants_avx2(
+    nmax: i32,
+    candidates: &[f32; 18],
+    x: &[f32],
+    w: &[f32],
+    codes: &mut [u8],
+) -> Option<[f32; 8]> {
     let n = x.len() / 8;
     let sign = _mm256_set1_ps(-0.0);
     let zero = _mm256_setzero_ps();
+    let mut finite = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
     // Rows of (x, w, w*x); the first value of largest magnitude per lane (strict >, sign kept).
     let mut rows = [[zero; 3]; MAX_ROWS];
     let (mut amax, mut max) = (zero, zero);
@@ -386,10 +452,14 @@ unsafe fn make_qx_quants_avx2(nmax: i32, candidates: &[f32; 18], x: &[f32], w: &
         let v = _mm256_loadu_ps(x[8 * i..8 * i + 8].as_ptr());
         let wv = _mm256_loadu_ps(w[8 * i..8 * i + 8].as_ptr());
         let a = _mm256_andnot_ps(sign, v);
+        finite = _mm256_and_ps(finite, _mm256_cmp_ps::<_CMP_LT_OQ>(a, _mm256_set1_ps(f32::INFINITY)));
         let gt = _mm256_cmp_ps::<_CMP_GT_OQ>(a, amax);
         amax = _mm256_blendv_ps(amax, a, gt);
         max = _mm256_blendv_ps(max, v, gt);
         *row = [v, wv, _mm256_mul_ps(wv, v)];
+    }
+    if _mm256_movemask_ps(finite) != 0xFF {
+        return None;
     }
     let rows = &rows[..n];
     // Lanes whose group is all zero (largest magnitude below ggml's GROUP_MAX_EPS = 1e-15).
@@ -436,7 +506,122 @@ unsafe fn make_qx_quants_avx2(nmax: i32, candidates: &[f32; 18], x: &[f32], w: &
     }
     let mut out = [0.0f32; 8];
     _mm256_storeu_ps(out.as_mut_ptr(), _mm256_andnot_ps(all_zero, scale));
-    out
+    Some(out)
+}
+
+/// ggml's `nearest_int` exactly (the `+ 12582912` bit trick, whatever the magnitude), as a float.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn nearest_int_trick(v: __m256) -> __m256i {
+    let bits = _mm256_castps_si256(_mm256_add_ps(v, _mm256_set1_ps(12_582_912.0)));
+    _mm256_sub_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x007F_FFFF)), _mm256_set1_epi32(0x0040_0000))
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn make_q3_quants_avx2<const G: usize>(nmax: i32, x: &[f32], codes: &mut [u8], scales: &mut [f32]) -> bool {
+    let n = x.len() / (8 * G);
+    let sign = _mm256_set1_ps(-0.0);
+    let zero = _mm256_setzero_ps();
+    let (lo, hi) = (_mm256_set1_ps(-nmax as f32), _mm256_set1_ps((nmax - 1) as f32));
+    let (lo_i, hi_i) = (_mm256_set1_epi32(-nmax), _mm256_set1_epi32(nmax - 1));
+    // Per set and row: x, w = x*x, w*x; the codes l (as floats); the first value of largest magnitude.
+    let mut rows = [[[zero; 3]; G]; MAX_ROWS];
+    let mut l = [[zero; G]; MAX_ROWS];
+    // C's products w*x*L and w*L*L of each value's current code, kept up to date with the codes.
+    let mut lx = [[zero; G]; MAX_ROWS];
+    let mut l2 = [[zero; G]; MAX_ROWS];
+    let (mut amax, mut max) = ([zero; G], [zero; G]);
+    let mut finite = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    for (i, row) in rows.iter_mut().enumerate().take(n) {
+        for g in 0..G {
+            let at = 8 * (g * n + i);
+            let v = _mm256_loadu_ps(x[at..at + 8].as_ptr());
+            let a = _mm256_andnot_ps(sign, v);
+            finite = _mm256_and_ps(finite, _mm256_cmp_ps::<_CMP_LT_OQ>(a, _mm256_set1_ps(f32::INFINITY)));
+            let gt = _mm256_cmp_ps::<_CMP_GT_OQ>(a, amax[g]);
+            amax[g] = _mm256_blendv_ps(amax[g], a, gt);
+            max[g] = _mm256_blendv_ps(max[g], v, gt);
+            let w = _mm256_mul_ps(v, v);
+            row[g] = [v, w, _mm256_mul_ps(w, v)];
+        }
+    }
+    if _mm256_movemask_ps(finite) != 0xFF {
+        return false;
+    }
+    let rows = &rows[..n];
+    let mut sumlx = [zero; G];
+    let mut suml2 = [zero; G];
+    let iscale = max.map(|m| _mm256_div_ps(lo, m));
+    for (i, row) in rows.iter().enumerate() {
+        for g in 0..G {
+            let [v, w, wx] = row[g];
+            let li = qx_code(iscale[g], v, lo, hi);
+            (l[i][g], lx[i][g], l2[i][g]) = (li, _mm256_mul_ps(wx, li), _mm256_mul_ps(_mm256_mul_ps(w, li), li));
+            sumlx[g] = _mm256_add_ps(sumlx[g], lx[i][g]);
+            suml2[g] = _mm256_add_ps(suml2[g], l2[i][g]);
+        }
+    }
+    let mut sumlx_sq = sumlx.map(|s| _mm256_mul_ps(s, s));
+    // A set of 8 groups that changed nothing in a pass would change nothing in the next one (same state): it
+    // drops out, which is C's early exit at the granularity of 8 groups.
+    let mut active = [true; G];
+    for _ in 0..5 {
+        let mut changed = [zero; G];
+        for (i, row) in rows.iter().enumerate() {
+            for g in (0..G).filter(|&g| active[g]) {
+                let [v, w, wx] = row[g];
+                let li = l[i][g];
+                let slx = _mm256_sub_ps(sumlx[g], lx[i][g]);
+                let sl2 = _mm256_sub_ps(suml2[g], l2[i][g]);
+                let q = nearest_int_trick(_mm256_div_ps(_mm256_mul_ps(v, sl2), slx));
+                let new_l = _mm256_cvtepi32_ps(_mm256_max_epi32(_mm256_min_epi32(q, hi_i), lo_i));
+                let (new_lx, new_l2) = (_mm256_mul_ps(wx, new_l), _mm256_mul_ps(_mm256_mul_ps(w, new_l), new_l));
+                let slx_new = _mm256_add_ps(slx, new_lx);
+                let sl2_new = _mm256_add_ps(sl2, new_l2);
+                let better = _mm256_cmp_ps::<_CMP_GT_OQ>(
+                    _mm256_mul_ps(_mm256_mul_ps(slx_new, slx_new), suml2[g]),
+                    _mm256_mul_ps(sumlx_sq[g], sl2_new),
+                );
+                let take = _mm256_and_ps(
+                    _mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(slx, zero), _mm256_cmp_ps::<_CMP_NEQ_OQ>(new_l, li)),
+                    _mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(sl2_new, zero), better),
+                );
+                // Most values keep their code: branching (well predicted) instead of always blending keeps the
+                // sums off the division's latency chain, as C's branches do.
+                if _mm256_movemask_ps(take) != 0 {
+                    l[i][g] = _mm256_blendv_ps(li, new_l, take);
+                    lx[i][g] = _mm256_blendv_ps(lx[i][g], new_lx, take);
+                    l2[i][g] = _mm256_blendv_ps(l2[i][g], new_l2, take);
+                    sumlx[g] = _mm256_blendv_ps(sumlx[g], slx_new, take);
+                    suml2[g] = _mm256_blendv_ps(suml2[g], sl2_new, take);
+                    sumlx_sq[g] = _mm256_mul_ps(sumlx[g], sumlx[g]);
+                    changed[g] = _mm256_or_ps(changed[g], take);
+                }
+            }
+        }
+        for g in 0..G {
+            active[g] = _mm256_movemask_ps(changed[g]) != 0;
+        }
+        if !active.contains(&true) {
+            break;
+        }
+    }
+    let offset = _mm256_set1_epi32(nmax);
+    for g in 0..G {
+        let all_zero = _mm256_cmp_ps::<_CMP_LT_OQ>(amax[g], _mm256_set1_ps(1e-15));
+        let keep = _mm256_castps_si256(_mm256_xor_ps(all_zero, _mm256_castsi256_ps(_mm256_set1_epi32(-1))));
+        for (i, li) in l.iter().enumerate().take(n) {
+            let c = _mm256_and_si256(_mm256_add_epi32(_mm256_cvttps_epi32(li[g]), offset), keep);
+            let c16 = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256::<1>(c));
+            let at = 8 * (g * n + i);
+            _mm_storel_epi64(codes[at..at + 8].as_mut_ptr().cast(), _mm_packus_epi16(c16, c16));
+        }
+        // suml2 > 0 ? sumlx / suml2 : 0, and 0 for all-zero groups.
+        let positive = _mm256_andnot_ps(all_zero, _mm256_cmp_ps::<_CMP_GT_OQ>(suml2[g], zero));
+        let scale = _mm256_and_ps(_mm256_div_ps(sumlx[g], suml2[g]), positive);
+        _mm256_storeu_ps(scales[8 * g..8 * g + 8].as_mut_ptr(), scale);
+    }
+    true
 }
 
 #[target_feature(enable = "avx2")]
@@ -642,6 +827,56 @@ unsafe fn q4_0_dequantize_avx2(src: &[u8], dst: &mut [f32]) {
         _mm256_storeu_ps(p.add(8), f(_mm_srli_si128::<8>(lo)));
         _mm256_storeu_ps(p.add(16), f(hi));
         _mm256_storeu_ps(p.add(24), f(_mm_srli_si128::<8>(hi)));
+    }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn recode_groups16_avx2(x: &[f32], d: &[f32], nmax: i32, codes: &mut [u8]) {
+    let (lo, hi, offset) = (_mm256_set1_epi32(-nmax), _mm256_set1_epi32(nmax - 1), _mm256_set1_epi32(nmax));
+    for ((xg, cg), &dg) in x.chunks_exact(16).zip(codes.chunks_exact_mut(16)).zip(d) {
+        if dg == 0.0 {
+            continue;
+        }
+        let dv = _mm256_set1_ps(dg);
+        let code = |v: __m256| {
+            let q = nearest_int_trick(_mm256_div_ps(v, dv));
+            _mm256_add_epi32(_mm256_max_epi32(_mm256_min_epi32(q, hi), lo), offset)
+        };
+        let c0 = code(_mm256_loadu_ps(xg.as_ptr()));
+        let c1 = code(_mm256_loadu_ps(xg[8..].as_ptr()));
+        // Codes are in 0..2*nmax <= 128: the saturating packs keep them, then restore the element order.
+        let w = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(c0, c1));
+        let b = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w));
+        _mm_storeu_si128(cg.as_mut_ptr().cast(), b);
+    }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn q3_k_dequantize_avx2(src: &[u8], dst: &mut [f32]) {
+    let three = _mm_set1_epi8(3);
+    let one = _mm_set1_epi8(1);
+    let four = _mm_set1_epi8(4);
+    for (b, y) in src.chunks_exact(110).zip(dst.chunks_exact_mut(256)) {
+        let d = f16_bits_to_f32(u16::from_le_bytes([b[108], b[109]]));
+        let sc = &b[96..108];
+        for (j, yg) in y.chunks_exact_mut(16).enumerate() {
+            let low = if j < 8 { sc[j] & 0xF } else { sc[j - 8] >> 4 };
+            let dl = _mm256_set1_ps(d * (((low | (((sc[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) as i32 - 32) as f32));
+            let (n, k, half) = (j / 8, (j % 8) / 2, j % 2);
+            let q = _mm_loadu_si128(b[32 + 32 * n + 16 * half..][..16].as_ptr().cast());
+            let h = _mm_loadu_si128(b[16 * half..16 * half + 16].as_ptr().cast());
+            // Byte-wise shifts through 16-bit lanes: the masks drop the bits shifted in from the neighbour byte.
+            let low_bits = _mm_and_si128(_mm_srl_epi16(q, _mm_cvtsi32_si128(2 * k as i32)), three);
+            let high = _mm_and_si128(_mm_srl_epi16(h, _mm_cvtsi32_si128((4 * n + k) as i32)), one);
+            // q - (high ? 0 : 4) = low_bits - 4 + 4*high, in -4..=3.
+            let v = _mm_sub_epi8(_mm_or_si128(low_bits, _mm_slli_epi16::<2>(high)), four);
+            let p = yg.as_mut_ptr();
+            _mm256_storeu_ps(p, _mm256_mul_ps(dl, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))));
+            _mm256_storeu_ps(
+                p.add(8),
+                _mm256_mul_ps(dl, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(v)))),
+            );
+        }
     }
 }
 
