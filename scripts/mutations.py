@@ -94,8 +94,8 @@ RUST_MUTATIONS: list[Mutation] = [
     Mutation(
         "kernels: AVX2 q4_0 offset 8.5 -> 8.4999",
         "rust/core/src/quant/x86/mod.rs",
-        "let half8 = _mm256_set1_ps(8.5);",
-        "let half8 = _mm256_set1_ps(8.4999);",
+        "match legacy_codes(x, -8.0, 8.5, 15) {",
+        "match legacy_codes(x, -8.0, 8.4999, 15) {",
         CARGO_TEST + ("quant::q4_0",),
         caught=101,
         build=CARGO_TEST + ("--no-run",),
