@@ -4,7 +4,7 @@ A benchmark, not a test. On one 4096 x 4096 float32 array (standard normal, seed
 rounds measures, in this one process:
 
 - ggml's C reference: ``quantize_<type>`` / ``dequantize_row_<type>`` from ``ggml/src/ggml-quants.c`` of the
-  llama.cpp sources in the llama-cpp-python sdist, compiled alone ``-O2 -ffp-contract=off``
+  llama.cpp sources in the llama-cpp-python sdist, compiled alone ``-O2 -ffp-contract=off -DNDEBUG`` (asserts off, as in llama.cpp's release builds)
   (tests/oracles/ggml_quants.py), called through ctypes on the whole array: once into a new output array per
   call ("new"), once into a reused output array ("out=");
 - ggml_lora.quantize / ggml_lora.dequantize, "new" (a new array per call) and "out=" (the ``out=`` argument);
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 import ggml_lora
+import gguf
 import numpy as np
 from ggml_lora._types import GGML_TYPES
 
@@ -67,13 +68,13 @@ class CRef:
 
     def __init__(self, name: str, rows: int, cols: int):
         self.name, self.rows, self.cols = name, rows, cols
-        lib = ggml_quants.library()
+        lib = ggml_quants.library(release=True)  # -DNDEBUG, as llama.cpp's release builds
         c = ggml_quants._c_name(name)
         self.q = getattr(lib, f"quantize_{c}", None) if name not in ggml_quants._NEEDS_IMATRIX else None
         self.d = getattr(lib, f"dequantize_row_{c}", None)
         if self.q is not None:
             self.q.restype = ctypes.c_size_t
-            ggml_quants._init_tables(name)
+            ggml_quants._init_tables(name, release=True)
         self.nbytes = rows * ggml_quants.row_bytes(name, cols) if (self.q or self.d) else 0
 
     def quantize(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -171,7 +172,7 @@ def main() -> None:
     for name in types:
         info = GGML_TYPES.get(name)
         entry: dict = {"ours": bool(info and info.can_quantize and info.can_dequantize), "check": NA}
-        c = CRef(name, args.rows, args.cols) if name in {n.name.lower() for n in ggml_quants.GGMLQuantizationType} else None
+        c = CRef(name, args.rows, args.cols) if name in {n.name.lower() for n in gguf.GGMLQuantizationType} else None
         gq, gd = gguf_py(name) if not args.no_gguf_py else (None, None)
         entry["c"], entry["gguf_q"], entry["gguf_d"] = c, gq, gd
         if entry["ours"]:
