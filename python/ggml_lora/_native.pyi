@@ -1,6 +1,7 @@
 """Type stubs of the Rust extension ``ggml_lora._native`` (checked against it by the tests)."""
 
 from os import PathLike
+from pathlib import Path
 from typing import Any, Callable, final
 
 import numpy as np
@@ -38,7 +39,7 @@ class SpecialFileError(ValueError):
 
 def check_output_path(path: str | PathLike[str]) -> None: ...
 def check_input_path(path: str | PathLike[str]) -> None: ...
-def temp_path(target: str | PathLike[str]) -> str: ...
+def temp_path(target: str | PathLike[str]) -> Path: ...
 
 @final
 class GgufFile:

@@ -181,6 +181,10 @@ pub(crate) mod tests {
         assert_eq!(kind_of(err), (FileKind::CharDevice, true));
         assert_eq!(kind_of(check_output(&fifo).unwrap_err()), (FileKind::Fifo, true));
         assert_eq!(kind_of(check_output(&dir).unwrap_err()), (FileKind::Directory, true));
+        let socket = dir.join("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        assert_eq!(kind_of(check_output(&socket).unwrap_err()), (FileKind::Socket, true));
+        assert_eq!(kind_of(open_input(&socket).unwrap_err()), (FileKind::Socket, false));
         // A symlink is judged by what it points to.
         let link = dir.join("link");
         std::os::unix::fs::symlink("/dev/null", &link).unwrap();
