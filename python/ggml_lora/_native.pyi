@@ -1,6 +1,7 @@
 """Type stubs of the Rust extension ``ggml_lora._native`` (checked against it by the tests)."""
 
 from os import PathLike
+from pathlib import Path
 from typing import Any, Callable, final
 
 import numpy as np
@@ -9,6 +10,10 @@ import numpy.typing as npt
 __all__ = [
     "GGUFError",
     "PatchError",
+    "SpecialFileError",
+    "check_output_path",
+    "check_input_path",
+    "temp_path",
     "GgufFile",
     "write_gguf",
     "read_imatrix",
@@ -28,6 +33,13 @@ class GGUFError(ValueError):
 
 class PatchError(ValueError):
     """Inputs that cannot be patched together; raised before anything is written."""
+
+class SpecialFileError(ValueError):
+    """A device, FIFO or socket where a regular file is needed; raised before anything is read or written."""
+
+def check_output_path(path: str | PathLike[str]) -> None: ...
+def check_input_path(path: str | PathLike[str]) -> None: ...
+def temp_path(target: str | PathLike[str]) -> Path: ...
 
 @final
 class GgufFile:
@@ -50,6 +62,7 @@ def write_gguf(
     metadata: list[tuple[str, str, str | None, Any]],
     tensors: list[tuple[str, list[int], str, npt.NDArray[np.uint8]]],
     sync: bool = True,
+    written: list[str] | None = None,
 ) -> str: ...
 def read_imatrix(
     path: str | PathLike[str],
@@ -102,6 +115,7 @@ def patch(
     tensor_types: list[tuple[str, str]] = ...,
     imatrix: tuple[str, list[tuple[str, list[float]]]] | None = None,
     keep_lora: float | None = None,
+    written: list[str] | None = None,
 ) -> tuple[str, list[TensorReport], int, int, float, list[str]]: ...
 
 @final

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from . import _native
+from . import _native, _written
 from ._format import human_bytes, summarize_value
 from .gguf import GGUFFile
 
@@ -230,11 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"ggml-lora: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("ggml-lora: interrupted; no output was written", file=sys.stderr)
-        return 130
+    with _written.recording() as written:
+        try:
+            return int(args.func(args))
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"ggml-lora: error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            # The writers record each output once it is in place; an interrupt that arrives later must say so.
+            if written:
+                print(f"ggml-lora: interrupted after the output was complete: {', '.join(written)}", file=sys.stderr)
+            else:
+                print("ggml-lora: interrupted; no output was written", file=sys.stderr)
+            return 130

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence, Union
 import numpy as np
 import numpy.typing as npt
 
-from . import _native
+from . import _native, _written
 from ._types import type_info
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -285,9 +285,12 @@ def write(
     lists -> ARRAY) or :class:`MetadataValue` for an exact type; ``general.alignment`` is always UINT32.
     ``tensors`` maps names (in the order to write) to a float32/float16 numpy array (written as f32/f16) or a
     ``(raw_uint8, type, shape)`` triple with ``shape`` in numpy order. The file is written to a temporary name
-    in the target folder and renamed into place when complete; ``sync`` fsyncs it first.
+    in the target folder and renamed into place when complete; ``sync`` fsyncs it first. ``path`` must be a
+    regular file or a new name: a device, FIFO or socket raises ``SpecialFileError`` (a ``ValueError``), a
+    directory ``IsADirectoryError``, before anything is written.
     """
+    _native.check_output_path(os.fspath(path))
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     entries = [_tensor_entry(name, value) for name, value in items]
     typed = [_typed(key, value) for key, value in metadata.items()]
-    return Path(_native.write_gguf(os.fspath(path), typed, entries, sync))
+    return Path(_native.write_gguf(os.fspath(path), typed, entries, sync, _written.current()))

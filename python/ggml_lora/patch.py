@@ -15,7 +15,7 @@ from typing import Callable, Mapping, NamedTuple, Sequence, Union
 import numpy as np
 import numpy.typing as npt
 
-from . import _native
+from . import _native, _written
 from .gguf import GGUFValueType, MetadataValue, PathLike, _typed
 from .imatrix import Imatrix, read_imatrix
 
@@ -267,12 +267,20 @@ def patch(
     in the next larger type of its family (q4_K → q5_K → q6_K → q8_0, q4_0 → q5_0 → q8_0), see
     :attr:`PatchResult.promoted`.
     ``out`` defaults to ``<model stem>-lora.gguf`` next to the model; it appears only when complete and is never
-    one of the inputs. ``progress`` is called with a :class:`PatchProgress` as the work advances; an exception
-    from it (or Ctrl-C) cancels the patch and writes nothing.
+    one of the inputs. It must be a regular file or a new name: a device, FIFO or socket raises
+    ``SpecialFileError`` (a ``ValueError``), a directory ``IsADirectoryError``, before any work. Inputs must be
+    regular files (a FIFO or device raises ``SpecialFileError`` without being opened). ``progress`` is called
+    with a :class:`PatchProgress` as the work advances; an exception from it (or Ctrl-C) cancels the patch and
+    writes nothing. (A Ctrl-C that arrives after the output was renamed into place is raised once the call
+    returns; the output is then complete.)
     """
+    out_path = Path(out) if out is not None else default_output_path(model)
+    _native.check_output_path(os.fspath(out_path))
+    for given in (model, base):  # refused here, before any adapter is loaded, rather than when opened
+        if given is not None:
+            _native.check_input_path(os.fspath(given))
     entries = _adapter_list(adapter, scale)
     loaded = [(load_adapter(a, model=model), s) for a, s in entries]
-    out_path = Path(out) if out is not None else default_output_path(model)
 
     names = [Path(a.source).name for a, _ in loaded]
     extra = {
@@ -309,6 +317,7 @@ def patch(
             tensor_types=list(tensor_types.items() if isinstance(tensor_types, Mapping) else tensor_types or []),
             imatrix=weights,
             keep_lora=keep_lora,
+            written=_written.current(),
         )
     except _native.PatchError as exc:
         if _CHOOSE_OUTPUT_TYPE not in str(exc):

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _native
 from .errors import ConversionError
 from .mapping import BaseInfo, NameMapper, read_base
 from .peft import DORA_REFUSAL, AdapterConfig, read_peft_dir
@@ -338,7 +339,6 @@ def convert(
     allowed = GGUF_OUTTYPES if fmt == "gguf" else GGLA_OUTTYPES
     if kind not in allowed:
         raise ConversionError(f"outtype {outtype!r} is not available for {fmt}; choose one of {', '.join(allowed)}")
-    lora = peft_to_lora(peft_dir, base)
     default = DEFAULT_GGUF_NAME if fmt == "gguf" else DEFAULT_GGLA_NAME
     if out is None:
         path = Path(peft_dir) / default
@@ -346,6 +346,9 @@ def convert(
         path = Path(out)
         if path.is_dir():
             path = path / default
+    # A device, FIFO or socket (or a folder at PEFT_DIR/<default name>) is refused before any work.
+    _native.check_output_path(os.fspath(path))
+    lora = peft_to_lora(peft_dir, base)
     _refuse_input_as_output(path, peft_dir, base)
     if fmt == "gguf":
         return write_gguf(lora, path, kind)

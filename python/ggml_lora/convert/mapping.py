@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import _native
 from .errors import ConversionError
 
 #: GGUF architectures this converter supports, with the llama.cpp converter behaviour that matters for LoRA:
@@ -179,6 +180,7 @@ def read_base(base: Any) -> BaseInfo:
     if base is None:
         raise ConversionError("base is required: a GGUF model file or a Hugging Face model folder with config.json")
     path = Path(os.fspath(base))
+    _native.check_input_path(path if not path.is_dir() else path / "config.json")  # never open a FIFO or device
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConversionError(f"{path}: folder has no config.json (pass a GGUF model file or an HF model folder)")

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _native
 from .errors import ConversionError
 from .torch_pickle import load_torch_bin
 
@@ -43,6 +44,7 @@ _SAFETENSORS_DTYPES: dict[str, np.dtype[Any]] = {
 def load_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     """Parse a safetensors file into numpy arrays (bf16 is returned as float32, exactly)."""
     path = Path(path)
+    _native.check_input_path(path)  # a FIFO or device is refused before it is opened
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
@@ -260,6 +262,8 @@ def read_peft_dir(peft_dir: str | os.PathLike[str], *, allow_dora: bool = False)
     if not path.is_dir():
         raise ConversionError(f"{path}: not a directory (expected a PEFT adapter folder with {CONFIG_NAME})")
     cfg_path = path / CONFIG_NAME
+    for name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME):  # a FIFO or device there is refused, not opened
+        _native.check_input_path(path / name)
     if not cfg_path.is_file():
         raise ConversionError(f"{path}: no {CONFIG_NAME}")
     try:

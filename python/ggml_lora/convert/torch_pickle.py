@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _native
 from .errors import ConversionError
 
 # storage class name -> (numpy dtype of one element, is bfloat16)
@@ -237,6 +238,7 @@ def _flatten(obj: Any, path: Path) -> dict[str, np.ndarray]:
 def load_torch_bin(path: str | Path) -> dict[str, np.ndarray]:
     """Load a ``torch.save`` state dict as numpy arrays (bf16 becomes float32; other dtypes keep theirs)."""
     path = Path(path)
+    _native.check_input_path(path)  # a FIFO or device is refused before it is opened
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()

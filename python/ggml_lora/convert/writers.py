@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import struct
-import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import _native, _written
 from ..gguf import GGUFValueType, MetadataValue, write
 from ..quants import quantize
 from .errors import ConversionError
@@ -87,9 +87,6 @@ def _pairs(lora: LoraTensors) -> list[tuple[str, np.ndarray, np.ndarray]]:
     return out
 
 
-_TEMP_COUNTER = itertools.count()
-
-
 def write_ggla(lora: LoraTensors, out: Path, outtype: str = "f32") -> Path:
     """Write the legacy 'ggla' adapter of llama.cpp's convert-lora-to-ggml.py (GGUF-era tensor names).
 
@@ -116,9 +113,12 @@ def write_ggla(lora: LoraTensors, out: Path, outtype: str = "f32") -> Path:
         scales = {base: (alpha / q.shape[0] if alpha else 1.0) for base, _, q in pairs}
     ftype_a = 0 if outtype == "f32" else 1
     out = Path(out)
-    # Same naming as the Rust writer's temporary files (atomic.rs), so a leftover from a killed process is
-    # recognisable; created with the usual permissions (0666 minus the umask).
-    tmp_name = str(out.with_name(f".{out.name}.ggml-lora-tmp.{os.getpid()}.{next(_TEMP_COUNTER)}"))
+    # A device, FIFO, socket or directory at ``out`` is refused and never replaced (checked again before the
+    # rename). The temporary file is named by the Rust writer's rule (atomic.rs: marker, pid, counter, within
+    # NAME_MAX), so a leftover from a killed process is recognisable; created with the usual permissions (0666
+    # minus the umask).
+    _native.check_output_path(os.fspath(out))
+    tmp_name = os.fspath(_native.temp_path(os.fspath(out)))
     fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -140,11 +140,19 @@ def write_ggla(lora: LoraTensors, out: Path, outtype: str = "f32") -> Path:
                     f.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
             f.flush()
             os.fsync(f.fileno())
+        _native.check_output_path(os.fspath(out))
         os.replace(tmp_name, out)
+        _record(out)
     except BaseException:
-        try:
+        if os.path.lexists(tmp_name):
             os.unlink(tmp_name)
-        except OSError:
-            pass
+        else:  # renamed into place, then interrupted before it was recorded: the output is complete
+            _record(out)
         raise
     return out
+
+
+def _record(out: Path) -> None:
+    written = _written.current()
+    if written is not None and os.fspath(out) not in written:
+        written.append(os.fspath(out))

@@ -4,6 +4,7 @@
 use std::io;
 use std::path::PathBuf;
 
+use crate::paths::FileKind;
 use crate::types::GgmlType;
 
 /// Result alias used throughout the core.
@@ -20,6 +21,22 @@ pub enum Error {
         /// The underlying error.
         #[source]
         source: io::Error,
+    },
+
+    /// A path that names a device, FIFO, socket or directory where a regular file is needed: refused before
+    /// an input is opened, or before any work for an output (which is then never replaced).
+    #[error(
+        "{} is {kind}; {}",
+        path.display(),
+        if *output { "the output must be a regular file or a new name" } else { "an input must be a regular file" }
+    )]
+    NotRegularFile {
+        /// The path as given.
+        path: PathBuf,
+        /// What it names.
+        kind: FileKind,
+        /// Whether it was given as an output (else as an input).
+        output: bool,
     },
 
     /// An error that happened while handling `path`; `source` says what.
@@ -315,7 +332,7 @@ impl Error {
     /// Attaches the file path to an error, unless it already names one.
     pub fn in_file(self, path: impl Into<PathBuf>) -> Error {
         match self {
-            Error::Io { .. } | Error::InFile { .. } => self,
+            Error::Io { .. } | Error::InFile { .. } | Error::NotRegularFile { .. } => self,
             other => Error::InFile { path: path.into(), source: Box::new(other) },
         }
     }

@@ -27,7 +27,6 @@
 //! only and are read lossily (invalid UTF-8 becomes U+FFFD; a legacy one ends at its first NUL, as in llama.cpp).
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::Path;
 
 use memmap2::Mmap;
@@ -81,10 +80,7 @@ impl Imatrix {
     /// The file is memory-mapped, so a large file given by mistake (a model) costs only what is read of it.
     pub fn open(path: impl AsRef<Path>) -> Result<Imatrix> {
         let path = path.as_ref();
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-            return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory")));
-        }
+        let file = crate::paths::open_input(path)?;
         // SAFETY: a read-only private map, as in `GgufFile::open` (whose comment explains the accepted risk of
         // another process truncating the file meanwhile); the map does not outlive this call.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
@@ -636,7 +632,8 @@ mod tests {
         let good = dir.join("good.dat");
         std::fs::write(&good, legacy(&[(b"w", 1, &[1.0])], &[])).unwrap();
         assert_eq!(Imatrix::open(&good).unwrap().source, good.display().to_string());
-        assert!(matches!(Imatrix::open(&dir).unwrap_err(), Error::Io { .. }));
+        let err = Imatrix::open(&dir).unwrap_err();
+        assert!(matches!(err, Error::NotRegularFile { kind: crate::paths::FileKind::Directory, output: false, .. }));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

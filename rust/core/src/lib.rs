@@ -5,6 +5,7 @@
 //! - [`gguf`]: memory-mapped GGUF reader and streaming, atomic GGUF writer.
 //! - [`imatrix`]: importance matrices (llama-imatrix output, GGUF and legacy).
 //! - [`atomic`]: temporary-file-then-rename output files.
+//! - [`paths`]: which kinds of path are accepted as inputs and outputs (regular files only).
 #![deny(missing_docs)]
 
 pub mod adapter;
@@ -14,6 +15,7 @@ pub mod ggla;
 pub mod gguf;
 pub mod imatrix;
 pub mod patch;
+pub mod paths;
 pub mod quant;
 pub mod types;
 

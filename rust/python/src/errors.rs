@@ -5,9 +5,12 @@
 //! - bad arguments (non-finite input, row length, unsupported type, invalid metadata/tensors) → `ValueError`
 //! - inputs that cannot be patched together → `PatchError` (a `ValueError`)
 //! - writer misuse, cancellation → `RuntimeError`
+//! - a device, FIFO or socket where a regular file is needed (input or output) → `SpecialFileError` (a
+//!   `ValueError`); a directory there → `IsADirectoryError`
 
 use std::io::ErrorKind;
 
+use ggml_lora_core::paths::FileKind;
 use ggml_lora_core::Error;
 use pyo3::exceptions::{
     PyFileExistsError, PyFileNotFoundError, PyIsADirectoryError, PyOSError, PyPermissionError, PyRuntimeError,
@@ -30,10 +33,20 @@ pyo3::create_exception!(
      output path). Raised before anything is written."
 );
 
+pyo3::create_exception!(
+    ggml_lora,
+    SpecialFileError,
+    PyValueError,
+    "A path names a device, FIFO (named pipe) or socket where a regular file is needed: an input that would \
+     block or read a device, or an output that would replace one. Raised before anything is read or written; \
+     the message names the path and what it is."
+);
+
 /// Adds the exception classes to the module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("GGUFError", m.py().get_type::<GGUFError>())?;
     m.add("PatchError", m.py().get_type::<PatchError>())?;
+    m.add("SpecialFileError", m.py().get_type::<SpecialFileError>())?;
     Ok(())
 }
 
@@ -51,6 +64,8 @@ pub fn to_py(err: Error) -> PyErr {
                 _ => PyOSError::new_err((errno, message)),
             }
         }
+        Error::NotRegularFile { kind: FileKind::Directory, .. } => PyIsADirectoryError::new_err((21, message)),
+        Error::NotRegularFile { .. } => SpecialFileError::new_err(message),
         Error::Malformed { .. } | Error::BadImatrix(_) => GGUFError::new_err(message),
         Error::Incompatible(_) => PatchError::new_err(message),
         Error::WriterState(_) | Error::Cancelled(_) => PyRuntimeError::new_err(message),

@@ -8,6 +8,7 @@ use numpy::ndarray::ArrayView1;
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyIndexError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyList;
 
 use crate::errors::IntoPyResult;
 use crate::values::{element_type_name, value_from_py, value_to_py, value_type};
@@ -130,9 +131,10 @@ impl NativeGgufFile {
 }
 
 /// Writes a GGUF file atomically. `metadata`: `(key, type name, element type name or None, value)`;
-/// `tensors`: `(name, dims in ggml order, type name, C-contiguous uint8 array of the exact data)`.
+/// `tensors`: `(name, dims in ggml order, type name, C-contiguous uint8 array of the exact data)`;
+/// `written`: a list to which the path is appended once it is in place (see `patch`).
 #[pyfunction]
-#[pyo3(signature = (path, metadata, tensors, sync = true))]
+#[pyo3(signature = (path, metadata, tensors, sync = true, written = None))]
 #[allow(clippy::type_complexity)]
 fn write_gguf(
     py: Python<'_>,
@@ -140,6 +142,7 @@ fn write_gguf(
     metadata: Vec<(String, String, Option<String>, Bound<'_, PyAny>)>,
     tensors: Vec<(String, Vec<u64>, String, PyReadonlyArrayDyn<'_, u8>)>,
     sync: bool,
+    written: Option<Bound<'_, PyList>>,
 ) -> PyResult<PathBuf> {
     let mut values: Vec<(String, Value)> = Vec::with_capacity(metadata.len());
     for (key, ty, elem, obj) in metadata {
@@ -157,12 +160,17 @@ fn write_gguf(
         }
         data.push(array.as_slice().map_err(|e| PyValueError::new_err(format!("tensor {name:?}: {e}")))?);
     }
-    py.detach(|| {
-        let mut writer = GgufWriter::create(&path, &values, specs.clone(), WriteOptions { sync })?;
-        for (spec, bytes) in specs.iter().zip(&data) {
-            writer.write_tensor(&spec.name, bytes)?;
-        }
-        writer.finish()
-    })
-    .py_err()
+    let out = py
+        .detach(|| {
+            let mut writer = GgufWriter::create(&path, &values, specs.clone(), WriteOptions { sync })?;
+            for (spec, bytes) in specs.iter().zip(&data) {
+                writer.write_tensor(&spec.name, bytes)?;
+            }
+            writer.finish()
+        })
+        .py_err()?;
+    if let Some(list) = written {
+        list.append(out.as_os_str())?;
+    }
+    Ok(out)
 }

@@ -7,6 +7,7 @@ mod errors;
 mod gguf;
 mod imatrix;
 mod patch;
+mod paths;
 mod quant;
 mod values;
 
@@ -20,6 +21,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     imatrix::register(m)?;
     quant::register(m)?;
     patch::register(m)?;
+    paths::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

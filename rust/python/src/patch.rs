@@ -7,10 +7,12 @@ use ggml_lora_core::adapter::{self, LoraAdapter};
 use ggml_lora_core::gguf::{tensor_nbytes, TensorInfo, Value};
 use ggml_lora_core::imatrix::Imatrix;
 use ggml_lora_core::patch::{AdapterInput, PatchOptions, PatchPlan};
+use ggml_lora_core::paths;
 use ggml_lora_core::{gguf::GgufFile, Error};
 use numpy::PyReadonlyArrayDyn;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::PyList;
 
 use crate::errors::IntoPyResult;
 use crate::gguf::ggml_type;
@@ -35,7 +37,8 @@ impl NativeAdapter {
     /// Loads a llama.cpp GGUF LoRA adapter or a legacy ggla file (chosen by its magic).
     #[staticmethod]
     fn open(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let inner = py.detach(|| LoraAdapter::open(&path)).py_err()?;
+        // A FIFO or device is refused before the adapter reader opens it (it would block or read a device).
+        let inner = py.detach(|| paths::check_input(&path).and_then(|_| LoraAdapter::open(&path))).py_err()?;
         Ok(NativeAdapter { inner: Arc::new(inner) })
     }
 
@@ -128,10 +131,12 @@ pub struct TensorRow {
 
 /// Runs a patch; returns `(out path, per-tensor reports, tensors copied, bytes written, seconds, notes)`.
 /// `imatrix` is `(source, [(tensor name, weights)])`; `tensor_types` `[(pattern, type name)]`.
+/// `written`: a list to which the output path is appended as soon as it has been renamed into place, before
+/// any Python code runs again, so an interrupt handled later can tell that the output is complete.
 #[pyfunction]
 #[pyo3(signature = (model, adapters, base, out, *, out_type = None, intermediate = None, threads = None,
                     sync = true, extra_metadata = Vec::new(), progress = None, tensor_types = Vec::new(),
-                    imatrix = None, keep_lora = None))]
+                    imatrix = None, keep_lora = None, written = None))]
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn patch(
     py: Python<'_>,
@@ -148,7 +153,9 @@ fn patch(
     tensor_types: Vec<(String, String)>,
     imatrix: Option<(String, Vec<(String, Vec<f32>)>)>,
     keep_lora: Option<f64>,
+    written: Option<Bound<'_, PyList>>,
 ) -> PyResult<(PathBuf, Vec<TensorRow>, usize, u64, f64, Vec<String>)> {
+    paths::check_output(&out).py_err()?;
     let mut metadata: Vec<(String, Value)> = Vec::with_capacity(extra_metadata.len());
     for (key, ty, elem, obj) in extra_metadata {
         let elem = elem.as_deref().map(value_type).transpose()?;
@@ -191,6 +198,10 @@ fn patch(
         };
         plan.run(&out, &mut on_progress)
     });
+    if let (Ok(report), Some(list)) = (&result, &written) {
+        // A str (no Python code runs to build it), so a pending interrupt cannot fire before it is recorded.
+        list.append(report.out.as_os_str())?;
+    }
     if let Some(err) = callback_error {
         return Err(err);
     }

@@ -33,10 +33,8 @@ impl GgufFile {
     /// Opens and validates `path`. Errors name the file and, for malformed files, the byte offset.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref().to_path_buf();
-        let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
-        if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-            return Err(Error::io(&path, std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory")));
-        }
+        // A FIFO, device, socket or directory is refused without blocking (see `paths::open_input`).
+        let file = crate::paths::open_input(&path)?;
         // SAFETY: the map is read-only and private to this process. Like every mmap reader (ggml, gguf-py,
         // safetensors) we accept that another process truncating or rewriting the file while it is mapped
         // is outside our control; this crate never writes to a file it has mapped (outputs go to a new

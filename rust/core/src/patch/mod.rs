@@ -583,6 +583,7 @@ impl<'a> PatchPlan<'a> {
     }
 
     fn check_output_path(&self, out: &Path) -> Result<()> {
+        crate::paths::check_output(out)?;
         let mut inputs: Vec<PathBuf> = vec![self.model.path().to_path_buf()];
         inputs.extend(self.base.map(|b| b.path().to_path_buf()));
         inputs.extend(self.adapters.iter().map(|a| PathBuf::from(&a.adapter.source)));

@@ -1,0 +1,37 @@
+//! Path rules for Python: the core's checks of input and output paths, and its temporary names.
+
+use std::path::PathBuf;
+
+use ggml_lora_core::paths;
+use pyo3::prelude::*;
+
+use crate::errors::IntoPyResult;
+
+/// Adds the path functions to the module.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(check_output_path, m)?)?;
+    m.add_function(wrap_pyfunction!(check_input_path, m)?)?;
+    m.add_function(wrap_pyfunction!(temp_path, m)?)?;
+    Ok(())
+}
+
+/// Refuses an output path that names a device, FIFO, socket (`SpecialFileError`) or directory
+/// (`IsADirectoryError`); a regular file or a new name passes.
+#[pyfunction]
+fn check_output_path(path: PathBuf) -> PyResult<()> {
+    paths::check_output(&path).py_err()
+}
+
+/// Refuses, without opening it, an input path that names a device, FIFO, socket (`SpecialFileError`) or
+/// directory (`IsADirectoryError`); a regular file or a missing path passes.
+#[pyfunction]
+fn check_input_path(path: PathBuf) -> PyResult<()> {
+    paths::check_input(&path).py_err()
+}
+
+/// A fresh temporary path beside `target`, named as the core names its own (marker, pid, counter; within
+/// NAME_MAX), for the Python writers that do their own temporary file and rename.
+#[pyfunction]
+fn temp_path(target: PathBuf) -> PyResult<PathBuf> {
+    ggml_lora_core::atomic::temp_path(&target).py_err()
+}
