@@ -6,6 +6,7 @@ import argparse
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Sequence
 
@@ -173,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ggml-lora",
         description="Merge LoRA adapters into (quantized) llama.cpp GGUF models; inspect GGUF files.",
+        epilog="exit codes: 0 done; 1 an error in the input (one line on stderr); 2 usage; 3 an internal error "
+        "(a bug; --debug shows the traceback); 130 interrupted",
     )
     parser.add_argument("--version", action="version", version=f"ggml-lora {_native.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -224,18 +227,52 @@ def build_parser() -> argparse.ArgumentParser:
     from .convert.cli import add_convert_subcommand
 
     add_convert_subcommand(sub)
+    for p in [parser, *sub.choices.values()]:
+        _add_debug_flag(p)
     return parser
 
 
+#: Exit codes: 0 done; 1 an error in the input or the environment (one line on stderr); 2 a usage error (from
+#: argparse, with the usage); 3 an internal error, which is a bug (one line; ``--debug`` prints the traceback);
+#: 130 interrupted.
+EXIT_ERROR = 1
+EXIT_INTERNAL = 3
+#: Longest error message printed (a message quoting hostile input stays readable).
+_MAX_MESSAGE = 2000
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line (KeyError's quotes removed), cut to a readable length."""
+    text = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else str(exc)
+    text = " ".join(str(text).split()) or type(exc).__name__
+    return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + " ..."
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: given before or after the subcommand, one does not reset the other.
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on an error, print the Python traceback too")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the process exit code."""
+    """Run the command line; returns the process exit code.
+
+    Every error is one line ``ggml-lora: error: ...`` on stderr: the API's documented exceptions for bad input
+    (``ValueError`` subclasses such as ``GGUFError``, ``PatchError``, ``ConversionError``; ``OSError``) and running
+    out of memory give exit 1; anything else is a bug in ggml-lora and gives exit 3 with a line that says so.
+    ``--debug`` adds the traceback.
+    """
     args = build_parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
     with _written.recording() as written:
         try:
             return int(args.func(args))
-        except (OSError, ValueError, KeyError) as exc:
-            print(f"ggml-lora: error: {exc}", file=sys.stderr)
-            return 1
+        except (OSError, ValueError, KeyError, MemoryError) as exc:
+            if debug:
+                traceback.print_exc()
+            message = _one_line(exc) if not isinstance(exc, MemoryError) else f"out of memory ({_one_line(exc)})"
+            print(f"ggml-lora: error: {message}", file=sys.stderr)
+            return EXIT_ERROR
         except KeyboardInterrupt:
             # The writers record each output once it is in place; an interrupt that arrives later must say so.
             if written:
@@ -243,3 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 print("ggml-lora: interrupted; no output was written", file=sys.stderr)
             return 130
+        except Exception as exc:  # noqa: BLE001 - the last resort: one line, never a bare traceback
+            if debug:
+                traceback.print_exc()
+            print(f"ggml-lora: internal error (a bug in ggml-lora; run with --debug for the traceback and please "
+                  f"report it): {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+            return EXIT_INTERNAL

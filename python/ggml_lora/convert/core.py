@@ -74,7 +74,7 @@ class _Module:
     m_key: str | None = None
 
 
-def _group(tensors: dict[str, np.ndarray]) -> list[_Module]:
+def _group(tensors: dict[str, np.ndarray], source: object = "the adapter") -> list[_Module]:
     modules: dict[str, _Module] = {}
     for key, value in sorted(tensors.items()):
         if "lora_magnitude_vector" in key:
@@ -119,14 +119,15 @@ def _group(tensors: dict[str, np.ndarray]) -> list[_Module]:
             missing = "A" if entry.a is None else "B"
             raise ConversionError(f"module {entry.module!r}: lora_{missing} factor is missing")
     if not modules:
-        raise ConversionError("the adapter holds no LoRA tensors")
+        raise ConversionError(f"{source}: the adapter holds no LoRA tensors")
     return list(modules.values())
 
 
 def _as_f32(key: str, x: np.ndarray) -> np.ndarray:
     if x.dtype.kind != "f":
         raise ConversionError(f"tensor {key!r}: dtype {x.dtype} is not a floating-point type")
-    y = np.ascontiguousarray(x, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # f64 beyond float32 becomes inf: refused just below
+        y = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(y).all():
         raise ConversionError(f"tensor {key!r}: contains NaN or infinite values")
     return y
@@ -184,7 +185,7 @@ def peft_to_lora(peft_dir: str | os.PathLike[str], base: Any, *, allow_dora: boo
     entries: list[tuple[str, int, float, float]] = []
     seen: dict[str, str] = {}
     magnitudes: dict[str, np.ndarray] = {}
-    modules = _group(adapter.tensors)
+    modules = _group(adapter.tensors, adapter.weights_file)
     for m in modules:
         if m.m is not None and not config.use_dora:
             if not allow_dora:

@@ -8,14 +8,18 @@ and, for Hugging Face ``config.json`` bases, which GGUF architecture each HF mod
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import _native
+from . import safejson
 from .errors import ConversionError
+from .safejson import short_repr
+
+#: Most blocks (layers) a base model may have; real models have at most a few hundred.
+MAX_BLOCKS = 1 << 16
 
 #: GGUF architectures this converter supports, with the llama.cpp converter behaviour that matters for LoRA:
 #: ``permute_qk`` = LlamaModel.permute of attn_q/attn_k rows (llama-family rope layout).
@@ -68,10 +72,10 @@ class BaseInfo:
 def _per_block(value: Any, n_blocks: int, what: str, source: str) -> list[int]:
     if isinstance(value, list):
         if len(value) != n_blocks or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise ConversionError(f"{source}: {what} {value!r:.80} is not one integer per block")
+            raise ConversionError(f"{source}: {what} {short_repr(value, 80)} is not one integer per block")
         return [int(v) for v in value]
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ConversionError(f"{source}: {what} must be an integer, got {value!r:.60}")
+        raise ConversionError(f"{source}: {what} must be an integer, got {short_repr(value, 60)}")
     return [int(value)] * n_blocks
 
 
@@ -106,8 +110,9 @@ def base_from_gguf(path: Path) -> BaseInfo:
     source = str(path)
     arch = _check_arch(meta.get("general.architecture"), source)
     n_blocks = meta.get(f"{arch}.block_count")
-    if not isinstance(n_blocks, int) or n_blocks <= 0:
-        raise ConversionError(f"{source}: {arch}.block_count is missing or invalid")
+    if not isinstance(n_blocks, int) or not 0 < n_blocks <= MAX_BLOCKS:
+        raise ConversionError(f"{source}: {arch}.block_count is missing or invalid (1 to {MAX_BLOCKS}), got "
+                              f"{short_repr(n_blocks)}")
     n_head = _per_block(meta.get(f"{arch}.attention.head_count", 0), n_blocks, "head_count", source)
     n_head_kv = _per_block(meta.get(f"{arch}.attention.head_count_kv", n_head), n_blocks, "head_count_kv", source)
     name = meta.get("general.name")
@@ -126,8 +131,8 @@ def base_from_gguf(path: Path) -> BaseInfo:
 def base_from_hf(config_path: Path) -> BaseInfo:
     source = str(config_path)
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        config = safejson.load_file(config_path)
+    except OSError as exc:
         raise ConversionError(f"{source}: cannot read the HF config: {exc}") from None
     if not isinstance(config, dict):
         raise ConversionError(f"{source}: not a JSON object")
@@ -152,8 +157,9 @@ def base_from_hf(config_path: Path) -> BaseInfo:
         return default
 
     n_blocks = first("num_hidden_layers", "n_layer", "n_layers", "num_layers")
-    if not isinstance(n_blocks, int) or isinstance(n_blocks, bool) or n_blocks <= 0:
-        raise ConversionError(f"{source}: the number of layers (num_hidden_layers / n_layer) is missing or invalid")
+    if not isinstance(n_blocks, int) or isinstance(n_blocks, bool) or not 0 < n_blocks <= MAX_BLOCKS:
+        raise ConversionError(f"{source}: the number of layers (num_hidden_layers / n_layer) is missing or invalid "
+                              f"(1 to {MAX_BLOCKS}), got {short_repr(n_blocks)}")
     n_head_raw = first("num_attention_heads", "n_head", default=0)
     n_head = _per_block(n_head_raw, n_blocks, "num_attention_heads", source)
     n_head_kv = _per_block(first("num_key_value_heads", "n_head_kv", default=n_head_raw), n_blocks,

@@ -6,7 +6,6 @@ float32 exactly) or ``adapter_model.bin`` (a torch zip read by :mod:`.torch_pick
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -18,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from .. import _native
+from . import safejson
 from .errors import ConversionError
+from .safejson import short_repr
 from .torch_pickle import load_torch_bin
 
 CONFIG_NAME = "adapter_config.json"
@@ -42,7 +43,13 @@ _SAFETENSORS_DTYPES: dict[str, np.dtype[Any]] = {
 
 
 def load_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """Parse a safetensors file into numpy arrays (bf16 is returned as float32, exactly)."""
+    """Parse a safetensors file into numpy arrays (bf16 is returned as float32, exactly).
+
+    Checked as the ``safetensors`` crate checks: a JSON header within limits (:mod:`.safejson`: depth, integer
+    size, no duplicate tensor names), each entry a known dtype with a shape whose bytes equal its data range, and
+    the ranges covering the data section exactly: from 0, each starting where the previous ends (no overlap, no
+    gap), up to the end of the file. Every refusal is a :class:`ConversionError` naming the file and tensor.
+    """
     path = Path(path)
     _native.check_input_path(path)  # a FIFO or device is refused before it is opened
     with open(path, "rb") as f:
@@ -50,42 +57,76 @@ def load_safetensors(path: str | Path) -> dict[str, np.ndarray]:
         if len(head) != 8:
             raise ConversionError(f"{path}: not a safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", head)
-        size = path.stat().st_size
+        size = os.fstat(f.fileno()).st_size
         if n > min(_MAX_HEADER, size - 8):
             raise ConversionError(f"{path}: not a safetensors file (header length {n} is implausible)")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConversionError(f"{path}: safetensors header is not valid JSON: {exc}") from None
+        header = safejson.loads(f.read(n), path, "safetensors header")
         if not isinstance(header, dict):
             raise ConversionError(f"{path}: safetensors header is not a JSON object")
         data_start = 8 + n
         data_size = size - data_start
+        entries = [(name, _safetensors_entry(path, name, info)) for name, info in header.items()
+                   if name != "__metadata__"]
+        _check_ranges(path, [(name, begin, end) for name, (_, _, begin, end) in entries], data_size)
         out: dict[str, np.ndarray] = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            except (TypeError, KeyError, ValueError):
-                raise ConversionError(f"{path}: malformed safetensors entry for {name!r}") from None
-            if dtype_name not in _SAFETENSORS_DTYPES:
-                raise ConversionError(f"{path}: tensor {name!r} has dtype {dtype_name}; LoRA factors must be "
-                                      f"one of {', '.join(_SAFETENSORS_DTYPES)}")
-            ok = (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                  for d in shape)
-                  and all(isinstance(v, int) and not isinstance(v, bool) for v in (begin, end))
-                  and 0 <= begin <= end <= data_size)
-            dtype = _SAFETENSORS_DTYPES[dtype_name]
-            if not ok or math.prod(shape) * dtype.itemsize != end - begin:
-                raise ConversionError(f"{path}: tensor {name!r}: shape {shape!r:.80}/offsets "
-                                      f"{info.get('data_offsets')!r:.80} do not fit the file")
+        for name, (dtype_name, shape, begin, end) in entries:
             f.seek(data_start + begin)
-            array = np.frombuffer(f.read(end - begin), dtype=dtype).reshape(shape)
+            array = np.frombuffer(f.read(end - begin), dtype=_SAFETENSORS_DTYPES[dtype_name]).reshape(shape)
             if dtype_name == "BF16":
                 array = (array.astype(np.uint32) << 16).view(np.float32)
             out[name] = array
     return out
+
+
+#: Most dimensions a safetensors tensor may have here (LoRA factors have 2; numpy's own limit is 64).
+_MAX_DIMS = 8
+_MAX_ARRAY_BYTES = 1 << 62
+
+
+def _safetensors_entry(path: Path, name: str, info: Any) -> tuple[str, list[int], int, int]:
+    """``(dtype, shape, begin, end)`` of one header entry, validated on its own."""
+    where = f"{path}: tensor {short_repr(name)}"
+    if not isinstance(info, dict):
+        raise ConversionError(f"{where}: malformed safetensors entry {short_repr(info)} (expected an object)")
+    dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype_name, str) or dtype_name not in _SAFETENSORS_DTYPES:
+        raise ConversionError(f"{where} has dtype {short_repr(dtype_name)}; LoRA factors must be one of "
+                              f"{', '.join(_SAFETENSORS_DTYPES)}")
+    if not isinstance(shape, list) or len(shape) > _MAX_DIMS or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ConversionError(f"{where}: shape {short_repr(shape)} is not a list of at most {_MAX_DIMS} "
+                              "non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(v) and v >= 0 for v in offsets):
+        raise ConversionError(f"{where}: data_offsets {short_repr(offsets)} is not a pair of non-negative "
+                              "integers")
+    itemsize = _SAFETENSORS_DTYPES[dtype_name].itemsize
+    if math.prod(max(d, 1) for d in shape) * itemsize >= _MAX_ARRAY_BYTES:  # numpy refuses these even when empty
+        raise ConversionError(f"{where}: shape {short_repr(shape)} is too large (its non-zero dimensions span "
+                              f"2^62 bytes or more)")
+    begin, end = offsets
+    nbytes = math.prod(shape) * itemsize
+    if begin > end or end - begin != nbytes:
+        raise ConversionError(f"{where}: shape {short_repr(shape)} ({dtype_name}) needs {short_repr(nbytes)} bytes "
+                              f"but data_offsets {short_repr(offsets)} give {short_repr(end - begin)}")
+    return dtype_name, shape, begin, end
+
+
+def _check_ranges(path: Path, ranges: list[tuple[str, int, int]], data_size: int) -> None:
+    """The tensors' byte ranges must tile the data section exactly, as the ``safetensors`` crate requires."""
+    expected, previous = 0, None
+    for name, begin, end in sorted(ranges, key=lambda r: (r[1], r[2])):
+        if begin != expected:
+            what = "overlaps" if begin < expected else "leaves a gap after"
+            after = f"tensor {short_repr(previous)}" if previous is not None else "the start of the data"
+            raise ConversionError(f"{path}: tensor {short_repr(name)}: data_offsets [{begin}, {end}] {what} "
+                                  f"{after} (which ends at {expected}); tensor data must be laid end to end")
+        expected, previous = end, name
+    if expected != data_size:
+        raise ConversionError(f"{path}: the tensors' data ends at byte {expected} of the data section but the file "
+                              f"holds {data_size} bytes of data (truncated, or bytes no tensor accounts for)")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -133,29 +174,36 @@ def _get_pattern_key(patterns: dict[str, Any], module: str) -> str | None:
             if re.match(rf"(.*\.)?({key})$", module):
                 return key
         except re.error as exc:
-            raise ConversionError(f"adapter_config.json: pattern key {key!r} is not a valid regex: {exc}") from None
+            raise ConversionError(f"adapter_config.json: pattern key {short_repr(key)} is not a valid regex: "
+                                  f"{exc}") from None
     return module if module in patterns else None
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite int or float that converts to a float (an int beyond float range does not)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
 
 
 def _check_rank(v: Any, where: str) -> int:
     if not isinstance(v, int) or isinstance(v, bool):
-        raise ConversionError(f"adapter_config.json: {where} must be an integer, got {v!r:.60}")
+        raise ConversionError(f"adapter_config.json: {where} must be an integer, got {short_repr(v, 60)}")
     if v <= 0:
-        raise ConversionError(f"adapter_config.json: {where} must be positive, got {v}")
+        raise ConversionError(f"adapter_config.json: {where} must be positive, got {short_repr(v)}")
     if v > MAX_RANK:
-        raise ConversionError(f"adapter_config.json: {where} = {v} is absurdly large (limit {MAX_RANK})")
+        raise ConversionError(f"adapter_config.json: {where} = {short_repr(v)} is absurdly large (limit {MAX_RANK})")
     return v
 
 
 def _check_alpha(v: Any, where: str) -> float:
     if not _is_number(v):
-        raise ConversionError(f"adapter_config.json: {where} must be a finite number, got {v!r:.60}")
+        raise ConversionError(f"adapter_config.json: {where} must be a finite number, got {short_repr(v, 60)}")
     if v < 0:
-        raise ConversionError(f"adapter_config.json: {where} must not be negative, got {v}")
+        raise ConversionError(f"adapter_config.json: {where} must not be negative, got {short_repr(v)}")
     return float(v)
 
 
@@ -179,26 +227,28 @@ def parse_config(config: Any, *, allow_dora: bool = False) -> AdapterConfig:
         raise ConversionError("adapter_config.json: expected a JSON object")
     peft_type = config.get("peft_type")
     if not isinstance(peft_type, str):
-        raise ConversionError(f"adapter_config.json: peft_type must be a string, got {peft_type!r:.60}")
+        raise ConversionError(f"adapter_config.json: peft_type must be a string, got {short_repr(peft_type, 60)}")
     if peft_type.upper() != "LORA":
         raise ConversionError(
-            f"adapter_config.json: peft_type {peft_type!r} is not supported: only plain LoRA (peft_type 'LORA') can "
-            "be written as a llama.cpp LoRA adapter (LoHa, LoKr, IA3, AdaLoRA, OFT, ... are different products)"
+            f"adapter_config.json: peft_type {short_repr(peft_type)} is not supported: only plain LoRA "
+            "(peft_type 'LORA') can be written as a llama.cpp LoRA adapter (LoHa, LoKr, IA3, AdaLoRA, OFT, ... are "
+            "different products)"
         )
     use_dora = _truthy(config, "use_dora")
     if use_dora and not allow_dora:
         raise ConversionError("adapter_config.json: use_dora is set: " + DORA_REFUSAL)
     if use_dora and config["use_dora"] is not True:
-        raise ConversionError(f"adapter_config.json: use_dora must be true or false, got {config['use_dora']!r:.60}")
+        raise ConversionError("adapter_config.json: use_dora must be true or false, got "
+                              f"{short_repr(config['use_dora'], 60)}")
     if _truthy(config, "modules_to_save"):
         raise ConversionError(
-            f"adapter_config.json: modules_to_save = {config['modules_to_save']!r:.120}: the adapter carries fully "
-            "trained copies of those modules, which a LoRA adapter cannot represent (llama.cpp: PR #9948)"
+            f"adapter_config.json: modules_to_save = {short_repr(config['modules_to_save'], 120)}: the adapter "
+            "carries fully trained copies of those modules, which a LoRA adapter cannot represent (llama.cpp: PR #9948)"
         )
     bias = config.get("bias", "none")
     if bias != "none":
-        raise ConversionError(f"adapter_config.json: bias = {bias!r:.60}: trained biases cannot be represented in a "
-                              "LoRA adapter (only bias='none' is supported)")
+        raise ConversionError(f"adapter_config.json: bias = {short_repr(bias, 60)}: trained biases cannot be "
+                              "represented in a LoRA adapter (only bias='none' is supported)")
     if _truthy(config, "lora_bias"):
         raise ConversionError("adapter_config.json: lora_bias is set: lora_B biases cannot be represented in a LoRA "
                               "adapter")
@@ -221,14 +271,14 @@ def parse_config(config: Any, *, allow_dora: bool = False) -> AdapterConfig:
         if v is None:
             v = False
         if not isinstance(v, bool):
-            raise ConversionError(f"adapter_config.json: {key} must be true or false, got {v!r:.60}")
+            raise ConversionError(f"adapter_config.json: {key} must be true or false, got {short_repr(v, 60)}")
         flags[key] = v
     patterns: dict[str, dict[str, Any]] = {}
     for key, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
         v = config.get(key) or {}
         if not isinstance(v, dict):
-            raise ConversionError(f"adapter_config.json: {key} must be an object, got {v!r:.60}")
-        patterns[key] = {str(k): check(val, f"{key}[{k!r}]") for k, val in v.items()}
+            raise ConversionError(f"adapter_config.json: {key} must be an object, got {short_repr(v, 60)}")
+        patterns[key] = {str(k): check(val, f"{key}[{short_repr(k)}]") for k, val in v.items()}
     base = config.get("base_model_name_or_path")
     return AdapterConfig(
         r=r,
@@ -266,10 +316,7 @@ def read_peft_dir(peft_dir: str | os.PathLike[str], *, allow_dora: bool = False)
         _native.check_input_path(path / name)
     if not cfg_path.is_file():
         raise ConversionError(f"{path}: no {CONFIG_NAME}")
-    try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConversionError(f"{cfg_path}: not valid JSON: {exc}") from None
+    raw = safejson.load_file(cfg_path)
     config = parse_config(raw, allow_dora=allow_dora)
     if (path / SAFETENSORS_NAME).is_file():
         weights = path / SAFETENSORS_NAME

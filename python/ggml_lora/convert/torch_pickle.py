@@ -228,7 +228,7 @@ def _flatten(obj: Any, path: Path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for key, value in obj.items():
         if not isinstance(key, str):
-            raise ConversionError(f"{path}: state dict key {key!r:.80} is not a string")
+            raise ConversionError(f"{path}: state dict key of type {type(key).__name__} is not a string")
         if not isinstance(value, np.ndarray):
             raise ConversionError(f"{path}: state dict entry {key!r} is a {type(value).__name__}, not a tensor")
         out[key] = value
@@ -236,9 +236,28 @@ def _flatten(obj: Any, path: Path) -> dict[str, np.ndarray]:
 
 
 def load_torch_bin(path: str | Path) -> dict[str, np.ndarray]:
-    """Load a ``torch.save`` state dict as numpy arrays (bf16 becomes float32; other dtypes keep theirs)."""
+    """Load a ``torch.save`` state dict as numpy arrays (bf16 becomes float32; other dtypes keep theirs).
+
+    Every failure to read the file is a :class:`ConversionError` naming it (an OSError from the operating system
+    passes through as it is): Python's own limits (``RecursionError``, ``MemoryError``) and the zip module's
+    errors included, so a hostile file never surfaces as a traceback.
+    """
     path = Path(path)
     _native.check_input_path(path)  # a FIFO or device is refused before it is opened
+    try:
+        return _load_torch_bin(path)
+    except (ConversionError, OSError):
+        raise
+    except RecursionError:
+        raise ConversionError(f"{path}: torch file is nested too deeply") from None
+    except MemoryError:
+        raise ConversionError(f"{path}: torch file needs more memory than is available (a decompression or "
+                              "pickle bomb?)") from None
+    except Exception as exc:  # zipfile.BadZipFile, zlib.error, EOFError, ... from a malformed archive
+        raise ConversionError(f"{path}: cannot read torch file: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def _load_torch_bin(path: Path) -> dict[str, np.ndarray]:
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()

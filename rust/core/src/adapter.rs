@@ -227,6 +227,7 @@ pub fn from_gguf(file: Arc<GgufFile>) -> Result<LoraAdapter> {
     check_alpha(alpha)?;
     let infos: Vec<&TensorInfo> = file.tensors().iter().collect();
     let (halves, skipped) = pair_names(&infos)?;
+    require_pairs(halves.len(), infos.len())?;
     let mut pairs = Vec::with_capacity(halves.len());
     for (target, a, b, m) in halves {
         let (ta, tb) = (infos[a], infos[b]);
@@ -257,6 +258,7 @@ pub fn from_tensors(
     check_alpha(alpha)?;
     let infos: Vec<&TensorInfo> = tensors.iter().map(|(t, _)| *t).collect();
     let (halves, skipped) = pair_names(&infos)?;
+    require_pairs(halves.len(), infos.len())?;
     let mut pairs = Vec::with_capacity(halves.len());
     for (target, a, b, m) in halves {
         let ((ta, da), (tb, db)) = (tensors[a], tensors[b]);
@@ -268,6 +270,18 @@ pub fn from_tensors(
         pairs.push(shape.pair(target, Factors::Loaded { left, right }, magnitude));
     }
     Ok(LoraAdapter { source, architecture, alpha, pairs, skipped })
+}
+
+/// An adapter must apply something: no pairs at all (no tensors, or only skipped 1-D norms) is an error.
+fn require_pairs(pairs: usize, tensors: usize) -> Result<()> {
+    if pairs > 0 {
+        return Ok(());
+    }
+    let detail = match tensors {
+        0 => "it has no tensors at all".to_owned(),
+        n => format!("its {n} tensor(s) are all 1-D norm vectors, which are ignored"),
+    };
+    Err(adapter_error(Malformed::NoTensors { detail }))
 }
 
 /// `(target, lora_a index, lora_b index, DoRA magnitude index)`.
@@ -415,8 +429,20 @@ fn gguf_factors(target: &str, tb: &TensorInfo, a: Vec<f32>, b: Vec<f32>) -> (Vec
 /// Loads a legacy ggla adapter from its bytes. Pairs are matched by the `.loraA` / `.loraB` suffixes and
 /// named by their GGUF targets. The product is applied as llama.cpp applied it (no q/k row permutation:
 /// the historical converter never permuted lora_B, FORMATS.md §3).
+///
+/// The format has no tensor count, so a file cut at a tensor boundary parses. What is checked instead: the file
+/// has pairs at all, every `.loraA` has its `.loraB` (a cut between the halves), every pair's rank is the
+/// header's r (which the scale uses), and every block (`blk.N.`) carries the same set of tensors as the others
+/// (the converter wrote the same target modules for every layer, block by block: a cut inside a block leaves
+/// that block short). A cut exactly between two blocks, or between two pairs of the only block, cannot be told
+/// from an adapter on fewer layers or modules.
 pub fn from_ggla(bytes: &[u8], source: &str) -> Result<LoraAdapter> {
     let file = GglaFile::parse(bytes)?;
+    if file.tensors.is_empty() {
+        return Err(adapter_error(Malformed::NoTensors {
+            detail: "the file ends after its 16-byte header; it may be truncated".into(),
+        }));
+    }
     let mut halves = Halves::default();
     let mut skipped = Vec::new();
     for (i, t) in file.tensors.iter().enumerate() {
@@ -440,6 +466,8 @@ pub fn from_ggla(bytes: &[u8], source: &str) -> Result<LoraAdapter> {
         halves.add(&target, is_a, i);
     }
     let halves = halves.complete(".loraA", ".loraB")?;
+    require_pairs(halves.len(), file.tensors.len())?;
+    check_blocks_alike(halves.iter().map(|(target, _, _)| target.as_str()))?;
     let mut pairs = Vec::with_capacity(halves.len());
     for (target, a, b) in halves {
         let (ta, tb) = (&file.tensors[a], &file.tensors[b]);
@@ -452,6 +480,13 @@ pub fn from_ggla(bytes: &[u8], source: &str) -> Result<LoraAdapter> {
                 "{target}: rank mismatch, loraA dims {:?}, loraB dims {:?}",
                 ta.dims, tb.dims
             ))));
+        }
+        if ra as u64 != file.rank as u64 {
+            return Err(adapter_error(Malformed::RankMismatch {
+                tensor: ta.name.clone(),
+                header: file.rank.into(),
+                found: ra as u64,
+            }));
         }
         let a_data = to_f32(ta.ty, &bytes[ta.data.clone()], &ta.dims, &ta.name)?;
         let b_data = to_f32(tb.ty, &bytes[tb.data.clone()], &tb.dims, &tb.name)?;
@@ -466,6 +501,30 @@ pub fn from_ggla(bytes: &[u8], source: &str) -> Result<LoraAdapter> {
         });
     }
     Ok(LoraAdapter { source: source.to_owned(), architecture: None, alpha: file.alpha as f32, pairs, skipped })
+}
+
+/// Every block (`blk.N.<part>`) among `targets` must hold the same parts: a ggla file cut between two pairs of a
+/// block leaves that block short of the others.
+fn check_blocks_alike<'a>(targets: impl Iterator<Item = &'a str>) -> Result<()> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut blocks: BTreeMap<u64, BTreeSet<&str>> = BTreeMap::new();
+    for target in targets {
+        let Some(rest) = target.strip_prefix("blk.") else { continue };
+        let Some((n, part)) = rest.split_once('.') else { continue };
+        let Ok(n) = n.parse::<u64>() else { continue };
+        blocks.entry(n).or_default().insert(part);
+    }
+    let all: BTreeSet<&str> = blocks.values().flatten().copied().collect();
+    for (n, parts) in &blocks {
+        if let Some(missing) = all.iter().find(|p| !parts.contains(*p)) {
+            let (with, _) = blocks.iter().find(|(_, ps)| ps.contains(missing)).expect("a part comes from a block");
+            return Err(adapter_error(Malformed::Other(format!(
+                "block {n} has no LoRA pair for blk.{n}.{missing} though block {with} has one: the file is \
+                 probably truncated (ggla files hold the same tensors for every block)"
+            ))));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -489,6 +548,94 @@ mod tests {
         assert_eq!(adapter.pair_scale(&pair, 0.5), 1.0);
         adapter.alpha = 0.0;
         assert_eq!(adapter.pair_scale(&pair, 0.5), 0.5);
+    }
+
+    fn f32_bytes(n: usize) -> Vec<u8> {
+        (0..n).flat_map(|i| (i as f32 * 0.25).to_le_bytes()).collect()
+    }
+
+    /// A ggla adapter of rank `rank` on `blocks` blocks x (wq, wv), each 4x4, as the converter wrote it.
+    fn ggla_blocks(header_rank: i32, rank: i32, blocks: usize) -> Vec<u8> {
+        let names: Vec<String> = (0..blocks)
+            .flat_map(|b| {
+                ["wq", "wv"].into_iter().flat_map(move |m| {
+                    ["loraA", "loraB"].into_iter().map(move |h| format!("layers.{b}.attention.{m}.weight.{h}"))
+                })
+            })
+            .collect();
+        let n = 4 * rank as usize;
+        let dims = [rank, 4];
+        let tensors: Vec<(&str, &[i32], i32, Vec<u8>)> =
+            names.iter().map(|name| (name.as_str(), &dims[..], 0, f32_bytes(n))).collect();
+        crate::ggla::tests::ggla_bytes(header_rank, 16, &tensors)
+    }
+
+    fn malformed_kind(err: Error) -> Malformed {
+        match err {
+            Error::Malformed { kind, .. } => kind,
+            other => panic!("expected a Malformed error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ggla_cut_at_every_tensor_boundary_is_refused() {
+        let whole = ggla_blocks(2, 2, 3);
+        let adapter = from_ggla(&whole, "mem").unwrap();
+        assert_eq!(adapter.pairs.len(), 6);
+        let file = GglaFile::parse(&whole).unwrap();
+        // Every tensor boundary must be refused except those the file alone cannot tell from a smaller adapter:
+        // between two blocks, at the end, and after block 0's first pair (no whole block to compare with).
+        let block_ends = [file.tensors[1].data.end, file.tensors[3].data.end, file.tensors[7].data.end, whole.len()];
+        let mut boundaries = vec![16usize];
+        boundaries.extend(file.tensors.iter().map(|t| t.data.end));
+        for cut in boundaries {
+            let result = from_ggla(&whole[..cut], "mem");
+            if block_ends.contains(&cut) {
+                assert!(result.is_ok(), "cut at block boundary {cut}");
+                continue;
+            }
+            let message = result.unwrap_err().to_string();
+            assert!(
+                message.contains("no LoRA tensor pairs")
+                    || message.contains("has no matching")
+                    || message.contains("probably truncated"),
+                "cut at {cut}: {message}"
+            );
+        }
+        let header_only = malformed_kind(from_ggla(&whole[..16], "mem").unwrap_err());
+        assert!(matches!(header_only, Malformed::NoTensors { .. }), "{header_only}");
+    }
+
+    #[test]
+    fn ggla_header_rank_must_equal_every_pair_rank() {
+        let kind = malformed_kind(from_ggla(&ggla_blocks(i32::MAX, 2, 1), "mem").unwrap_err());
+        assert_eq!(
+            kind,
+            Malformed::RankMismatch {
+                tensor: "layers.0.attention.wq.weight.loraA".into(),
+                header: i32::MAX as i64,
+                found: 2
+            }
+        );
+        assert!(kind.to_string().contains("r = 2147483647"), "{kind}");
+        assert!(from_ggla(&ggla_blocks(1, 2, 1), "mem").is_err());
+        assert!(from_ggla(&ggla_blocks(2, 2, 1), "mem").is_ok());
+    }
+
+    #[test]
+    fn adapter_without_pairs_is_refused() {
+        let kind = malformed_kind(from_tensors("t".into(), None, 1.0, &[]).unwrap_err());
+        assert!(matches!(kind, Malformed::NoTensors { .. }), "{kind}");
+        let norm = TensorInfo {
+            name: "blk.0.attn_norm.weight".into(),
+            dims: vec![4],
+            ty: GgmlType::F32,
+            offset: 0,
+            nbytes: 16,
+        };
+        let data = f32_bytes(4);
+        let kind = malformed_kind(from_tensors("t".into(), None, 1.0, &[(&norm, &data)]).unwrap_err());
+        assert!(kind.to_string().contains("1-D norm"), "{kind}");
     }
 
     #[test]

@@ -323,6 +323,24 @@ pub enum Malformed {
         /// File length.
         file_len: u64,
     },
+    /// A LoRA pair whose rank differs from the rank a ggla header states (the scale `alpha / r` uses the header's).
+    #[error(
+        "tensor {tensor:?} has rank {found}, but the header states r = {header} (the scale alpha/r would be wrong)"
+    )]
+    RankMismatch {
+        /// The tensor (the pair's `.loraA`).
+        tensor: String,
+        /// The header's rank.
+        header: i64,
+        /// The tensor's rank.
+        found: u64,
+    },
+    /// An adapter without a single LoRA pair: nothing would be applied.
+    #[error("the adapter holds no LoRA tensor pairs ({detail})")]
+    NoTensors {
+        /// What the file holds instead.
+        detail: String,
+    },
     /// Anything else, described in words.
     #[error("{0}")]
     Other(String),

@@ -166,3 +166,19 @@ fn fuzz_seeds_replay() {
         GgufHeader::parse(adapter).unwrap();
     }
 }
+
+/// Issue 13: a GGUF adapter without tensors was accepted and applied nothing; it is refused, naming the file.
+#[test]
+fn gguf_adapter_without_tensors_is_refused() {
+    let kv = |b: Bytes, key: &str, value: &str| b.str(key).u32(8).str(value);
+    let bytes = kv(kv(Bytes::header(0, 2), "general.type", "adapter"), "adapter.type", "lora");
+    let dir = std::env::temp_dir().join(format!("ggml-lora-empty-adapter-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("empty.gguf");
+    std::fs::write(&path, &bytes.0).unwrap();
+    let err = ggml_lora_core::adapter::LoraAdapter::open(&path).unwrap_err();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(matches!(err.root(), Error::Malformed { kind: Malformed::NoTensors { .. }, .. }), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("empty.gguf") && message.contains("no LoRA tensor pairs"), "{message}");
+}

@@ -1,0 +1,379 @@
+"""Issue 13, items 3 and 4: every hostile input is refused with one documented exception from the API and one
+error line (exit 1) from the CLI; nothing that should not be is accepted.
+
+Each case builds its reproducer here (small files) and asserts the whole outcome: the API raises the documented
+type (a ``ValueError`` subclass) with a message naming the problem; ``python -m ggml_lora`` prints exactly one
+line ``ggml-lora: error: ...`` (no traceback, no warnings) and exits 1; no output is written; the inputs are
+byte-identical afterwards. The CLI subprocess has a generous 60 s timeout as a liveness bound, not a speed claim.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+from test_convert_helpers import ARCH, LLAMA_GQA, make_adapter, write_safetensors
+
+import ggml_lora
+from ggml_lora import ConversionError, GGUFError
+from ggml_lora.convert import torch_pickle
+
+BASE = ARCH / "mistral" / "base-f16.gguf"
+MODEL = LLAMA_GQA / "base-q8_0.gguf"
+ONE = ["model.layers.0.mlp.up_proj"]
+A_KEY = "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"
+B_KEY = "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the outcome contract
+
+
+def _digests(paths: list[Path]) -> dict[Path, str]:
+    files = [f for p in paths for f in (sorted(p.rglob("*")) if p.is_dir() else [p]) if f.is_file()]
+    return {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    return subprocess.run([sys.executable, "-m", "ggml_lora", *args], capture_output=True, text=True, timeout=60,
+                          env=env)
+
+
+def assert_refused(api: Callable[[], Any], cli_args: list[str], exc_type: type[BaseException], match: str,
+                   inputs: list[Path], out: Path) -> None:
+    """The API raises ``exc_type`` matching ``match``; the CLI prints one error line with it and exits 1; ``out``
+    is not written; ``inputs`` are unchanged."""
+    before = _digests(inputs)
+    folder_before = sorted(out.parent.iterdir())
+    with pytest.raises(exc_type, match=match):
+        api()
+    done = _cli(*cli_args)
+    lines = done.stderr.splitlines()
+    assert done.returncode == 1, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("ggml-lora: error: "), done.stderr
+    assert "Traceback" not in done.stderr and "Warning" not in done.stderr
+    assert re.search(match, lines[0]), (match, lines[0])
+    assert not out.exists() and sorted(out.parent.iterdir()) == folder_before
+    assert _digests(inputs) == before
+
+
+def refuse_conversion(folder: Path, match: str, tmp_path: Path) -> None:
+    """Both entry points of a PEFT folder: ``convert`` (API and CLI)."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir(exist_ok=True)
+    out = out_dir / "adapter.gguf"
+    assert_refused(lambda: ggml_lora.convert(folder, out, base=BASE),
+                   ["convert", str(folder), "--base", str(BASE), "-o", str(out)],
+                   ConversionError, match, [folder, BASE], out)
+
+
+def refuse_patch(adapter: Path, match: str, tmp_path: Path, exc_type: type[BaseException] = GGUFError) -> None:
+    """``patch`` with a file adapter (API and CLI)."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir(exist_ok=True)
+    out = out_dir / "merged.gguf"
+    assert_refused(lambda: ggml_lora.patch(MODEL, adapter, out=out),
+                   ["patch", "-m", str(MODEL), "--lora", str(adapter), "-o", str(out), "-q"],
+                   exc_type, match, [adapter, MODEL], out)
+
+
+@pytest.fixture
+def peft(tmp_path: Path) -> Path:
+    folder, _, _ = make_adapter(tmp_path / "peft", modules=ONE)
+    return folder
+
+
+def set_config(folder: Path, text: str) -> None:
+    (folder / "adapter_config.json").write_text(text)
+
+
+def config_with(folder: Path, key: str, raw_value: str) -> str:
+    """The folder's config with ``key`` set to the literal JSON text ``raw_value``."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config[key] = "@@"
+    return json.dumps(config).replace('"@@"', raw_value)
+
+
+def write_header(path: Path, header_text: str, data: bytes) -> None:
+    """A safetensors file with this exact header text (padded to 8 bytes) and data section."""
+    head = header_text.encode()
+    head += b" " * ((-len(head)) % 8)
+    path.write_bytes(struct.pack("<Q", len(head)) + head + data)
+
+
+def factor_header(**changes: Any) -> tuple[dict[str, Any], bytes]:
+    """The header (as a dict) and data of a valid one-module adapter, with entries of A changed."""
+    a = np.ones((8, 128), np.float32)
+    b = np.zeros((256, 8), np.float32)
+    header: dict[str, Any] = {
+        A_KEY: {"dtype": "F32", "shape": [8, 128], "data_offsets": [0, a.nbytes]},
+        B_KEY: {"dtype": "F32", "shape": [256, 8], "data_offsets": [a.nbytes, a.nbytes + b.nbytes]},
+    }
+    header[A_KEY].update(changes)
+    return header, a.tobytes() + b.tobytes()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# item 3: every failure is one clean line
+
+
+def test_valid_control_converts(peft: Path, tmp_path: Path) -> None:
+    out = ggml_lora.convert(peft, tmp_path / "ok.gguf", base=BASE)
+    assert out.is_file()
+
+
+@pytest.mark.parametrize("depth", [100, 100_000])
+def test_deeply_nested_adapter_config(peft: Path, tmp_path: Path, depth: int) -> None:
+    set_config(peft, config_with(peft, "target_modules", "[" * depth + "]" * depth))
+    refuse_conversion(peft, "adapter_config.json is nested too deeply", tmp_path)
+
+
+@pytest.mark.parametrize("depth", [100, 100_000])
+def test_deeply_nested_safetensors_header(peft: Path, tmp_path: Path, depth: int) -> None:
+    header, data = factor_header()
+    text = json.dumps({"__metadata__": {"x": "@@"}, **header}).replace('"@@"', "[" * depth + "]" * depth)
+    write_header(peft / "adapter_model.safetensors", text, data)
+    refuse_conversion(peft, "safetensors header is nested too deeply", tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [["F32"], {"F32": 1}, 32])
+def test_dtype_of_the_wrong_json_type(peft: Path, tmp_path: Path, dtype: Any) -> None:
+    header, data = factor_header(dtype=dtype)
+    write_header(peft / "adapter_model.safetensors", json.dumps(header), data)
+    refuse_conversion(peft, r"lora_A\.weight' has dtype", tmp_path)
+
+
+def test_lora_alpha_beyond_float_range(peft: Path, tmp_path: Path) -> None:
+    set_config(peft, config_with(peft, "lora_alpha", "1" + "0" * 400))
+    refuse_conversion(peft, "lora_alpha must be a finite number, got <an integer of about 401 digits>", tmp_path)
+
+
+def test_five_thousand_digit_integer_in_config(peft: Path, tmp_path: Path) -> None:
+    set_config(peft, config_with(peft, "r", "7" * 5000))
+    refuse_conversion(peft, "adapter_config.json: an integer literal of 5000 digits", tmp_path)
+
+
+def test_five_thousand_digit_integer_in_shape(peft: Path, tmp_path: Path) -> None:
+    header, data = factor_header()
+    text = json.dumps(header).replace("[8, 128]", "[8, " + "9" * 5000 + "]", 1)
+    write_header(peft / "adapter_model.safetensors", text, data)
+    refuse_conversion(peft, "safetensors header: an integer literal of 5000 digits", tmp_path)
+
+
+@pytest.mark.parametrize("shape", [[2**40, 2**40], [0, 2**62], [0] + [2**31] * 7])
+def test_shape_whose_product_overflows(peft: Path, tmp_path: Path, shape: list[int]) -> None:
+    header, data = factor_header(shape=shape)
+    write_header(peft / "adapter_model.safetensors", json.dumps(header), data)
+    refuse_conversion(peft, r"lora_A\.weight': shape \[", tmp_path)
+
+
+def test_hundred_dimension_shape(peft: Path, tmp_path: Path) -> None:
+    header, data = factor_header(shape=[1] * 100)
+    write_header(peft / "adapter_model.safetensors", json.dumps(header), data)
+    refuse_conversion(peft, "is not a list of at most 8 non-negative integers", tmp_path)
+
+
+def test_huge_f64_values_give_one_line_and_no_warning(peft: Path, tmp_path: Path) -> None:
+    a = np.full((8, 128), 1e300)
+    b = np.zeros((256, 8))
+    header = {A_KEY: {"dtype": "F64", "shape": [8, 128], "data_offsets": [0, a.nbytes]},
+              B_KEY: {"dtype": "F64", "shape": [256, 8], "data_offsets": [a.nbytes, a.nbytes + b.nbytes]}}
+    write_header(peft / "adapter_model.safetensors", json.dumps(header), a.tobytes() + b.tobytes())
+    with np.errstate(all="raise"):  # any numpy warning in the reader would be an error here
+        with pytest.raises(ConversionError, match="NaN or infinite"):
+            ggml_lora.peft_to_lora(peft, BASE)
+    refuse_conversion(peft, r"lora_A\.weight': contains NaN or infinite", tmp_path)
+
+
+def test_nested_tuple_pickle_key(tmp_path: Path) -> None:
+    # A state dict keyed by a 10^5-deep one-element tuple: its repr raised RecursionError (a traceback).
+    folder, _, _ = make_adapter(tmp_path / "peft", modules=ONE)
+    (folder / "adapter_model.safetensors").unlink()
+    payload = b"\x80\x02}" + b"N" + b"\x85" * 100_000 + b"K\x01s."  # {((...(None,)...),): 1}
+    with zipfile.ZipFile(folder / "adapter_model.bin", "w") as zf:
+        zf.writestr("archive/data.pkl", payload)
+        zf.writestr("archive/version", "3\n")
+    refuse_conversion(folder, "state dict key of type tuple is not a string", tmp_path)
+
+
+@pytest.mark.parametrize("error", [MemoryError, RecursionError, zipfile.BadZipFile("Bad CRC-32")])
+def test_torch_reader_limits_become_conversion_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      error: Any) -> None:
+    path = tmp_path / "adapter_model.bin"
+    path.write_bytes(b"x")
+
+    def fail(_: Path) -> None:
+        raise error
+
+    monkeypatch.setattr(torch_pickle, "_load_torch_bin", fail)
+    with pytest.raises(ConversionError, match=str(path)):
+        torch_pickle.load_torch_bin(path)
+
+
+def test_cli_internal_error_is_one_line_and_debug_shows_traceback(tmp_path: Path) -> None:
+    # An exception outside the documented ones is a bug: one line, exit 3; --debug prints the traceback.
+    code = ("import sys, ggml_lora.cli as c\n"
+            "def boom(args): raise TypeError('unexpected')\n"
+            "c._cmd_info = boom\n"
+            "sys.exit(c.main(sys.argv[1:]))\n")
+    for extra, traceback in (([], False), (["--debug"], True)):
+        done = subprocess.run([sys.executable, "-c", code, *extra, "info", "x.gguf"], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 3, done.stderr
+        assert done.stderr.splitlines()[-1].startswith("ggml-lora: internal error (a bug in ggml-lora; run with "
+                                                       "--debug"), done.stderr
+        assert ("Traceback" in done.stderr) == traceback
+        assert traceback or len(done.stderr.splitlines()) == 1
+
+
+def test_cli_debug_flag_adds_the_traceback_to_a_user_error(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.gguf"
+    plain = _cli("info", str(missing))
+    assert plain.returncode == 1 and len(plain.stderr.splitlines()) == 1 and "Traceback" not in plain.stderr
+    for args in (["--debug", "info", str(missing)], ["info", str(missing), "--debug"]):
+        debug = _cli(*args)
+        assert debug.returncode == 1 and "Traceback" in debug.stderr, debug.stderr
+        assert debug.stderr.splitlines()[-1] == plain.stderr.strip()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# item 4: nothing accepted that should not be - safetensors
+
+
+def test_duplicate_tensor_names(peft: Path, tmp_path: Path) -> None:
+    header, data = factor_header()
+    entry = json.dumps(header[A_KEY])
+    text = json.dumps(header)[:-1] + f", {json.dumps(A_KEY)}: {entry}}}"
+    write_header(peft / "adapter_model.safetensors", text, data)
+    refuse_conversion(peft, r"safetensors header: key 'base_model.*lora_A\.weight' appears twice", tmp_path)
+
+
+def test_overlapping_data_ranges(peft: Path, tmp_path: Path) -> None:
+    a = np.ones((8, 128), np.float32)
+    b = np.zeros((256, 8), np.float32)
+    # B starts inside A: both fit the file and their own shapes, but share bytes.
+    header = {A_KEY: {"dtype": "F32", "shape": [8, 128], "data_offsets": [0, a.nbytes]},
+              B_KEY: {"dtype": "F32", "shape": [256, 8], "data_offsets": [a.nbytes - 4, a.nbytes - 4 + b.nbytes]}}
+    write_header(peft / "adapter_model.safetensors", json.dumps(header), a.tobytes() + b.tobytes()[:-4])
+    refuse_conversion(peft, r"lora_B\.weight': data_offsets \[4092, 12284\] overlaps tensor", tmp_path)
+
+
+def test_gap_between_data_ranges(peft: Path, tmp_path: Path) -> None:
+    header, data = factor_header()
+    header[B_KEY]["data_offsets"] = [o + 8 for o in header[B_KEY]["data_offsets"]]
+    write_header(peft / "adapter_model.safetensors", json.dumps(header), data[:4096] + bytes(8) + data[4096:])
+    refuse_conversion(peft, r"lora_B\.weight': data_offsets \[4104, 12296\] leaves a gap after tensor", tmp_path)
+
+
+def test_data_ranges_listed_out_of_order_are_fine_when_they_tile(peft: Path, tmp_path: Path) -> None:
+    # The header's key order carries no meaning (the safetensors crate sorts by offset): a valid control.
+    header, data = factor_header()
+    write_header(peft / "adapter_model.safetensors", json.dumps(dict(reversed(list(header.items())))), data)
+    assert ggml_lora.peft_to_lora(peft, BASE).tensors
+
+
+def test_data_not_starting_at_zero(peft: Path, tmp_path: Path) -> None:
+    header, data = factor_header()
+    for entry in header.values():
+        entry["data_offsets"] = [o + 4 for o in entry["data_offsets"]]
+    write_header(peft / "adapter_model.safetensors", json.dumps(header), bytes(4) + data)
+    refuse_conversion(peft, r"leaves a gap after the start of the data", tmp_path)
+
+
+def test_bytes_no_tensor_accounts_for(peft: Path, tmp_path: Path) -> None:
+    header, data = factor_header()
+    write_header(peft / "adapter_model.safetensors", json.dumps(header), data + bytes(16))
+    refuse_conversion(peft, r"bytes of data \(truncated, or bytes no tensor accounts for\)", tmp_path)
+
+
+def test_peft_adapter_without_tensors(peft: Path, tmp_path: Path) -> None:
+    write_header(peft / "adapter_model.safetensors", json.dumps({"__metadata__": {"format": "pt"}}), b"")
+    refuse_conversion(peft, r"adapter_model\.safetensors: the adapter holds no LoRA tensors", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# item 4: ggla and GGUF adapters
+
+
+def ggla_bytes(rank: int, tensors: list[tuple[str, list[int]]], alpha: int = 16) -> bytes:
+    """A ggla file as convert-lora-to-ggml.py wrote it (f32 tensors of 0.01)."""
+    out = bytearray(b"algg" + struct.pack("<iii", 1, rank, alpha))
+    for name, dims in tensors:
+        out += struct.pack("<iii", len(dims), len(name), 0) + struct.pack(f"<{len(dims)}i", *dims) + name.encode()
+        out += bytes((-len(out)) % 32)
+        out += np.full(int(np.prod(dims)), 0.01, np.float32).tobytes()
+    return bytes(out)
+
+
+def llama_ggla(rank: int = 2, header_rank: int | None = None, blocks: int = 2) -> list[tuple[str, list[int]]]:
+    """The q and v pairs of ``blocks`` blocks of the llama-gqa fixture (dims in ggml order)."""
+    import ggml_lora as g
+
+    with g.open(MODEL) as f:
+        shapes = {name: f.tensors[name].shape for name in f.tensors}
+    tensors = []
+    for block in range(blocks):
+        for part, gguf_part in (("wq", "attn_q"), ("wv", "attn_v")):
+            n_out, n_in = shapes[f"blk.{block}.{gguf_part}.weight"]
+            tensors.append((f"layers.{block}.attention.{part}.weight.loraA", [rank, n_in]))
+            tensors.append((f"layers.{block}.attention.{part}.weight.loraB", [rank, n_out]))
+    return tensors
+
+
+def test_ggla_valid_control_patches(tmp_path: Path) -> None:
+    adapter = tmp_path / "ok.ggla"
+    adapter.write_bytes(ggla_bytes(2, llama_ggla()))
+    result = ggml_lora.patch(MODEL, adapter, out=tmp_path / "ok.gguf")
+    assert len(result.tensors) == 4
+
+
+def test_ggla_header_alone(tmp_path: Path) -> None:
+    adapter = tmp_path / "a.ggla"
+    adapter.write_bytes(ggla_bytes(2, []))
+    refuse_patch(adapter, r"a\.ggla: .*no LoRA tensor pairs \(the file ends after its 16-byte header", tmp_path)
+
+
+def test_ggla_cut_between_the_halves_of_a_pair(tmp_path: Path) -> None:
+    adapter = tmp_path / "a.ggla"
+    adapter.write_bytes(ggla_bytes(2, llama_ggla()[:3]))
+    refuse_patch(adapter, r"a\.ggla: .*blk\.0\.attn_v\.weight\.loraA has no matching blk\.0\.attn_v\.weight\.loraB",
+                 tmp_path)
+
+
+def test_ggla_cut_between_two_pairs_of_a_block(tmp_path: Path) -> None:
+    adapter = tmp_path / "a.ggla"
+    adapter.write_bytes(ggla_bytes(2, llama_ggla()[:6]))
+    refuse_patch(adapter, r"a\.ggla: .*block 1 has no LoRA pair for blk\.1\.attn_v\.weight .*probably truncated",
+                 tmp_path)
+
+
+def test_ggla_header_rank_differs_from_the_pairs(tmp_path: Path) -> None:
+    adapter = tmp_path / "a.ggla"
+    adapter.write_bytes(ggla_bytes(2**31 - 1, llama_ggla(rank=8)))
+    refuse_patch(adapter, r"a\.ggla: .*tensor \"layers\.0\.attention\.wq\.weight\.loraA\" has rank 8, but the "
+                 r"header states r = 2147483647", tmp_path)
+
+
+def test_gguf_adapter_without_tensors(tmp_path: Path) -> None:
+    adapter = tmp_path / "empty.gguf"
+    ggml_lora.write(adapter, {"general.architecture": "llama", "general.type": "adapter", "adapter.type": "lora",
+                              "adapter.lora.alpha": 16.0}, {})
+    refuse_patch(adapter, r"empty\.gguf: .*no LoRA tensor pairs \(it has no tensors at all\)", tmp_path)
+
+
+def test_ggla_reader_keeps_a_tiny_file_tiny(tmp_path: Path) -> None:
+    # read to its exact end: a few stray bytes after the last tensor are a truncated tensor header
+    adapter = tmp_path / "a.ggla"
+    adapter.write_bytes(ggla_bytes(2, llama_ggla()) + b"\x01\x00")
+    refuse_patch(adapter, r"a\.ggla: .*file ends inside tensor dimension count", tmp_path)
