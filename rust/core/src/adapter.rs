@@ -112,7 +112,8 @@ impl LoraAdapter {
         let mut magic = [0u8; 4];
         {
             use std::io::Read;
-            let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            // A FIFO or device is refused here, without blocking (see `paths`).
+            let mut f = crate::paths::open_input(path)?;
             let n = f.read(&mut magic).map_err(|e| Error::io(path, e))?;
             if n < 4 {
                 return Err(Error::Malformed {
