@@ -146,13 +146,19 @@ mod tests {
     use crate::quant::test_util::{hex, lcg_block_values};
     use crate::quant::LaneWork;
 
+    /// The portable kernel's bytes for one block, checked equal to the AVX2 kernel's (called directly, never the
+    /// dispatcher, whose fallback is the portable code itself) on x86-64; fails there without AVX2.
     fn quant(x: &[f32; 32]) -> Vec<u8> {
-        let mut out = vec![0u8; BYTES];
-        assert!(BlockQ5_0::quantize_blocks(x, &mut out));
         let mut scalar = vec![0u8; BYTES];
         assert!(quantize_each_block::<BlockQ5_0>(x, &mut scalar));
-        assert_eq!(hex(&out), hex(&scalar), "dispatched kernel vs scalar on {x:?}");
-        out
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut simd = vec![0u8; BYTES];
+            let ok = crate::quant::x86::q5_0_quantize(x, &mut simd, BlockQ5_0::quantize_block);
+            assert_eq!(ok, Some(true), "{}", crate::quant::test_util::NO_SIMD);
+            assert_eq!(hex(&simd), hex(&scalar), "AVX2 kernel vs portable on {x:?}");
+        }
+        scalar
     }
 
     /// Expected bytes worked out by hand from the C formula (see the comments), not from this code.
