@@ -334,13 +334,16 @@ pub(super) fn make_qkx_quants_lanes<const LANES: usize, const N: usize>(
         iscale[k] = nmax / range[k];
         scale[k] = 1.0 / iscale[k];
     }
-    let mut l = [[0i32; LANES]; N];
+    // The kept codes are not copied at each improvement (a per-lane conditional copy of 32 codes costs more
+    // than the search on some CPUs): each lane remembers the inverse scale and min that made them, and the
+    // codes are recomputed once at the end with the very same operations.
+    let mut code_iscale = iscale;
+    let mut code_min = min;
     let mut best = [0f32; LANES];
     for i in 0..N {
         for k in 0..LANES {
             let x = xt[i][k];
             let q = nearest_int(iscale[k] * (x - min[k])).min(p.nmax).max(0);
-            l[i][k] = q;
             best[k] += wt[i][k] * error_term(scale[k] * q as f32 + min[k] - x, p.use_mad);
         }
     }
@@ -391,12 +394,9 @@ pub(super) fn make_qkx_quants_lanes<const LANES: usize, const N: usize>(
                 for k in 0..LANES {
                     best[k] = if take[k] { cur[k] } else { best[k] };
                     scale[k] = if take[k] { this_scale[k] } else { scale[k] };
+                    code_iscale[k] = if take[k] { iscale[k] } else { code_iscale[k] };
+                    code_min[k] = if take[k] { min[k] } else { code_min[k] };
                     min[k] = if take[k] { this_min[k] } else { min[k] };
-                }
-                for i in 0..N {
-                    for k in 0..LANES {
-                        l[i][k] = if take[k] { laux[i][k] } else { l[i][k] };
-                    }
                 }
             }
         }
@@ -406,9 +406,11 @@ pub(super) fn make_qkx_quants_lanes<const LANES: usize, const N: usize>(
         scale[k] = if flat[k] { 0.0 } else { scale[k] };
         the_min[k] = -min[k];
     }
-    for row in l.iter_mut() {
+    let mut l = [[0i32; LANES]; N];
+    for (row, xs) in l.iter_mut().zip(xt) {
         for k in 0..LANES {
-            row[k] = if flat[k] { 0 } else { row[k] };
+            let q = nearest_int(code_iscale[k] * (xs[k] - code_min[k])).min(p.nmax).max(0);
+            row[k] = if flat[k] { 0 } else { q };
         }
     }
     LaneFits { scale, the_min, l }
