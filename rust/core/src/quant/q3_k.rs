@@ -27,8 +27,8 @@
 
 use super::float::{f16_bits_to_f32, f32_to_f16_bits};
 use super::search_symmetric::{
-    groups_to_lanes, lanes_to_groups, make_q3_quants, make_q3_quants_blocks, make_qx_quants, make_qx_quants_x8,
-    nearest, recode_groups16, signed_max,
+    groups_to_lanes, make_q3_quants, make_q3_quants_blocks, make_qx_quants, make_qx_quants_x8, nearest,
+    recode_groups16, signed_max,
 };
 use super::{all_finite, dequantize_each_block, run_lanes, BlockFormat, LaneWork, Quantize};
 use crate::GgmlType;
@@ -107,7 +107,7 @@ impl BlockQ3K {
                 (ls, f32_to_f16_bits(d))
             }
         };
-        finish(x, &ls, d, &mut codes)
+        finish(x, &ls, d, |g, i| codes[16 * g + i])
     }
 
     /// One block of ggml's `dequantize_row_q3_K`.
@@ -146,9 +146,10 @@ fn scale_codes(scales: &[f32; 16]) -> ([u8; 16], u16) {
 }
 
 /// The common end of both quantizers: packs the 6-bit scales `ls`, re-codes every group whose `d16 * (ls - 32)`
-/// is non-zero, packs the codes.
+/// is non-zero, takes the search's codes (`search_code(group, i)`) for the others, packs the codes. Only those
+/// few groups are read (the search may have left its codes in lanes; the others' search codes are discarded).
 #[inline(always)]
-fn finish(x: &[f32], ls: &[u8; 16], d: u16, codes: &mut [u8; QK_K]) -> BlockQ3K {
+fn finish(x: &[f32], ls: &[u8; 16], d: u16, search_code: impl Fn(usize, usize) -> u8) -> BlockQ3K {
     let mut out = BlockQ3K { hmask: [0; 32], qs: [0; 64], scales: [0; 12], d };
     for (j, &l) in ls.iter().enumerate() {
         if j < 8 {
@@ -159,7 +160,16 @@ fn finish(x: &[f32], ls: &[u8; 16], d: u16, codes: &mut [u8; QK_K]) -> BlockQ3K 
         out.scales[j % 4 + 8] |= (l >> 4) << (2 * (j / 4));
     }
     let d = f16_bits_to_f32(d);
-    recode_groups16(x, &ls.map(|l| d * (l as i32 - 32) as f32), 4, codes);
+    let group_d = ls.map(|l| d * (l as i32 - 32) as f32);
+    let mut codes = [0u8; QK_K];
+    for (g, (group, &dg)) in codes.chunks_exact_mut(16).zip(&group_d).enumerate() {
+        if dg == 0.0 {
+            for (i, c) in group.iter_mut().enumerate() {
+                *c = search_code(g, i);
+            }
+        }
+    }
+    recode_groups16(x, &group_d, 4, &mut codes);
     // Value e = 32r + m: bit r of hmask[m] (rows of 32 values, so the loop over m vectorizes).
     for (r, row) in codes.chunks_exact(32).enumerate() {
         for (h, &c) in out.hmask.iter_mut().zip(row) {
@@ -227,10 +237,8 @@ fn quantize_ref_blocks<const S: usize>(x: &[f32], y: &mut [u8]) {
     let mut ct = [[[[0u8; 8]; 16]; 2]; S];
     let scales = make_q3_quants_blocks(4, &xt, &mut ct);
     for (b, (x, y)) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(BYTES)).enumerate() {
-        let mut codes = [0u8; QK_K];
-        lanes_to_groups(&ct[b], &mut codes);
         let (ls, d) = scale_codes(&scales[b]);
-        finish(x, &ls, d, &mut codes).write(y);
+        finish(x, &ls, d, |g, i| ct[b][g / 8][i][g % 8]).write(y);
     }
 }
 
@@ -253,7 +261,7 @@ impl LaneWork for WeightedLanes<'_> {
             // scales[i][b] and sw[i][b]: group i of super-block b (the lanes of the scale search).
             let mut scales = [[0.0f32; 8]; 16];
             let mut sw = [[0.0f32; 8]; 16];
-            let mut codes = [[0u8; QK_K]; 8];
+            let mut codes = [[[[0u8; 8]; 16]; 2]; 8];
             for (b, (x, qw)) in xs.chunks_exact(QK_K).zip(qws.chunks_exact(QK_K)).enumerate() {
                 let sigma2 = block_sigma2(x);
                 let mut w = [0.0f32; QK_K];
@@ -264,20 +272,18 @@ impl LaneWork for WeightedLanes<'_> {
                     sw[g][b] = wg.iter().fold(0.0f32, |a, &v| a + v);
                 }
                 let (xt, wt) = (groups_to_lanes(x), groups_to_lanes(&w));
-                let mut ct = [[[0u8; 8]; 16]; 2];
                 for h in 0..2 {
-                    let s = make_qx_quants_x8(4, &xt[h], &wt[h], &mut ct[h]);
+                    let s = make_qx_quants_x8(4, &xt[h], &wt[h], &mut codes[b][h]);
                     for (k, &s) in s.iter().enumerate() {
                         scales[8 * h + k][b] = s;
                     }
                 }
-                lanes_to_groups(&ct, &mut codes[b]);
             }
             let mut ls = [[0u8; 8]; 16];
             let d = make_qx_quants_x8(32, &scales, &sw, &mut ls);
             for (b, (x, y)) in xs.chunks_exact(QK_K).zip(ys.chunks_exact_mut(BYTES)).enumerate() {
                 let lsb: [u8; 16] = std::array::from_fn(|g| ls[g][b]);
-                finish(x, &lsb, f32_to_f16_bits(d[b]), &mut codes[b]).write(y);
+                finish(x, &lsb, f32_to_f16_bits(d[b]), |g, i| codes[b][g / 8][i][g % 8]).write(y);
             }
         }
     }

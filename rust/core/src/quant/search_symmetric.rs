@@ -382,12 +382,22 @@ pub(super) fn make_q3_quants_lanes<const N: usize, const K: usize>(
 #[inline(always)]
 pub(super) fn groups_to_lanes(x: &[f32]) -> [[[f32; 8]; 16]; 2] {
     let mut out = [[[0.0f32; 8]; 16]; 2];
+    #[cfg(target_arch = "x86_64")]
+    if super::x86::groups16_to_lanes(x, out.as_flattened_mut().as_flattened_mut()) {
+        return out;
+    }
+    groups_to_lanes_portable(x, &mut out);
+    out
+}
+
+/// The portable [`groups_to_lanes`].
+#[inline(always)]
+fn groups_to_lanes_portable(x: &[f32], out: &mut [[[f32; 8]; 16]; 2]) {
     for (g, values) in x.chunks_exact(16).enumerate() {
         for (i, &v) in values.iter().enumerate() {
             out[g / 8][i][g % 8] = v;
         }
     }
-    out
 }
 
 /// The inverse of [`groups_to_lanes`] for codes: `out[16g + i]` is `lanes[g / 8][i][g % 8]`.
@@ -770,6 +780,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_groups_to_lanes_is_the_index_map() {
+        assert!(is_x86_feature_detected!("avx2"), "{}", crate::quant::test_util::NO_SIMD);
+        // Distinct values: every element's destination is checked against the index map itself.
+        let x: Vec<f32> = (0..256).map(|i| i as f32 * 0.5 - 7.0).collect();
+        let mut out = [0.0f32; 256];
+        assert!(crate::quant::x86::groups16_to_lanes(&x, &mut out));
+        for g in 0..16 {
+            for i in 0..16 {
+                assert_eq!(out[128 * (g / 8) + 8 * i + g % 8], x[16 * g + i], "group {g} value {i}");
+            }
+        }
+        let mut portable = [[[0.0f32; 8]; 16]; 2];
+        groups_to_lanes_portable(&x, &mut portable);
+        assert_eq!(portable.as_flattened().as_flattened(), &out[..]);
     }
 
     #[test]

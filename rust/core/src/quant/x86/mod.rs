@@ -110,20 +110,16 @@ pub(in crate::quant) fn make_q3_quants_sets(nmax: i32, x: &[f32], codes: &mut [u
     }
     let sets = scales.len() / 8;
     assert!(
-        matches!(sets, 2 | 4)
-            && scales.len() == 8 * sets
-            && x.len().is_multiple_of(8 * sets)
-            && x.len() <= 8 * sets * MAX_ROWS
-            && codes.len() == x.len(),
+        matches!(sets, 2 | 4) && scales.len() == 8 * sets && x.len() == 8 * sets * Q3_ROWS && codes.len() == x.len(),
         "make_q3_quants_sets: buffer sizes"
     );
     assert!((1..=64).contains(&nmax), "make_q3_quants_sets: nmax");
     // SAFETY: AVX2 is available (checked above); the kernel only reads and writes within the checked slices.
     let out = unsafe {
         if sets == 2 {
-            make_q3_quants_avx2::<2>(nmax, x, codes, scales)
+            make_q3_quants_avx2::<2, Q3_ROWS>(nmax, x, codes, scales)
         } else {
-            make_q3_quants_avx2::<4>(nmax, x, codes, scales)
+            make_q3_quants_avx2::<4, Q3_ROWS>(nmax, x, codes, scales)
         }
     };
     out.then_some(())
@@ -142,6 +138,70 @@ pub(in crate::quant) fn recode_groups16(x: &[f32], d: &[f32], nmax: i32, codes: 
     // SAFETY: AVX2 is available (checked above); the kernel only touches memory through in-bounds slice chunks.
     unsafe { recode_groups16_avx2(x, d, nmax, codes) };
     true
+}
+
+/// A k-quant super-block's 16 groups of 16 values (`x`, 256 values) in the lane layout of q3_K/q6_K's searches:
+/// `out[128h + 8i + k] = x[16(8h + k) + i]`, four 8 x 8 transposes in registers (the scalar scatter cost as much
+/// as a search pass). False without AVX2.
+pub(in crate::quant) fn groups16_to_lanes(x: &[f32], out: &mut [f32]) -> bool {
+    if !has_avx2() {
+        return false;
+    }
+    assert!(x.len() == 256 && out.len() == 256, "groups16_to_lanes: buffer sizes");
+    // SAFETY: AVX2 is available (checked above); loads and stores go through in-bounds slices of 8 values.
+    unsafe { groups16_to_lanes_avx2(x, out) };
+    true
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn groups16_to_lanes_avx2(x: &[f32], out: &mut [f32]) {
+    for h in 0..2 {
+        for half in 0..2 {
+            // Row k: values 8*half..8*half + 8 of group 8h + k.
+            let r: [__m256; 8] =
+                std::array::from_fn(|k| _mm256_loadu_ps(x[16 * (8 * h + k) + 8 * half..][..8].as_ptr()));
+            let t = transpose_8x8(r);
+            for (j, row) in t.iter().enumerate() {
+                _mm256_storeu_ps(out[128 * h + 8 * (8 * half + j)..][..8].as_mut_ptr(), *row);
+            }
+        }
+    }
+}
+
+/// The transpose of an 8 x 8 matrix of f32 held as 8 rows: output row `j` holds element `j` of every input row.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn transpose_8x8(r: [__m256; 8]) -> [__m256; 8] {
+    let t = [
+        _mm256_unpacklo_ps(r[0], r[1]),
+        _mm256_unpackhi_ps(r[0], r[1]),
+        _mm256_unpacklo_ps(r[2], r[3]),
+        _mm256_unpackhi_ps(r[2], r[3]),
+        _mm256_unpacklo_ps(r[4], r[5]),
+        _mm256_unpackhi_ps(r[4], r[5]),
+        _mm256_unpacklo_ps(r[6], r[7]),
+        _mm256_unpackhi_ps(r[6], r[7]),
+    ];
+    let s = [
+        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+        _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+        _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+        _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+        _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+    ];
+    [
+        _mm256_permute2f128_ps::<0x20>(s[0], s[4]),
+        _mm256_permute2f128_ps::<0x20>(s[1], s[5]),
+        _mm256_permute2f128_ps::<0x20>(s[2], s[6]),
+        _mm256_permute2f128_ps::<0x20>(s[3], s[7]),
+        _mm256_permute2f128_ps::<0x31>(s[0], s[4]),
+        _mm256_permute2f128_ps::<0x31>(s[1], s[5]),
+        _mm256_permute2f128_ps::<0x31>(s[2], s[6]),
+        _mm256_permute2f128_ps::<0x31>(s[3], s[7]),
+    ]
 }
 
 /// q3_K dequantize of whole blocks with AVX2; false without AVX2. Same values as `dequantize_row_q3_K`:
@@ -517,19 +577,28 @@ fn nearest_int_trick(v: __m256) -> __m256i {
     _mm256_sub_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x007F_FFFF)), _mm256_set1_epi32(0x0040_0000))
 }
 
+/// Values per group of [`make_q3_quants_sets`] (q3_K's groups of 16). A compile-time row count keeps the
+/// per-row state arrays exactly as large as needed: zeroing `MAX_ROWS`-sized ones cost more than a search pass.
+const Q3_ROWS: usize = 16;
+
 #[target_feature(enable = "avx2")]
-unsafe fn make_q3_quants_avx2<const G: usize>(nmax: i32, x: &[f32], codes: &mut [u8], scales: &mut [f32]) -> bool {
-    let n = x.len() / (8 * G);
+unsafe fn make_q3_quants_avx2<const G: usize, const N: usize>(
+    nmax: i32,
+    x: &[f32],
+    codes: &mut [u8],
+    scales: &mut [f32],
+) -> bool {
+    let n = N;
     let sign = _mm256_set1_ps(-0.0);
     let zero = _mm256_setzero_ps();
     let (lo, hi) = (_mm256_set1_ps(-nmax as f32), _mm256_set1_ps((nmax - 1) as f32));
     let (lo_i, hi_i) = (_mm256_set1_epi32(-nmax), _mm256_set1_epi32(nmax - 1));
     // Per set and row: x, w = x*x, w*x; the codes l (as floats); the first value of largest magnitude.
-    let mut rows = [[[zero; 3]; G]; MAX_ROWS];
-    let mut l = [[zero; G]; MAX_ROWS];
+    let mut rows = [[[zero; 3]; G]; N];
+    let mut l = [[zero; G]; N];
     // C's products w*x*L and w*L*L of each value's current code, kept up to date with the codes.
-    let mut lx = [[zero; G]; MAX_ROWS];
-    let mut l2 = [[zero; G]; MAX_ROWS];
+    let mut lx = [[zero; G]; N];
+    let mut l2 = [[zero; G]; N];
     let (mut amax, mut max) = ([zero; G], [zero; G]);
     let mut finite = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
     for (i, row) in rows.iter_mut().enumerate().take(n) {
