@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -99,7 +100,7 @@ def dequantize(
     raw = raw.reshape(-1)
     row_len = shape[-1]
     _check_row_length(row_len, info.name, info.block_size)
-    n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    n_rows = math.prod(shape[:-1])
     expected = n_rows * (row_len // info.block_size) * info.type_size
     if raw.size != expected:
         raise ValueError(f"{info.name} data of shape {shape} takes {expected} bytes, got {raw.size}")

@@ -285,6 +285,10 @@ pub fn takes_imatrix(ty: GgmlType) -> bool {
 /// fraction of a percent while two threads still get hundreds of tasks on a 4096x4096 tensor.
 const PAR_CHUNK_ELEMS: usize = 32 * 1024;
 
+/// Outputs smaller than this (2 MiB of f32) are dequantized on the calling thread: dequantizing runs at memory
+/// speed (about 100 us here), and waking the pool's threads costs tens of microseconds, more than they save.
+const DEQUANTIZE_PAR_MIN_ELEMS: usize = 512 * 1024;
+
 /// Checks `row_len` and returns the bytes of one row.
 fn row_bytes(k: &Kernels, row_len: usize) -> Result<usize> {
     if row_len == 0 || !row_len.is_multiple_of(k.block_size) {
@@ -446,7 +450,7 @@ pub fn dequantize_rows(ty: GgmlType, src: &[u8], row_len: usize, dst: &mut [f32]
 pub fn dequantize_rows_par(ty: GgmlType, src: &[u8], row_len: usize, dst: &mut [f32]) -> Result<()> {
     let k = check_dequantize(ty, src, row_len, dst)?;
     let blocks = (PAR_CHUNK_ELEMS / k.block_size).max(1);
-    if dst.len() <= blocks * k.block_size {
+    if dst.len() < DEQUANTIZE_PAR_MIN_ELEMS || dst.len() <= blocks * k.block_size {
         (k.dequantize)(src, dst);
     } else {
         src.par_chunks(blocks * k.block_bytes)
@@ -730,13 +734,16 @@ mod tests {
             quantize_rows(ty, src, row_len, &mut a, None).unwrap();
             pool.install(|| quantize_rows_par(ty, src, row_len, &mut b, None)).unwrap();
             assert!(a == b, "{ty}");
-            let mut fa = vec![0f32; n];
-            let mut fb = vec![1f32; n];
+            // Dequantizing splits only above DEQUANTIZE_PAR_MIN_ELEMS: the rows repeated past it.
+            let copies = DEQUANTIZE_PAR_MIN_ELEMS / n + 2;
+            let a = a.repeat(copies);
+            let mut fa = vec![0f32; n * copies];
+            let mut fb = vec![1f32; n * copies];
             dequantize_rows(ty, &a, row_len, &mut fa).unwrap();
             pool.install(|| dequantize_rows_par(ty, &a, row_len, &mut fb)).unwrap();
             assert!(fa.iter().zip(&fb).all(|(x, y)| x.to_bits() == y.to_bits()), "{ty}");
             if ty == GgmlType::F32 {
-                assert!(fa.iter().zip(src).all(|(x, y)| x.to_bits() == y.to_bits()));
+                assert!(fa.iter().zip(src.repeat(copies)).all(|(x, y)| x.to_bits() == y.to_bits()));
             }
         }
     }
