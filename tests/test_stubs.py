@@ -33,3 +33,17 @@ def test_package_type_checks_against_the_stubs(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert proc.returncode == 0, f"mypy found errors:\n{proc.stdout}\n{proc.stderr}"
+
+
+def test_extension_uses_the_stable_abi() -> None:
+    """One wheel serves every CPython >= 3.9: the extension is built for the stable ABI (PEP 384), which the
+    import system marks with the ``.abi3`` suffix (oracle: the file name the interpreter loaded)."""
+    import importlib.machinery
+
+    import ggml_lora._native as native
+
+    assert native.__file__ is not None
+    name = Path(native.__file__).name
+    abi3_suffixes = [s for s in importlib.machinery.EXTENSION_SUFFIXES if "abi3" in s]
+    assert abi3_suffixes, f"this interpreter lists no abi3 extension suffix: {importlib.machinery.EXTENSION_SUFFIXES}"
+    assert any(name.endswith(s) for s in abi3_suffixes), f"{name} is not an abi3 module ({abi3_suffixes})"
