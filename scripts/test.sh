@@ -11,5 +11,7 @@ cargo test --quiet
 # rounding) take minutes in a debug build and about 15 s each in release, so they run here in release.
 cargo test --release --quiet -p ggml-lora-core --lib -- --ignored exhaustively
 python -m pytest -q
+# The repository alone (no ../shared beside it) must run green too, with only the fixture tests skipped.
+python scripts/standalone_check.py
 python scripts/mutations.py
 bash scripts/fuzz-smoke.sh

@@ -44,6 +44,7 @@ def _shape_pattern(shape: tuple[int, ...]) -> str:
 
 @pytest.mark.parametrize("module", [False, True], ids=["console-script", "python-m"])
 @pytest.mark.parametrize("path", [BASE, MIXED], ids=lambda p: p.name)
+@pytest.mark.fixtures
 def test_info_shows_version_metadata_and_tensor_table(path: Path, module: bool) -> None:
     proc = run("info", str(path), module=module)
     assert proc.returncode == 0, proc.stderr
@@ -66,12 +67,14 @@ def test_info_shows_version_metadata_and_tensor_table(path: Path, module: bool) 
     assert proc.stderr == ""
 
 
+@pytest.mark.fixtures
 def test_info_is_the_same_from_both_entry_points() -> None:
     a, b = run("info", str(MIXED)), run("info", str(MIXED), module=True)
     assert a.returncode == b.returncode == 0
     assert a.stdout == b.stdout
 
 
+@pytest.mark.fixtures
 def test_long_arrays_are_summarised() -> None:
     proc = run("info", str(BASE))
     assert proc.returncode == 0, proc.stderr
@@ -99,6 +102,7 @@ def test_missing_file_is_one_line_without_traceback(tmp_path: Path) -> None:
     assert "missing.gguf" in err[0] and re.search(r"no such file|not found", err[0], re.I)
 
 
+@pytest.mark.fixtures
 def test_malformed_file_names_the_byte_offset(tmp_path: Path) -> None:
     content = MIXED.read_bytes()
     bad = tmp_path / "cut.gguf"

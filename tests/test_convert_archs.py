@@ -99,6 +99,7 @@ def test_vision_tower_lora_refused(tmp_path):
         peft_to_lora(peft, hf_dir(tmp_path, "Gemma3ForConditionalGeneration", nested=True))
 
 
+@pytest.mark.fixtures
 def test_phi3_fused_and_gpt2_conv1d_names():
     # covered numerically by test_convert_fixtures; here: the fused/Conv1D modules map to one GGUF tensor each
     lora = peft_to_lora(ARCH / "phi3/peft-a", ARCH / "phi3/hf")

@@ -20,6 +20,9 @@ from test_convert_helpers import ARCH, GPT2, LLAMA_GQA, make_adapter, write_safe
 
 from ggml_lora import gguf
 from ggml_lora.convert import ConversionError, convert, peft_to_lora
+from conftest import skip_module_without_fixtures
+
+skip_module_without_fixtures()
 
 GQA_BASE = LLAMA_GQA / "base-f16.gguf"
 GQA_HF = LLAMA_GQA / "hf"

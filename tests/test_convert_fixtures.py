@@ -8,6 +8,9 @@ from test_convert_helpers import ARCH, ARCHS, GPT2, LLAMA_GQA, f16_ulp_distance,
 
 import ggml_lora
 from ggml_lora.convert import LoraTensors, convert, peft_to_lora
+from conftest import skip_module_without_fixtures
+
+skip_module_without_fixtures()
 
 
 def read_adapter(path):

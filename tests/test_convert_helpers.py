@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-FIXTURES = (Path(__file__).resolve().parent / ".." / ".." / "shared" / "fixtures").resolve()
+from conftest import FIXTURES
+
 LLAMA_GQA = FIXTURES / "llama-gqa"
 ARCH = FIXTURES / "arch"
 GPT2 = FIXTURES / "gpt2-tiny"

@@ -16,6 +16,9 @@ from test_convert_helpers import ARCH, GPT2, LLAMA_GQA, f16_ulp_distance, make_a
 import ggml_lora
 from ggml_lora.convert import DEFAULT_GGLA_NAME, DEFAULT_GGUF_NAME, convert, peft_to_lora
 from ggml_lora.convert.cli import add_convert_subcommand
+from conftest import skip_module_without_fixtures
+
+skip_module_without_fixtures()
 
 R8 = LLAMA_GQA / "lora-r8"
 BASE = LLAMA_GQA / "base-f16.gguf"

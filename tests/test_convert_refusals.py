@@ -40,6 +40,7 @@ def test_dora_refused_with_patch_engine_note(tmp_path):
     assert "cannot represent DoRA" in str(exc.value) and "ggml-lora patch --lora PEFT_DIR" in str(exc.value)
 
 
+@pytest.mark.fixtures
 def test_dora_magnitude_tensor_refused_even_without_flag(tmp_path):
     extra = {"base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector": np.ones(256, np.float32)}
     folder, _, _ = make_adapter(tmp_path / "a", modules=ONE, extra=extra)
@@ -70,6 +71,7 @@ def test_modules_to_save_refused(tmp_path):
     refused(folder, match="modules_to_save")
 
 
+@pytest.mark.fixtures
 def test_full_weight_tensor_refused_even_without_config(tmp_path):
     extra = {"base_model.model.lm_head.weight": np.ones((512, 128), np.float32)}
     folder, _, _ = make_adapter(tmp_path / "a", modules=ONE, extra=extra)
@@ -82,6 +84,7 @@ def test_bias_refused(tmp_path, bias):
     refused(folder, match="bias")
 
 
+@pytest.mark.fixtures
 def test_lora_bias_refused(tmp_path):
     extra = {"base_model.model.model.layers.0.mlp.up_proj.lora_B.bias": np.ones(256, np.float32)}
     folder, _, _ = make_adapter(tmp_path / "a", {"lora_bias": True}, modules=ONE, extra=extra)
@@ -114,6 +117,7 @@ def test_lora_bias_refused(tmp_path):
         ({"trainable_token_indices": [1, 2]}, "trainable tokens"),
     ],
 )
+@pytest.mark.fixtures
 def test_absurd_configs_refused(tmp_path, update, match):
     folder, _, _ = make_adapter(tmp_path / "a", modules=ONE)
     cfg = json.loads((folder / "adapter_config.json").read_text())
@@ -130,17 +134,20 @@ def test_config_not_an_object(tmp_path):
     refused(folder, match="not valid JSON")
 
 
+@pytest.mark.fixtures
 def test_rank_disagreeing_with_config_refused(tmp_path):
     folder, _, _ = make_adapter(tmp_path / "a", {"r": 8}, modules=ONE, ranks={ONE[0]: 4})
     refused(folder, match="rank 4 but adapter_config.json gives r = 8")
 
 
+@pytest.mark.fixtures
 def test_missing_factor_refused(tmp_path):
     extra = {"base_model.model.model.layers.1.mlp.up_proj.lora_A.weight": np.ones((8, 128), np.float32)}
     folder, _, _ = make_adapter(tmp_path / "a", modules=ONE, extra=extra)
     refused(folder, match="lora_B factor is missing")
 
 
+@pytest.mark.fixtures
 def test_nonfinite_factor_refused(tmp_path):
     folder, _, _ = make_adapter(tmp_path / "a", modules=ONE)
     from test_convert_helpers import write_safetensors
@@ -153,11 +160,13 @@ def test_nonfinite_factor_refused(tmp_path):
     refused(folder, match="NaN or infinite")
 
 
+@pytest.mark.fixtures
 def test_shape_mismatch_with_base_refused(tmp_path):
     # a llama-gqa adapter (hidden 256) against the mistral base (hidden 128)
     refused(LLAMA_GQA / "lora-r8/adapter", BASE, match="base tensor is")
 
 
+@pytest.mark.fixtures
 def test_unknown_module_refused(tmp_path):
     folder, _, _ = make_adapter(tmp_path / "a", modules=ONE)
     from test_convert_helpers import write_safetensors
@@ -168,6 +177,7 @@ def test_unknown_module_refused(tmp_path):
     refused(folder, match="frobnicator")
 
 
+@pytest.mark.fixtures
 def test_unknown_architecture_refused(tmp_path):
     hf = tmp_path / "hf"
     hf.mkdir()
@@ -192,6 +202,7 @@ def test_wrong_model_family_refused():
     refused(GPT2 / "lora-c_attn/adapter", BASE, match="c_attn")
 
 
+@pytest.mark.fixtures
 def test_lm_head_on_tied_model_refused(tmp_path):
     folder, _, _ = make_adapter(tmp_path / "a", modules=ONE, lm_head_rank=8)
     for base in (ARCH / "llama-tied/base-f16.gguf", ARCH / "llama-tied/hf", ARCH / "gemma2/hf"):
@@ -323,6 +334,7 @@ def test_storage_class_cannot_be_called(tmp_path):
         load_torch_bin(tmp_path / "s.bin")
 
 
+@pytest.mark.fixtures
 def test_tensor_reading_past_storage_refused(tmp_path):
     # a real PEFT .bin with one tensor's size inflated beyond its storage
     src = LLAMA_GQA / "lora-r8/adapter-bin/adapter_model.bin"
@@ -350,6 +362,7 @@ def test_legacy_torch_format_refused(tmp_path):
         load_torch_bin(path)
 
 
+@pytest.mark.fixtures
 def test_no_torch_no_network(tmp_path):
     # run a full conversion (safetensors and .bin) in a fresh interpreter where importing torch fails and any
     # socket use raises

@@ -18,6 +18,9 @@ from _helpers import hf_permute
 from test_convert_helpers import ARCH, implied_delta, make_adapter, peft_scale
 
 from ggml_lora.convert import peft_to_lora
+from conftest import skip_module_without_fixtures
+
+skip_module_without_fixtures()
 
 MISTRAL = ARCH / "mistral"
 BASE = MISTRAL / "base-f16.gguf"

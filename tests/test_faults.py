@@ -55,7 +55,8 @@ sys.path.insert(0, str(HERE))
 import _faults_gguf as g  # noqa: E402
 
 REPO = HERE.parent
-FIXTURES = (REPO.parent / "shared" / "fixtures").resolve()
+from conftest import FIXTURES, fixture_path, skip_module_without_fixtures  # noqa: E402
+
 LLAMA = FIXTURES / "llama-gqa"
 CHILD = HERE / "_faults_child.py"
 TEMP_MARKER = ".ggml-lora-tmp."
@@ -69,13 +70,6 @@ FIGURES: dict[str, int] = {}
 
 def count(what: str, n: int = 1) -> None:
     FIGURES[what] = FIGURES.get(what, 0) + n
-
-
-def fixture(*parts: str) -> Path:
-    path = FIXTURES.joinpath(*parts)
-    if not path.exists():
-        raise FileNotFoundError(f"required fixture {path} is missing (expected ../shared/fixtures beside the repo)")
-    return path
 
 
 def sha256(path: Path) -> str:
@@ -93,17 +87,19 @@ def big_fixtures() -> list[Path]:
     """One of each kind of the larger real files (f16 and quantized bases), used shrunk (same header)."""
     names = ["llama-gqa/base-f16.gguf", "llama-gqa/base-q4_0-mixed.gguf", "llama-gqa/base-q8_0.gguf",
              "gpt2-tiny/base-f16.gguf", "arch/phi3/base-f16.gguf", "arch/qwen3/base-f16.gguf"]
-    return [fixture(n) for n in names]
+    return [fixture_path(n) for n in names]
 
+
+skip_module_without_fixtures()
 
 #: The fixture files used as inputs anywhere in this module, hashed once: every test must leave them unchanged.
-INPUTS = [fixture("llama-gqa", "base-f16.gguf"), fixture("llama-gqa", "base-q4_0.gguf"),
-          fixture("llama-gqa", "lora-r8", "ref-adapter-f32.gguf"), fixture("llama-gqa", "lora-qv-r4",
+INPUTS = [fixture_path("llama-gqa", "base-f16.gguf"), fixture_path("llama-gqa", "base-q4_0.gguf"),
+          fixture_path("llama-gqa", "lora-r8", "ref-adapter-f32.gguf"), fixture_path("llama-gqa", "lora-qv-r4",
                                                                              "ref-adapter-f32.gguf")]
 INPUT_HASHES = {p: sha256(p) for p in INPUTS}
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture_path(autouse=True)
 def inputs_unchanged():
     yield
     for p, h in INPUT_HASHES.items():
@@ -342,7 +338,7 @@ def test_tiny_files_and_non_files(tmp_path: Path) -> None:
 
 def test_hostile_adapters_are_refused_by_load_adapter(tmp_path: Path) -> None:
     """Adapter-level checks on real adapters with one thing broken: each a clear ValueError subclass."""
-    src = fixture("llama-gqa", "lora-qv-r4", "ref-adapter-f32.gguf").read_bytes()
+    src = fixture_path("llama-gqa", "lora-qv-r4", "ref-adapter-f32.gguf").read_bytes()
     h = g.walk(src)
     kv_by_key = {k[0]: k for k in h.kvs}
     cases = []
@@ -394,7 +390,7 @@ def test_hundred_byte_files_claiming_huge_counts_allocate_little(tmp_path: Path)
         path = tmp_path / f"huge{i}.gguf"
         path.write_bytes(data)
         files.append(str(path))
-    args = {"files": files * 20, "warmup": str(fixture("llama-gqa", "lora-qv-r4", "ref-adapter-f32.gguf"))}
+    args = {"files": files * 20, "warmup": str(fixture_path("llama-gqa", "lora-qv-r4", "ref-adapter-f32.gguf"))}
     proc = subprocess.run([sys.executable, str(CHILD), "open_all", json.dumps(args)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -412,7 +408,7 @@ def test_metadata_arrays_cannot_amplify_memory(tmp_path: Path) -> None:
     n = 20_000_000
     path = tmp_path / "amplify.gguf"
     path.write_bytes(g.build([g.kv("a", 9, struct.pack("<IQ", 0, n) + bytes(n))], []))
-    args = {"files": [str(path)], "warmup": str(fixture("llama-gqa", "lora-qv-r4", "ref-adapter-f32.gguf"))}
+    args = {"files": [str(path)], "warmup": str(fixture_path("llama-gqa", "lora-qv-r4", "ref-adapter-f32.gguf"))}
     proc = subprocess.run([sys.executable, str(CHILD), "open_all", json.dumps(args)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -443,7 +439,7 @@ def run_child(action: str, args: dict, timeout: float = 300) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture()
+@pytest.fixture_path()
 def model_inputs(tmp_path: Path) -> dict[str, Path]:
     """Private copies of a model, its f16 base and an adapter (so that even a buggy run cannot touch the
     shared fixtures), plus a folder for outputs."""
@@ -502,8 +498,8 @@ def test_patch_replaces_target_only_on_success(model_inputs: dict[str, Path]) ->
     failures = [
         (lambda: ggml_lora.patch(m["model"], bad_adapter, out=target), ValueError),
         (lambda: ggml_lora.patch(m["model"], LLAMA / "lora-r8" / "ref-adapter-f32.gguf",
-                                 base=fixture("gpt2-tiny", "base-f16.gguf"), out=target), ggml_lora.PatchError),
-        (lambda: ggml_lora.patch(fixture("gpt2-tiny", "base-f16.gguf"), m["adapter"], out=target),
+                                 base=fixture_path("gpt2-tiny", "base-f16.gguf"), out=target), ggml_lora.PatchError),
+        (lambda: ggml_lora.patch(fixture_path("gpt2-tiny", "base-f16.gguf"), m["adapter"], out=target),
          ggml_lora.PatchError),
         (lambda: ggml_lora.patch(m["model"], m["adapter"], out=target, out_type="iq2_xxs"), ggml_lora.PatchError),
     ]
@@ -649,7 +645,7 @@ DIM = 4096
 PATCHED = ["blk.3.attn_q.weight", "blk.11.attn_q.weight", "blk.19.attn_q.weight"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture_path(scope="module")
 def big_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A ~230 MB q4_0 model (24 tensors of 4096x4096), an f16 base holding the patched tensors, and a GGUF
     LoRA adapter (rank 8) for three of them."""
@@ -728,7 +724,7 @@ def _convert():
     return convert, ConversionError
 
 
-@pytest.fixture()
+@pytest.fixture_path()
 def peft_dir(tmp_path: Path) -> Path:
     d = tmp_path / "peft"
     shutil.copytree(LLAMA / "lora-r8" / "adapter", d)

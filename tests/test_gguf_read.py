@@ -23,10 +23,12 @@ ALL_FIXTURES = all_gguf_fixtures()
 
 
 @pytest.mark.parametrize("path", ALL_FIXTURES, ids=[fixture_id(p) for p in ALL_FIXTURES])
+@pytest.mark.fixtures
 def test_fixture_reads_like_gguf_py(path: Path) -> None:
     assert_reads_like_gguf_py(path)
 
 
+@pytest.mark.fixtures
 def test_expectations_agree(fixtures_dir: Path) -> None:
     """The header facts recorded in expectations.json (read there with gguf 0.19.0)."""
     import json
@@ -73,6 +75,7 @@ def test_files_holding_any_ggml_type_are_read(tmp_path: Path, qtype: gguf.GGMLQu
 # the GGUFFile object
 
 
+@pytest.mark.fixtures
 def test_raw_is_read_only_and_zero_copy() -> None:
     path = fixture_path("llama-gqa", "base-q4_0-mixed.gguf")
     with ggml_lora.open(path) as f:
@@ -97,6 +100,7 @@ def test_raw_is_read_only_and_zero_copy() -> None:
         f.to_numpy(names[0])
 
 
+@pytest.mark.fixtures
 def test_to_numpy_returns_fresh_float32_arrays() -> None:
     with ggml_lora.open(fixture_path("llama-gqa", "base-f16.gguf")) as f:
         for name, info in f.tensors.items():
@@ -107,6 +111,7 @@ def test_to_numpy_returns_fresh_float32_arrays() -> None:
             break
 
 
+@pytest.mark.fixtures
 def test_unknown_tensor_names_raise_key_error() -> None:
     path = fixture_path("llama-gqa", "base-q8_0.gguf")
     f = ggml_lora.open(path)
@@ -121,6 +126,7 @@ def test_unknown_tensor_names_raise_key_error() -> None:
     f.close()  # closing twice is fine
 
 
+@pytest.mark.fixtures
 def test_open_accepts_str_and_pathlike() -> None:
     path = fixture_path("llama-gqa", "lora-qv-r4", "ref-adapter-f32.gguf")
     with ggml_lora.open(str(path)) as a, ggml_lora.open(path) as b:
@@ -538,6 +544,7 @@ def _truncation_cases(path: Path, limit: int) -> tuple[bytes, list[tuple[int, se
 
 @pytest.mark.parametrize("rel,limit", [(("llama-gqa", "lora-qv-r4", "ref-adapter-f32.gguf"), 10**9),
                                        (("llama-gqa", "base-f16.gguf"), 2000)])
+@pytest.mark.fixtures
 def test_truncation_at_every_header_byte(tmp_path: Path, rel: tuple[str, ...], limit: int) -> None:
     """Cut a real file at every byte of its header (all of it for the adapter, whose header is < 1 KiB; the first
     2000 bytes of base-f16): GGUFError at the start of the field the cut falls in, or at the count field whose items
@@ -555,6 +562,7 @@ def test_truncation_at_every_header_byte(tmp_path: Path, rel: tuple[str, ...], l
         assert any(f"at byte {n}" in msg for n in allowed), f"cut at {cut}: expected one of {sorted(allowed)}: {msg}"
 
 
+@pytest.mark.fixtures
 def test_truncation_in_the_data(tmp_path: Path) -> None:
     path = fixture_path("llama-gqa", "lora-qv-r4", "ref-adapter-f32.gguf")
     buf = path.read_bytes()

@@ -258,6 +258,7 @@ def test_typing_of_plain_values(tmp_path: Path) -> None:
     assert values["f"] == f32(0.1)
 
 
+@pytest.mark.fixtures
 def test_metadata_values_round_trip_from_a_read_file(tmp_path: Path) -> None:
     """GGUFFile.fields gives MetadataValues that write the same file again (metadata of a real fixture)."""
     from conftest import fixture_path

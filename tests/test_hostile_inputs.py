@@ -128,6 +128,7 @@ def factor_header(**changes: Any) -> tuple[dict[str, Any], bytes]:
 # item 3: every failure is one clean line
 
 
+@pytest.mark.fixtures
 def test_valid_control_converts(peft: Path, tmp_path: Path) -> None:
     out = ggml_lora.convert(peft, tmp_path / "ok.gguf", base=BASE)
     assert out.is_file()
@@ -184,6 +185,7 @@ def test_hundred_dimension_shape(peft: Path, tmp_path: Path) -> None:
     refuse_conversion(peft, "is not a list of at most 8 non-negative integers", tmp_path)
 
 
+@pytest.mark.fixtures
 def test_huge_f64_values_give_one_line_and_no_warning(peft: Path, tmp_path: Path) -> None:
     a = np.full((8, 128), 1e300)
     b = np.zeros((256, 8))
@@ -276,6 +278,7 @@ def test_gap_between_data_ranges(peft: Path, tmp_path: Path) -> None:
     refuse_conversion(peft, r"lora_B\.weight': data_offsets \[4104, 12296\] leaves a gap after tensor", tmp_path)
 
 
+@pytest.mark.fixtures
 def test_data_ranges_listed_out_of_order_are_fine_when_they_tile(peft: Path, tmp_path: Path) -> None:
     # The header's key order carries no meaning (the safetensors crate sorts by offset): a valid control.
     header, data = factor_header()
@@ -297,6 +300,7 @@ def test_bytes_no_tensor_accounts_for(peft: Path, tmp_path: Path) -> None:
     refuse_conversion(peft, r"bytes of data \(truncated, or bytes no tensor accounts for\)", tmp_path)
 
 
+@pytest.mark.fixtures
 def test_peft_adapter_without_tensors(peft: Path, tmp_path: Path) -> None:
     write_header(peft / "adapter_model.safetensors", json.dumps({"__metadata__": {"format": "pt"}}), b"")
     refuse_conversion(peft, r"adapter_model\.safetensors: the adapter holds no LoRA tensors", tmp_path)
@@ -331,6 +335,7 @@ def llama_ggla(rank: int = 2, header_rank: int | None = None, blocks: int = 2) -
     return tensors
 
 
+@pytest.mark.fixtures
 def test_ggla_valid_control_patches(tmp_path: Path) -> None:
     adapter = tmp_path / "ok.ggla"
     adapter.write_bytes(ggla_bytes(2, llama_ggla()))
@@ -344,6 +349,7 @@ def test_ggla_header_alone(tmp_path: Path) -> None:
     refuse_patch(adapter, r"a\.ggla: .*no LoRA tensor pairs \(the file ends after its 16-byte header", tmp_path)
 
 
+@pytest.mark.fixtures
 def test_ggla_cut_between_the_halves_of_a_pair(tmp_path: Path) -> None:
     adapter = tmp_path / "a.ggla"
     adapter.write_bytes(ggla_bytes(2, llama_ggla()[:3]))
@@ -351,6 +357,7 @@ def test_ggla_cut_between_the_halves_of_a_pair(tmp_path: Path) -> None:
                  tmp_path)
 
 
+@pytest.mark.fixtures
 def test_ggla_cut_between_two_pairs_of_a_block(tmp_path: Path) -> None:
     adapter = tmp_path / "a.ggla"
     adapter.write_bytes(ggla_bytes(2, llama_ggla()[:6]))
@@ -358,6 +365,7 @@ def test_ggla_cut_between_two_pairs_of_a_block(tmp_path: Path) -> None:
                  tmp_path)
 
 
+@pytest.mark.fixtures
 def test_ggla_header_rank_differs_from_the_pairs(tmp_path: Path) -> None:
     adapter = tmp_path / "a.ggla"
     adapter.write_bytes(ggla_bytes(2**31 - 1, llama_ggla(rank=8)))
@@ -372,6 +380,7 @@ def test_gguf_adapter_without_tensors(tmp_path: Path) -> None:
     refuse_patch(adapter, r"empty\.gguf: .*no LoRA tensor pairs \(it has no tensors at all\)", tmp_path)
 
 
+@pytest.mark.fixtures
 def test_ggla_reader_keeps_a_tiny_file_tiny(tmp_path: Path) -> None:
     # read to its exact end: a few stray bytes after the last tensor are a truncated tensor header
     adapter = tmp_path / "a.ggla"

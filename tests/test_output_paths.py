@@ -31,7 +31,9 @@ import pytest
 import ggml_lora
 from ggml_lora import SpecialFileError, cli
 from ggml_lora.convert import convert
-from conftest import FIXTURES
+from conftest import FIXTURES, skip_module_without_fixtures
+
+skip_module_without_fixtures()
 from test_faults import model_inputs  # noqa: F401 - the fixture, shared
 
 LLAMA = FIXTURES / "llama-gqa"

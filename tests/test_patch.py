@@ -16,9 +16,10 @@ from _helpers import adapter_deltas, reader_f32
 import ggml_lora
 from ggml_lora import GGUFValueType, MetadataValue
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+from conftest import FIXTURES, skip_module_without_fixtures
+
 LLAMA = FIXTURES / "llama-gqa"
-assert LLAMA.is_dir(), f"fixtures missing at {FIXTURES}: ../shared must sit beside the repository"
+skip_module_without_fixtures()
 
 BASE_F16 = LLAMA / "base-f16.gguf"
 ADAPTER_R8 = LLAMA / "lora-r8" / "ref-adapter-f32.gguf"

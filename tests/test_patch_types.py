@@ -21,10 +21,12 @@ import gguf
 import numpy as np
 import pytest
 from _helpers import adapter_deltas, reader_f32
-from conftest import fixture_path
+from conftest import fixture_path, skip_module_without_fixtures
 from oracles import ggml_quants
 
 import ggml_lora
+
+skip_module_without_fixtures()
 
 GQA = "llama-gqa"
 ADAPTER = (GQA, "lora-r8", "ref-adapter-f32.gguf")

