@@ -55,11 +55,11 @@ def main() -> int:
             failures.append("tests skipped for another reason than the absent fixtures:\n" + "\n".join(other))
         print(f"standalone check: pytest: {summary}")
 
-        rs = run(["cargo", "test", "-q", "--tests"], clone, env)
+        rs = run(["cargo", "test", "-q", "--tests", "--", "--nocapture"], clone, env)
         if rs.returncode != 0:
             failures.append(f"cargo test failed without the fixtures (exit {rs.returncode}):\n{rs.stdout[-3000:]}"
                             f"\n{rs.stderr[-3000:]}")
-        rust_skips = [line for line in rs.stderr.splitlines() if f"skipped: {REASON}" in line]
+        rust_skips = [line for line in (rs.stdout + rs.stderr).splitlines() if f"skipped: {REASON}" in line]
         if rs.returncode == 0 and not rust_skips:
             failures.append("cargo test: no fixture test reported a skip without the fixtures")
         print(f"standalone check: cargo test: {len(rust_skips)} fixture tests skipped, exit {rs.returncode}")
