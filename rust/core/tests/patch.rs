@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use ggml_lora_core::adapter::LoraAdapter;
 use ggml_lora_core::gguf::GgufFile;
+use ggml_lora_core::model::ModelFile;
 use ggml_lora_core::patch::{AdapterInput, PatchOptions, PatchPlan};
 use ggml_lora_core::{Error, GgmlType};
 
@@ -27,10 +28,10 @@ fn adapter(rel: &str) -> Vec<AdapterInput> {
 /// With an f16 base and f16 rounding, the output equals llama-quantize of PEFT's merge, byte for byte.
 #[test]
 fn pipeline_identical_q4_0_and_q8_0() {
-    let base = GgufFile::open(fixture("llama-gqa/base-f16.gguf")).unwrap();
+    let base = ModelFile::open(fixture("llama-gqa/base-f16.gguf")).unwrap();
     let adapters = adapter("llama-gqa/lora-r8/ref-adapter-f32.gguf");
     for quant in ["q4_0", "q8_0"] {
-        let model = GgufFile::open(fixture(&format!("llama-gqa/base-{quant}.gguf"))).unwrap();
+        let model = ModelFile::open(fixture(&format!("llama-gqa/base-{quant}.gguf"))).unwrap();
         let options = PatchOptions { intermediate: Some(GgmlType::F16), threads: Some(2), ..Default::default() };
         let plan = PatchPlan::new(&model, Some(&base), &adapters, options).unwrap();
         assert_eq!(plan.patched_tensors().len(), 14);
@@ -59,7 +60,7 @@ fn pipeline_identical_q4_0_and_q8_0() {
 /// A progress callback error cancels the run and leaves nothing at the target.
 #[test]
 fn cancelled_run_leaves_no_output() {
-    let model = GgufFile::open(fixture("llama-gqa/base-f16.gguf")).unwrap();
+    let model = ModelFile::open(fixture("llama-gqa/base-f16.gguf")).unwrap();
     let adapters = adapter("llama-gqa/lora-qv-r4/ref-adapter-f32.gguf");
     let plan = PatchPlan::new(&model, None, &adapters, PatchOptions::default()).unwrap();
     let out = scratch("cancelled.gguf");
@@ -83,7 +84,7 @@ fn dora_merge_rescales_rows_to_the_magnitudes() {
     use ggml_lora_core::gguf::TensorInfo;
     use ggml_lora_core::quant;
 
-    let model = GgufFile::open(fixture("llama-gqa/base-f16.gguf")).unwrap();
+    let model = ModelFile::open(fixture("llama-gqa/base-f16.gguf")).unwrap();
     let (index, w_info) = model.tensor("blk.0.attn_v.weight").unwrap();
     let (rows, cols, rank) = (w_info.n_rows() as usize, w_info.row_len() as usize, 4usize);
     let mut w = vec![0f32; rows * cols];
