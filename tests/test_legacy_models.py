@@ -326,7 +326,7 @@ HOSTILE = {
     "truncated-vocab": (bytes(_header(n_vocab=2)) + VOCAB, r"vocabulary size n_vocab is 2, more than the limit 1"),
     "zero-dims": (_with_tensors((b"norm.weight", [], 0, b"")), r"tensor 0.*dimensions|n_dims|dimension"),
     "five-dims": (_with_tensors((b"norm.weight", [1, 1, 1, 1, 1])), r"dimension"),
-    "truncated-token": (bytes(_header()) + struct.pack("<I", 10) + b"abc", r"file ends inside vocabulary item 0"),
+    "truncated-token": (bytes(_header()) + struct.pack("<I", 10) + b"abcdefg", r"file ends inside vocabulary item 0"),
     "unknown-type": (_with_tensors((b"norm.weight", [64], 99)), r"tensor \"norm\.weight\" has unknown ggml type id 99"),
     "data-beyond-eof": (_with_tensors((b"norm.weight", [64], 0, b"\0" * 10)), r"beyond the end of the file"),
     "zero-dim": (_with_tensors((b"norm.weight", [64, 0])), r"size 0|zero"),
