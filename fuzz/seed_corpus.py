@@ -186,6 +186,75 @@ def imatrix_seeds() -> list[tuple[str, bytes]]:
     ]
 
 
+def legacy_seeds() -> list[tuple[str, bytes]]:
+    """Tiny legacy llama files (FORMATS.md §4): ggjt v1-v3, ggmf v1, ggml; one block of n_embd 32, f32/f16/q4_0."""
+    magics = {"ggml": 0x67676D6C, "ggmf": 0x67676D66, "ggjt": 0x67676A74}
+    out = []
+    for container, version, type_id, type_bytes in (("ggjt", 3, 0, 4), ("ggjt", 3, 2, 18), ("ggjt", 2, 1, 2),
+                                                      ("ggjt", 1, 1, 2), ("ggmf", 1, 1, 2), ("ggml", 1, 0, 4)):
+        data = bytearray(struct.pack("<I", magics[container]))
+        if container != "ggml":
+            data += struct.pack("<I", version)
+        data += struct.pack("<7I", 4, 32, 256, 4, 1, 8, 0)
+        for i, text in enumerate((b"", b"", b"", b" a")):
+            data += struct.pack("<I", len(text)) + text + (struct.pack("<f", -i) if container != "ggml" else b"")
+        for name, dims, ty in ((b"tok_embeddings.weight", [32, 4], type_id), (b"norm.weight", [32], 0),
+                               (b"layers.0.feed_forward.w1.weight", [32, 64], type_id)):
+            data += struct.pack("<3I", len(dims), len(name), ty) + struct.pack(f"<{len(dims)}I", *dims) + name
+            if container == "ggjt":
+                data += bytes(-len(data) % 32)
+            n = dims[0] * (dims[1] if len(dims) > 1 else 1)
+            size = 4 if ty == 0 else 2 if ty == 1 else 18
+            data += bytes(n * size // (32 if ty == 2 else 1))
+        out.append((f"{container}-v{version}-type{type_id}", bytes(data)))
+    return out
+
+
+def gguf_bytes(kv: list[tuple[str, int, bytes]], tensors: list[tuple[str, int]]) -> bytes:
+    """A GGUF v3 file: `kv` as (key, value type id, encoded value); `tensors` as (name, f32 count) of zeros."""
+    def string(text: str) -> bytes:
+        return struct.pack("<Q", len(text.encode())) + text.encode()
+    out = bytearray(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv)))
+    for key, type_id, value in kv:
+        out += string(key) + struct.pack("<I", type_id) + value
+    offset = 0
+    for name, n in tensors:
+        out += string(name) + struct.pack("<IQIQ", 1, n, 0, offset)
+        offset += -(-4 * n // 32) * 32
+    out += bytes(-len(out) % 32)
+    for _, n in tensors:
+        out += bytes(-(-4 * n // 32) * 32)
+    return bytes(out)
+
+
+def shard_seeds() -> list[tuple[str, bytes]]:
+    """Inputs for shard_set: a selector byte (files - 1 in bits 0-1, the opened file above), then each file but
+    the last prefixed by its u16 length. Consistent sets of 2 and 3 shards, and a few broken ones."""
+    def shard(no: int, count: int, total: int, names: list[str], arch: bool) -> bytes:
+        kv = [("general.architecture", 8, struct.pack("<Q", 5) + b"llama")] if arch else []
+        kv += [("split.no", 2, struct.pack("<H", no)), ("split.count", 2, struct.pack("<H", count)),
+               ("split.tensors.count", 5, struct.pack("<i", total))]
+        return gguf_bytes(kv, [(n, 8) for n in names])
+
+    def pack(files: list[bytes], opened: int) -> bytes:
+        out = bytearray([(len(files) - 1) | (opened << 2)])
+        for f in files[:-1]:
+            out += struct.pack("<H", len(f)) + f
+        return bytes(out + files[-1])
+
+    seeds = []
+    for count in (2, 3):
+        files = [shard(k, count, 2 * count, [f"t{k}.{j}" for j in range(2)], k == 0) for k in range(count)]
+        for opened in range(count):
+            seeds.append((f"set{count}-open{opened}", pack(files, opened)))
+    good = [shard(k, 2, 4, [f"t{k}.{j}" for j in range(2)], k == 0) for k in range(2)]
+    seeds.append(("duplicate-shard", pack([good[0], good[0]], 0)))
+    seeds.append(("wrong-count", pack([good[0], shard(1, 3, 4, ["t1.0", "t1.1"], False)], 0)))
+    seeds.append(("duplicate-tensor", pack([good[0], shard(1, 2, 4, ["t0.0", "t1.1"], False)], 1)))
+    seeds.append(("single", pack([gguf_bytes([], [("w", 8)])], 0)))
+    return seeds
+
+
 def main() -> None:
     corpus = FUZZ / "corpus"
     if corpus.exists():
@@ -232,6 +301,11 @@ def main() -> None:
 
     for tag, data in imatrix_seeds():
         put("imatrix_parse", data, tag)
+
+    for tag, data in legacy_seeds():
+        put("legacy_parse", data, tag)
+    for tag, data in shard_seeds():
+        put("shard_set", data, tag)
 
     # Hand-made edge cases (committed, each < 4 KB).
     for d in sorted((FUZZ / "seeds").glob("*/*")):

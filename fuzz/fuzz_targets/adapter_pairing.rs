@@ -3,7 +3,7 @@
 //!
 //! Two input modes (first byte, low bit):
 //! - raw: the rest is split in two; the first part is written as the model file (opened with
-//!   `GgufFile::open`), the second as the adapter file (loaded with `LoraAdapter::open`, GGUF or ggla);
+//!   `ModelFile::open`), the second as the adapter file (loaded with `LoraAdapter::open`, GGUF or ggla);
 //! - structured: a model (GGUF written with `GgufWriter`), an optional base and an adapter built with
 //!   `adapter::from_tensors` are derived from the bytes, with names and shapes that mostly line up, so the
 //!   deeper shape/type/rank checks and the run are reached.
@@ -19,6 +19,7 @@ use std::sync::Arc;
 use ggml_lora_core::adapter::{from_tensors, LoraAdapter};
 use ggml_lora_core::atomic::TEMP_MARKER;
 use ggml_lora_core::gguf::{tensor_nbytes, GgufFile, GgufWriter, TensorInfo, TensorSpec, Value, WriteOptions};
+use ggml_lora_core::model::ModelFile;
 use ggml_lora_core::patch::{AdapterInput, PatchOptions, PatchPlan};
 use ggml_lora_core::{Error, GgmlType};
 use libfuzzer_sys::arbitrary::{Result as UResult, Unstructured};
@@ -136,7 +137,7 @@ fn model(u: &mut Unstructured<'_>, like: Option<&Model>) -> UResult<Model> {
 }
 
 /// Writes `m`; `None` when the writer refuses it (duplicate names, bad dims: also a fine outcome).
-fn write_model(path: &Path, m: &Model) -> Option<GgufFile> {
+fn write_model(path: &Path, m: &Model) -> Option<ModelFile> {
     let mut metadata = vec![("general.alignment".to_string(), Value::U32(32))];
     if let Some(a) = m.arch {
         metadata.push(("general.architecture".into(), Value::string(a)));
@@ -146,7 +147,7 @@ fn write_model(path: &Path, m: &Model) -> Option<GgufFile> {
         w.write_tensor(&s.name, d).expect("sizes come from tensor_nbytes");
     }
     w.finish().expect("complete file");
-    Some(GgufFile::open(path).expect("the writer's output must open"))
+    Some(ModelFile::open(path).expect("the writer's output must open"))
 }
 
 struct AdapterParts {
@@ -218,7 +219,7 @@ fn options(u: &mut Unstructured<'_>) -> UResult<PatchOptions> {
 }
 
 /// Runs `plan` to `out` and checks the outcome.
-fn run_and_check(plan: &PatchPlan<'_>, model: &GgufFile, dir: &Path, out: &Path) {
+fn run_and_check(plan: &PatchPlan<'_>, model: &ModelFile, dir: &Path, out: &Path) {
     let _ = std::fs::remove_file(out);
     match plan.run(out, &mut |_| Ok(())) {
         Ok(report) => {
@@ -284,7 +285,7 @@ fn raw(data: &[u8], dir: &Path) {
     let adapter_path = dir.join("raw-adapter.gguf");
     std::fs::write(&model_path, model_bytes).unwrap();
     std::fs::write(&adapter_path, adapter_bytes).unwrap();
-    let Ok(model) = GgufFile::open(&model_path) else { return };
+    let Ok(model) = ModelFile::open(&model_path) else { return };
     let Ok(lora) = LoraAdapter::open(&adapter_path) else { return };
     let adapters = [AdapterInput { adapter: Arc::new(lora), scale: 1.0 }];
     let Ok(plan) = PatchPlan::new(&model, None, &adapters, PatchOptions { threads: Some(1), ..Default::default() })

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from ._native import GGUFError, PatchError, SpecialFileError, __version__
 from ._types import GGML_QUANT_SIZES, GGML_TYPES, TypeInfo, type_info
-from .gguf import GGUFFile, GGUFValueType, MetadataValue, TensorInfo, open, write
+from .gguf import GGUFFile, GGUFValueType, MetadataValue, TensorInfo, convert_model, open, write
 from .imatrix import Imatrix, read_imatrix
 from . import convert
 from .convert import ConversionError, LoraTensors, peft_to_lora
@@ -34,6 +34,7 @@ __all__ = [
     "ConversionError",
     "LoraTensors",
     "convert",
+    "convert_model",
     "peft_to_lora",
     "GGML_QUANT_SIZES",
     "GGML_TYPES",

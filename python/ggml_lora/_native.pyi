@@ -16,6 +16,7 @@ __all__ = [
     "temp_path",
     "GgufFile",
     "write_gguf",
+    "copy_model",
     "read_imatrix",
     "quantize_rows",
     "dequantize_rows",
@@ -52,8 +53,11 @@ class GgufFile:
     def data_offset(self) -> int: ...
     @property
     def file_size(self) -> int: ...
+    @property
+    def container(self) -> str: ...
+    def shards(self) -> list[tuple[Path, int]]: ...
     def metadata(self) -> list[tuple[str, str, str | None, Any]]: ...
-    def tensors(self) -> list[tuple[str, list[int], str, int, int]]: ...
+    def tensors(self) -> list[tuple[str, list[int], str, int, int, int]]: ...
     def raw(self, index: int) -> npt.NDArray[np.uint8]: ...
     def to_numpy(self, index: int) -> npt.NDArray[np.float32]: ...
 
@@ -78,6 +82,15 @@ def dequantize_rows(
     data: npt.NDArray[np.uint8], type_name: str, row_len: int, out: npt.NDArray[np.float32] | None = None
 ) -> npt.NDArray[np.float32]: ...
 def type_table() -> list[tuple[str, int, int, int, bool, bool]]: ...
+def copy_model(
+    model: str | PathLike[str],
+    out: str | PathLike[str],
+    *,
+    split: tuple[str, int] | None = None,
+    extra_metadata: list[tuple[str, str, str | None, Any]] = ...,
+    sync: bool = True,
+    written: list[str] | None = None,
+) -> list[Path]: ...
 
 @final
 class Adapter:
@@ -115,8 +128,9 @@ def patch(
     tensor_types: list[tuple[str, str]] = ...,
     imatrix: tuple[str, list[tuple[str, list[float]]]] | None = None,
     keep_lora: float | None = None,
+    split: tuple[str, int] | None = None,
     written: list[str] | None = None,
-) -> tuple[str, list[TensorReport], int, int, float, list[str]]: ...
+) -> tuple[list[Path], list[TensorReport], int, int, float, list[str]]: ...
 
 @final
 class TensorReport:

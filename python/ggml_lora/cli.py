@@ -36,8 +36,18 @@ def _float32_repr(value: object) -> object:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     with GGUFFile(args.file) as f:
-        print(f"{f.path}: GGUF v{f.version}, {human_bytes(f.file_size)}, alignment {f.alignment}, "
+        alignment = f", alignment {f.alignment}" if not f.container.startswith("legacy") else ""
+        print(f"{f.path}: {f.container}, {human_bytes(f.file_size)}{alignment}, "
               f"{len(f.fields)} metadata keys, {len(f.tensors)} tensors")
+        if f.container.startswith("legacy"):
+            print("  (read as the GGUF model convert_llama_ggml_to_gguf.py makes of it; "
+                  "ggml-lora convert-model writes it)")
+        if len(f.shards) > 1:
+            total = len(f.tensors)
+            print(f"  split: {len(f.shards)} shards, split.tensors.count {total} (split.* keys not listed below)")
+            for k, (path, n) in enumerate(f.shards):
+                size = sum(t.nbytes for t in f.tensors.values() if t.shard == k)
+                print(f"    shard {k + 1}/{len(f.shards)}: {path.name}  {n} tensors, {human_bytes(size)} of data")
         print()
         print("metadata:")
         width = max((len(k) for k in f.fields), default=0)
@@ -139,11 +149,26 @@ def _cmd_patch(args: argparse.Namespace) -> int:
         tensor_types=[_parse_tensor_type(v) for v in args.tensor_type or []],
         imatrix=args.imatrix,
         keep_lora=args.keep_lora,
+        merge_shards=args.merge_shards,
+        split_max_size=args.split_max_size,
+        split_max_tensors=args.split_max_tensors,
     )
     if args.table:
         print(result.table())
         print()
     print(result.summary())
+    return 0
+
+
+def _cmd_convert_model(args: argparse.Namespace) -> int:
+    from .gguf import convert_model
+
+    out = args.output if args.output is not None else str(Path(args.model).with_suffix(".gguf"))
+    paths = convert_model(args.model, out, context_length=args.context_length, rms_eps=args.eps,
+                          split_max_size=args.split_max_size, split_max_tensors=args.split_max_tensors)
+    with GGUFFile(paths[0]) as f:
+        print(f"wrote {paths[0]}{f' and {len(paths) - 1} more shards' if len(paths) > 1 else ''}: "
+              f"{len(f.tensors)} tensors copied as they are, {human_bytes(f.file_size)}")
     return 0
 
 
@@ -180,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ggml-lora {_native.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    info = sub.add_parser("info", help="show a GGUF file's version, metadata and tensors")
-    info.add_argument("file", help="GGUF file")
+    info = sub.add_parser("info", help="show a GGUF file's version, metadata and tensors (split and legacy too)")
+    info.add_argument("file", help="GGUF file, any shard of a split model, or a legacy GGML/GGJT model")
     info.add_argument("--max-items", type=int, default=8, help="array items shown per metadata value (default 8)")
     info.set_defaults(func=_cmd_info)
 
@@ -192,14 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
         "requantized bit-exactly as ggml would; untouched tensors are copied byte for byte. The output appears "
         "only when complete.",
     )
-    patch.add_argument("-m", "--model", required=True, help="the model to patch (GGUF, any quantization)")
+    patch.add_argument("-m", "--model", required=True,
+                       help="the model to patch (GGUF of any quantization, any shard of a split model, or a legacy "
+                       "GGML/GGJT file)")
     patch.add_argument("--lora", action="append", metavar="ADAPTER",
                        help="adapter (llama.cpp GGUF, legacy ggla, or PEFT directory), scale 1; repeatable")
     patch.add_argument("--lora-scaled", action="append", nargs="+", metavar="ADAPTER:SCALE",
                        help="adapter with a scale (ADAPTER:SCALE or ADAPTER SCALE); repeatable")
     patch.add_argument("--lora-base", metavar="BASE",
-                       help="higher-precision GGUF of the same model (f16/f32/bf16): patched tensors start from it")
-    patch.add_argument("-o", "--output", metavar="OUT", help="output GGUF (default: <model>-lora.gguf beside the model)")
+                       help="higher-precision GGUF of the same model (f16/f32/bf16; split or legacy too): patched "
+                       "tensors start from it")
+    patch.add_argument("-o", "--output", metavar="OUT",
+                       help="output GGUF (default: <model>-lora.gguf beside the model). A split output: the first "
+                       "shard's name (out-00001-of-00003.gguf) or a prefix without .gguf (out)")
     patch.add_argument("-t", "--threads", type=int, help="worker threads (default: all cores)")
     patch.add_argument("--out-type", metavar="TYPE",
                        help="type of every patched tensor (e.g. q4_k, q6_k, q8_0, f16; default: each as in the model)")
@@ -215,9 +245,34 @@ def build_parser() -> argparse.ArgumentParser:
     patch.add_argument("--keep-lora", type=float, metavar="FRACTION",
                        help="write a patched tensor in the next larger type of its family (q4_K->q5_K->q6_K->q8_0, "
                        "q4_0->q5_0->q8_0) when its type would keep less than FRACTION of the LoRA change")
+    shards = patch.add_mutually_exclusive_group()
+    shards.add_argument("--merge-shards", action="store_true",
+                        help="write a split model's output as one file (default: the same shards as the model)")
+    shards.add_argument("--split-max-size", metavar="SIZE",
+                        help="split the output like llama-gguf-split --split-max-size (e.g. 4G, 500M, or bytes)")
+    shards.add_argument("--split-max-tensors", type=int, metavar="N",
+                        help="split the output like llama-gguf-split --split-max-tensors (N tensors per shard)")
     patch.add_argument("--table", action="store_true", help="print the per-tensor quality table")
     patch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     patch.set_defaults(func=_cmd_patch)
+
+    conv = sub.add_parser(
+        "convert-model",
+        help="convert a legacy GGML/GGMF/GGJT model (.bin) to GGUF, tensors copied without requantization",
+        description="Write a legacy llama model file (ggml, ggmf v1, ggjt v1-v3) as a GGUF that llama.cpp loads, "
+        "as llama.cpp's convert_llama_ggml_to_gguf.py does: tensors renamed and copied as they are, hyperparameters "
+        "as llama.* keys, the vocabulary as tokenizer.ggml.*. Also merges or re-splits a split GGUF model.",
+    )
+    conv.add_argument("model", metavar="MODEL", help="legacy model file (or any shard of a split GGUF model)")
+    conv.add_argument("-o", "--output", metavar="OUT", help="output GGUF (default: MODEL with the .gguf suffix)")
+    conv.add_argument("--context-length", type=int, metavar="N",
+                      help="llama.context_length to record (default 2048, as the llama.cpp script)")
+    conv.add_argument("--eps", type=float, metavar="EPS",
+                      help="RMS norm epsilon to record (default 5e-06, as the llama.cpp script; LLaMA-2 uses 1e-5)")
+    conv_split = conv.add_mutually_exclusive_group()
+    conv_split.add_argument("--split-max-size", metavar="SIZE", help="split the output (e.g. 4G)")
+    conv_split.add_argument("--split-max-tensors", type=int, metavar="N", help="split the output (N tensors per shard)")
+    conv.set_defaults(func=_cmd_convert_model)
 
     demo = sub.add_parser("demo", help="patch a small built-in example model (with and without --lora-base) and show the quality report")
     demo.add_argument("--dir", help="folder for the example files (default: a new temporary folder)")

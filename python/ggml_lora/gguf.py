@@ -8,6 +8,7 @@ complete, so a failure never leaves a partial file and never touches an existing
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -57,7 +58,8 @@ class TensorInfo:
     """Where a tensor lives and what it holds.
 
     ``shape`` is in numpy order (``shape[-1]`` is ggml's ne[0], the row length); ``type`` is the lower-case
-    ggml type name; ``offset`` is the absolute byte offset of the data in the file; ``nbytes`` its size.
+    ggml type name; ``offset`` is the absolute byte offset of the data in its file; ``nbytes`` its size;
+    ``shard`` the file it is in (0-based, see :attr:`GGUFFile.shards`; always 0 unless the model is split).
     """
 
     name: str
@@ -65,6 +67,7 @@ class TensorInfo:
     type: str
     offset: int
     nbytes: int
+    shard: int = 0
 
     @property
     def dims(self) -> tuple[int, ...]:
@@ -78,9 +81,15 @@ class TensorInfo:
 
 
 class GGUFFile:
-    """An open GGUF file (v2 or v3, little-endian). Use as a context manager or call :meth:`close`.
+    """An open GGUF model (v2 or v3, little-endian). Use as a context manager or call :meth:`close`.
 
-    Malformed files raise :class:`ggml_lora.GGUFError` naming the problem and its byte offset.
+    Any shard of a split model (``name-00001-of-00003.gguf``, as ``llama-gguf-split`` writes them) opens the
+    whole set as one model: the set must be complete and consistent, ``metadata`` is the first shard's without
+    the ``split.*`` keys, and ``shards`` lists the files. A legacy GGML/GGMF/GGJT model (``ggml-model-q4_0.bin``)
+    opens as the GGUF model ``convert_llama_ggml_to_gguf.py`` would make of it (GGUF tensor names, ``llama.*``
+    and ``tokenizer.ggml.*`` metadata); ``container`` says which it was.
+
+    Malformed files raise :class:`ggml_lora.GGUFError` naming the file, the problem and its byte offset.
     """
 
     def __init__(self, path: PathLike) -> None:
@@ -91,10 +100,14 @@ class GGUFFile:
         self.alignment: int = native.alignment
         self.data_offset: int = native.data_offset
         self.file_size: int = native.file_size
+        #: "GGUF v3", "GGUF v3, split into 3 shards" or "legacy ggjt v3".
+        self.container: str = native.container
+        #: The model's files in shard order, as ``(path, number of tensors)``.
+        self.shards: list[tuple[Path, int]] = [(Path(p), n) for p, n in native.shards()]
         self.tensors: dict[str, TensorInfo] = {}
         self._index: dict[str, int] = {}
-        for i, (name, dims, type_name, offset, nbytes) in enumerate(native.tensors()):
-            self.tensors[name] = TensorInfo(name, tuple(reversed(dims)), type_name, offset, nbytes)
+        for i, (name, dims, type_name, offset, nbytes, shard) in enumerate(native.tensors()):
+            self.tensors[name] = TensorInfo(name, tuple(reversed(dims)), type_name, offset, nbytes, shard)
             self._index[name] = i
         self._fields: dict[str, MetadataValue] | None = None
 
@@ -149,8 +162,79 @@ class GGUFFile:
 
 
 def open(path: PathLike) -> GGUFFile:  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
-    """Open a GGUF file for reading (memory-mapped)."""
+    """Open a model for reading (memory-mapped): a GGUF file, any shard of a split model, or a legacy GGML file."""
     return GGUFFile(path)
+
+
+_SIZE = re.compile(r"^\s*(?P<n>\d+)\s*(?P<unit>[MG]?)\s*$")
+
+
+def parse_split_size(size: int | str) -> int:
+    """Bytes for a ``--split-max-size`` value: ``llama-gguf-split``'s ``N M`` (10^6 bytes) and ``N G`` (10^9),
+    or a plain number of bytes. Must be positive."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = _SIZE.match(str(size))
+        if m is None:
+            raise ValueError(f"split size {size!r}: expected a number of bytes, or N followed by M (10^6 bytes) or "
+                             "G (10^9 bytes), as llama-gguf-split takes it (e.g. 4G)")
+        n = int(m.group("n")) * {"": 1, "M": 1000**2, "G": 1000**3}[m.group("unit")]
+    if n <= 0:
+        raise ValueError(f"split size {size!r} must be positive")
+    return n
+
+
+def split_rule(
+    merge_shards: bool = False, split_max_size: int | str | None = None, split_max_tensors: int | None = None
+) -> tuple[str, int] | None:
+    """The engine's split rule for the output options (at most one may be given); ``None`` keeps the model's."""
+    given = [name for name, value in (("merge_shards", merge_shards), ("split_max_size", split_max_size),
+                                      ("split_max_tensors", split_max_tensors)) if value not in (None, False)]
+    if len(given) > 1:
+        raise ValueError(f"give at most one of {', '.join(given)}")
+    if merge_shards:
+        return ("merge", 0)
+    if split_max_size is not None:
+        return ("max_bytes", parse_split_size(split_max_size))
+    if split_max_tensors is not None:
+        if isinstance(split_max_tensors, bool) or int(split_max_tensors) != split_max_tensors or split_max_tensors < 1:
+            raise ValueError(f"split_max_tensors must be a positive integer, not {split_max_tensors!r}")
+        return ("max_tensors", int(split_max_tensors))
+    return None
+
+
+
+def convert_model(
+    model: PathLike,
+    out: PathLike,
+    *,
+    context_length: int | None = None,
+    rms_eps: float | None = None,
+    merge_shards: bool = True,
+    split_max_size: int | str | None = None,
+    split_max_tensors: int | None = None,
+    sync: bool = True,
+) -> list[Path]:
+    """Write ``model`` as GGUF with every tensor copied as it is (no requantization); returns the files written.
+
+    For a legacy GGML/GGMF/GGJT file this is llama.cpp's ``convert_llama_ggml_to_gguf.py``: the same tensors
+    under their GGUF names and the metadata that script writes (``llama.*`` hyperparameters, the vocabulary as
+    ``tokenizer.ggml.*``); ``context_length`` (default 2048) and ``rms_eps`` (default 5e-6) are its
+    ``--context-length`` and ``--eps``. The KV head count is read from the attention tensors' shapes (the script
+    needs ``--gqa`` for that). A split GGUF model is merged into one file by default, or re-split with
+    ``split_max_size`` / ``split_max_tensors`` (as ``llama-gguf-split``); the output appears only when complete.
+    """
+    extra: dict[str, MetadataValue] = {}
+    if context_length is not None:
+        extra["llama.context_length"] = MetadataValue(int(context_length), GGUFValueType.UINT32)
+    if rms_eps is not None:
+        extra["llama.attention.layer_norm_rms_epsilon"] = MetadataValue(float(rms_eps), GGUFValueType.FLOAT32)
+    rule = split_rule(False, split_max_size, split_max_tensors) or (("merge", 0) if merge_shards else ("keep", 0))
+    paths = _native.copy_model(os.fspath(model), os.fspath(out), split=rule,
+                               extra_metadata=[_typed(k, v) for k, v in extra.items()], sync=sync,
+                               written=_written.current())
+    return [Path(p) for p in paths]
 
 
 # ---------------------------------------------------------------------------------------------------------

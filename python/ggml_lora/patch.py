@@ -8,6 +8,7 @@ results into a :class:`PatchResult` with a per-tensor quality table.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence, Union
@@ -16,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _native, _written
-from .gguf import GGUFValueType, MetadataValue, PathLike, _typed
+from .gguf import GGUFValueType, MetadataValue, PathLike, _typed, split_rule
 from .imatrix import Imatrix, read_imatrix
 
 AdapterSpec = Union[PathLike, "tuple[PathLike, float]", _native.Adapter, "tuple[_native.Adapter, float]"]
@@ -94,6 +95,8 @@ class PatchResult:
     used_base: bool = False
     suggestions: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: Every file written, in shard order (``[out]`` unless the output is split; ``out`` is the first shard).
+    outputs: list[Path] = field(default_factory=list)
 
     @property
     def lost(self) -> list[TensorQuality]:
@@ -124,12 +127,15 @@ class PatchResult:
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
         return "\n".join(lines)
 
+    def _more_shards(self) -> str:
+        return f" and {len(self.outputs) - 1} more shards" if len(self.outputs) > 1 else ""
+
     def summary(self) -> str:
         """A few lines: what was written, how much of the LoRA survived, and what to do if it did not."""
         n = len(self.tensors)
         retained = np.array([t.retained for t in self.tensors]) if n else np.zeros(0)
         lines = [
-            f"wrote {self.out} ({self.bytes_written / 2**20:.1f} MiB) in {self.seconds:.2f} s: "
+            f"wrote {self.out}{self._more_shards()} ({self.bytes_written / 2**20:.1f} MiB) in {self.seconds:.2f} s: "
             f"{n} tensors patched, {self.copied} copied untouched"
         ]
         if n:
@@ -200,9 +206,18 @@ def _adapter_list(
     return items
 
 
-def default_output_path(model: PathLike) -> Path:
-    """``<folder>/<model stem>-lora.gguf``, next to the model."""
+_SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def default_output_path(model: PathLike, *, single_file: bool = False) -> Path:
+    """``<folder>/<model stem>-lora.gguf``, next to the model. For a shard of a split model
+    (``<prefix>-00001-of-00003.gguf``) the output prefix ``<prefix>-lora`` (its shards are named
+    ``<prefix>-lora-00001-of-00003.gguf`` ...), or ``<prefix>-lora.gguf`` when the output is ``single_file``."""
     model = Path(model)
+    shard = _SHARD_NAME.match(model.name)
+    if shard is not None:
+        prefix = model.with_name(f"{shard.group('prefix')}-lora")
+        return prefix.with_name(prefix.name + ".gguf") if single_file else prefix
     return model.with_name(f"{model.stem}-lora.gguf")
 
 
@@ -248,6 +263,9 @@ def patch(
     tensor_types: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
     imatrix: PathLike | Mapping[str, npt.ArrayLike] | None = None,
     keep_lora: float | None = None,
+    merge_shards: bool = False,
+    split_max_size: int | str | None = None,
+    split_max_tensors: int | None = None,
 ) -> PatchResult:
     """Merge LoRA adapters into a GGUF model and write one GGUF of the same quantization.
 
@@ -266,15 +284,23 @@ def patch(
     ``keep_lora``: a share (0..1); a patched tensor that would retain less of the LoRA change than this is written
     in the next larger type of its family (q4_K → q5_K → q6_K → q8_0, q4_0 → q5_0 → q8_0), see
     :attr:`PatchResult.promoted`.
-    ``out`` defaults to ``<model stem>-lora.gguf`` next to the model; it appears only when complete and is never
-    one of the inputs. It must be a regular file or a new name: a device, FIFO or socket raises
+    ``model`` and ``base`` may be any shard of a split model (the whole set is read and checked) or a legacy
+    GGML/GGJT file. A split model gives a split output by default: as many shards, each tensor in the same shard,
+    the same ``split.*`` keys. ``out`` then names the first shard (``x-00001-of-00003.gguf``) or is a prefix
+    without ``.gguf`` (``x`` → ``x-00001-of-00003.gguf`` ...); a plain ``x.gguf`` is refused as ambiguous.
+    ``merge_shards=True`` writes one file instead; ``split_max_size`` (bytes, or "4G"/"500M" as
+    ``llama-gguf-split`` takes them) or ``split_max_tensors`` re-split the output exactly as
+    ``llama-gguf-split --split`` would divide it. All shards appear together, only when all are complete.
+    ``out`` defaults to ``<model stem>-lora.gguf`` next to the model (``<prefix>-lora`` for a shard); it appears
+    only when complete and is never one of the inputs. It must be a regular file or a new name: a device, FIFO or socket raises
     ``SpecialFileError`` (a ``ValueError``), a directory ``IsADirectoryError``, before any work. Inputs must be
     regular files (a FIFO or device raises ``SpecialFileError`` without being opened). ``progress`` is called
     with a :class:`PatchProgress` as the work advances; an exception from it (or Ctrl-C) cancels the patch and
     writes nothing. (A Ctrl-C that arrives after the output was renamed into place is raised once the call
     returns; the output is then complete.)
     """
-    out_path = Path(out) if out is not None else default_output_path(model)
+    rule = split_rule(merge_shards, split_max_size, split_max_tensors)
+    out_path = Path(out) if out is not None else default_output_path(model, single_file=rule == ("merge", 0))
     _native.check_output_path(os.fspath(out_path))
     for given in (model, base):  # refused here, before any adapter is loaded, rather than when opened
         if given is not None:
@@ -303,7 +329,7 @@ def patch(
             user_progress(PatchProgress(done, total, tensor, bytes_done, bytes_total))
 
     try:
-        path, rows, copied, bytes_written, seconds, notes = _native.patch(
+        paths, rows, copied, bytes_written, seconds, notes = _native.patch(
             os.fspath(model),
             loaded,
             os.fspath(base) if base is not None else None,
@@ -317,6 +343,7 @@ def patch(
             tensor_types=list(tensor_types.items() if isinstance(tensor_types, Mapping) else tensor_types or []),
             imatrix=weights,
             keep_lora=keep_lora,
+            split=rule,
             written=_written.current(),
         )
     except _native.PatchError as exc:
@@ -326,7 +353,8 @@ def patch(
             f"{exc}: out_type sets the type of every patched tensor, e.g. out_type='q8_0' (CLI: --out-type q8_0)"
         ) from None
     result = PatchResult(
-        out=Path(path),
+        out=Path(paths[0]),
+        outputs=[Path(p) for p in paths],
         tensors=[TensorQuality._from_native(row) for row in rows],
         copied=copied,
         bytes_written=bytes_written,

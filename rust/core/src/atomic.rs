@@ -94,24 +94,57 @@ impl AtomicFile {
     /// Flushes, optionally `fsync`s (data and folder), and renames the temporary file onto the target,
     /// replacing any existing file there in one step. If the target has meanwhile become a device, FIFO,
     /// socket or directory, it is left alone and the temporary file removed.
-    pub fn commit(mut self, sync: bool) -> Result<PathBuf> {
-        let mut file = self.file.take().expect("AtomicFile committed twice");
+    pub fn commit(self, sync: bool) -> Result<PathBuf> {
+        let mut paths = commit_all(vec![self], sync)?;
+        Ok(paths.remove(0))
+    }
+
+    /// Flushes and optionally `fsync`s the temporary file, which stays under its temporary name.
+    fn prepare(&mut self, sync: bool) -> Result<()> {
+        let Some(file) = self.file.as_mut() else {
+            return Err(Error::WriterState("AtomicFile committed twice".into()));
+        };
         file.flush().map_err(|e| Error::io(&self.temp, e))?;
         if sync {
             file.sync_all().map_err(|e| Error::io(&self.temp, e))?;
         }
-        drop(file);
-        paths::check_output(&self.target)?;
-        std::fs::rename(&self.temp, &self.target).map_err(|e| Error::io(&self.target, e))?;
-        self.renamed = true;
-        if sync {
-            if let Some(dir) = self.target.parent().filter(|p| !p.as_os_str().is_empty()) {
-                // Persist the rename itself; failure here cannot corrupt anything, so it is not an error.
-                let _ = File::open(dir).and_then(|d| d.sync_all());
-            }
-        }
-        Ok(std::mem::take(&mut self.target))
+        self.file = None;
+        Ok(())
     }
+}
+
+/// Commits a set of files that belong together (the shards of a split model) so that the set appears only when
+/// every file is complete: all are flushed (and `fsync`ed) under their temporary names first, every target is
+/// checked, and only then are they renamed, the first file last (the one a reader opens to find the others).
+/// If any step fails, no file of the set is left: temporaries are removed and targets already renamed are
+/// deleted again (a file they replaced is not restored).
+pub fn commit_all(mut files: Vec<AtomicFile>, sync: bool) -> Result<Vec<PathBuf>> {
+    for f in files.iter_mut() {
+        f.prepare(sync)?;
+    }
+    for f in &files {
+        paths::check_output(&f.target)?;
+    }
+    let mut renamed: Vec<PathBuf> = Vec::with_capacity(files.len());
+    for f in files.iter_mut().rev() {
+        if let Err(e) = std::fs::rename(&f.temp, &f.target) {
+            for done in &renamed {
+                let _ = std::fs::remove_file(done);
+            }
+            return Err(Error::io(&f.target, e));
+        }
+        f.renamed = true;
+        renamed.push(f.target.clone());
+    }
+    if sync {
+        let mut dirs: Vec<&Path> = files.iter().filter_map(|f| f.target.parent()).collect();
+        dirs.dedup();
+        for dir in dirs.into_iter().filter(|p| !p.as_os_str().is_empty()) {
+            // Persist the renames themselves; failure here cannot corrupt anything, so it is not an error.
+            let _ = File::open(dir).and_then(|d| d.sync_all());
+        }
+    }
+    Ok(files.iter_mut().map(|f| std::mem::take(&mut f.target)).collect())
 }
 
 impl Drop for AtomicFile {

@@ -159,6 +159,125 @@ pub enum Error {
     /// or turn into garbage weights (byte-level damage to a legacy `.dat` file is [`Error::Malformed`]).
     #[error("malformed importance matrix: {0}")]
     BadImatrix(BadImatrix),
+
+    /// A split model (llama.cpp's gguf-split shards) whose set is incomplete or inconsistent; `shard` is the
+    /// file at fault (for a missing shard, the path where it was expected).
+    #[error("{}: {problem}", shard.display())]
+    ShardSet {
+        /// The shard at fault.
+        shard: PathBuf,
+        /// What is wrong with the set.
+        problem: ShardProblem,
+    },
+}
+
+/// The ways a set of gguf-split shards can be incomplete or inconsistent (see [`Error::ShardSet`]). Shard
+/// numbers in messages are 1-based, as in the file names; the `split.no` values are 0-based, as on disk.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ShardProblem {
+    /// The file says it is a shard, but its name does not follow llama.cpp's scheme, so its siblings cannot be
+    /// found.
+    #[error(
+        "the file says it is shard {} of {count} (split.no = {no}), but its name does not end in \
+         -{:05}-of-{count:05}.gguf, so its sibling shards cannot be found; rename the shards as \
+         llama-gguf-split names them (PREFIX-NNNNN-of-MMMMM.gguf)",
+        *no as u32 + 1,
+        *no as u32 + 1
+    )]
+    BadName {
+        /// `split.no` of the file (0-based).
+        no: u16,
+        /// `split.count` of the file.
+        count: u16,
+    },
+    /// A shard of the set is not there.
+    #[error("shard {} of {count} is missing (the set is incomplete)", *no as u32 + 1)]
+    Missing {
+        /// The missing shard's number (0-based).
+        no: u16,
+        /// Shards in the set.
+        count: u16,
+    },
+    /// A file with a shard's name that carries no `split.no`: not a shard.
+    #[error("named as shard {} of {count}, but it is not a shard (no split.no key)", *no as u32 + 1)]
+    NotAShard {
+        /// The number its name gives (0-based).
+        no: u16,
+        /// Shards in the set.
+        count: u16,
+    },
+    /// A split key of the wrong type (llama.cpp reads `split.no` and `split.count` as UINT16 and
+    /// `split.tensors.count` as INT32, and refuses other types).
+    #[error("metadata key {key} is {found}, expected {expected}")]
+    KeyType {
+        /// The key.
+        key: &'static str,
+        /// Its type in the file.
+        found: String,
+        /// The type llama.cpp requires.
+        expected: &'static str,
+    },
+    /// A split key llama.cpp requires is missing.
+    #[error("metadata key {key} is missing (llama.cpp requires it in a split model)")]
+    MissingKey {
+        /// The key.
+        key: &'static str,
+    },
+    /// `split.no` not below `split.count`.
+    #[error("split.no is {no}, but split.count is {count} (shard numbers run from 0 to split.count - 1)")]
+    NumberOutOfRange {
+        /// `split.no`.
+        no: u16,
+        /// `split.count`.
+        count: u16,
+    },
+    /// The shard's `split.no` differs from the number its name gives: a copied, duplicated or misnamed shard.
+    #[error(
+        "split.no is {found} (shard {}), but the file is named as shard {} of the set (a duplicated or \
+         misnamed shard)",
+        *found as u32 + 1,
+        *expected as u32 + 1
+    )]
+    WrongNumber {
+        /// `split.no` in the file.
+        found: u16,
+        /// The number its name gives (0-based).
+        expected: u16,
+    },
+    /// The shard's `split.count` differs from the first shard's.
+    #[error("split.count is {found}, but the first shard says the set has {expected} shards")]
+    CountMismatch {
+        /// `split.count` in this shard.
+        found: u16,
+        /// `split.count` in the first shard.
+        expected: u16,
+    },
+    /// The shard's `split.tensors.count` differs from the first shard's.
+    #[error("split.tensors.count is {found}, but the first shard says {expected}")]
+    TensorCountMismatch {
+        /// In this shard.
+        found: i64,
+        /// In the first shard.
+        expected: i64,
+    },
+    /// A tensor name found in two shards.
+    #[error("tensor {name:?} is also in {} (each tensor must be in exactly one shard)", other.display())]
+    DuplicateTensor {
+        /// The tensor.
+        name: String,
+        /// The other shard holding it.
+        other: PathBuf,
+    },
+    /// The shards' tensors do not add up to `split.tensors.count`.
+    #[error("the {count} shards hold {found} tensors in all, but split.tensors.count says {expected}")]
+    TensorTotal {
+        /// Shards in the set.
+        count: u16,
+        /// Tensors found.
+        found: u64,
+        /// `split.tensors.count` of the first shard.
+        expected: i64,
+    },
 }
 
 /// The ways a file can break its format. Each names the field and the values involved.
@@ -341,6 +460,23 @@ pub enum Malformed {
         /// What the file holds instead.
         detail: String,
     },
+    /// A quantized tensor of a legacy model whose block layout changed after the file's container version, so its
+    /// bytes cannot be copied into a GGUF as they are.
+    #[error(
+        "tensor {name:?} is {ty} in a {container} file, but {ty}'s block layout changed in {changed_in} and this \
+         file predates that: its bytes cannot be read as {ty} today; convert the model again from its f16/f32 \
+         weights with a current llama.cpp (or find it as ggjt v3 or GGUF)"
+    )]
+    LegacyLayoutChanged {
+        /// The tensor (its legacy name).
+        name: String,
+        /// Its type.
+        ty: GgmlType,
+        /// The container and version, e.g. "ggjt v2".
+        container: String,
+        /// The container version that changed the layout.
+        changed_in: &'static str,
+    },
     /// Anything else, described in words.
     #[error("{0}")]
     Other(String),
@@ -439,6 +575,14 @@ pub enum Incompatible {
     OutputIsInput {
         /// The path.
         path: String,
+    },
+    /// An output name that cannot be used for the output's shards (or a shard name for a single file).
+    #[error("output {path}: {reason}")]
+    OutputName {
+        /// The name given.
+        path: String,
+        /// Why it cannot be used and what to give instead.
+        reason: String,
     },
     /// Anything else, in words.
     #[error("{0}")]

@@ -3,6 +3,8 @@
 //! - [`types`]: ggml tensor types, block sizes.
 //! - [`quant`]: f32/f16/bf16/q8_0/q4_0 kernels, bit-exact with ggml's reference quantizers.
 //! - [`gguf`]: memory-mapped GGUF reader and streaming, atomic GGUF writer.
+//! - [`model`]: a model as distributed (one GGUF, a set of gguf-split shards, or a legacy GGML/GGJT file)
+//!   presented as one set of tensors; [`legacy`]: the pre-GGUF containers; [`mapped`]: memory-mapped inputs.
 //! - [`imatrix`]: importance matrices (llama-imatrix output, GGUF and legacy).
 //! - [`atomic`]: temporary-file-then-rename output files.
 //! - [`paths`]: which kinds of path are accepted as inputs and outputs (regular files only).
@@ -14,10 +16,13 @@ pub mod error;
 pub mod ggla;
 pub mod gguf;
 pub mod imatrix;
+pub mod legacy;
+pub mod mapped;
+pub mod model;
 pub mod patch;
 pub mod paths;
 pub mod quant;
 pub mod types;
 
-pub use error::{BadImatrix, Error, Malformed, Result};
+pub use error::{BadImatrix, Error, Malformed, Result, ShardProblem};
 pub use types::GgmlType;

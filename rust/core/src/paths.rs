@@ -141,6 +141,21 @@ pub(crate) fn not_a_file_path() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, "not a file path")
 }
 
+/// True when `a` and `b` name the same existing file (same device and inode), or the same path.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(ma), Ok(mb)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+            return ma.dev() == mb.dev() && ma.ino() == mb.ino();
+        }
+    }
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(ca), Ok(cb)) => ca == cb,
+        _ => false,
+    }
+}
+
 #[cfg(all(test, unix))]
 pub(crate) mod tests {
     use super::*;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use ggml_lora_core::adapter::LoraAdapter;
 use ggml_lora_core::gguf::GgufFile;
+use ggml_lora_core::model::ModelFile;
 use ggml_lora_core::patch::{AdapterInput, PatchOptions, PatchPlan};
 use ggml_lora_core::{Error, GgmlType};
 
@@ -26,10 +27,10 @@ fn adapter(fx: &Fixtures, rel: &str) -> Vec<AdapterInput> {
 #[test]
 fn pipeline_identical_q4_0_and_q8_0() {
     let Some(fx) = Fixtures::get("pipeline_identical_q4_0_and_q8_0") else { return };
-    let base = GgufFile::open(fx.path("llama-gqa/base-f16.gguf")).unwrap();
+    let base = ModelFile::open(fx.path("llama-gqa/base-f16.gguf")).unwrap();
     let adapters = adapter(&fx, "llama-gqa/lora-r8/ref-adapter-f32.gguf");
     for quant in ["q4_0", "q8_0"] {
-        let model = GgufFile::open(fx.path(&format!("llama-gqa/base-{quant}.gguf"))).unwrap();
+        let model = ModelFile::open(fx.path(&format!("llama-gqa/base-{quant}.gguf"))).unwrap();
         let options = PatchOptions { intermediate: Some(GgmlType::F16), threads: Some(2), ..Default::default() };
         let plan = PatchPlan::new(&model, Some(&base), &adapters, options).unwrap();
         assert_eq!(plan.patched_tensors().len(), 14);
@@ -59,7 +60,7 @@ fn pipeline_identical_q4_0_and_q8_0() {
 #[test]
 fn cancelled_run_leaves_no_output() {
     let Some(fx) = Fixtures::get("cancelled_run_leaves_no_output") else { return };
-    let model = GgufFile::open(fx.path("llama-gqa/base-f16.gguf")).unwrap();
+    let model = ModelFile::open(fx.path("llama-gqa/base-f16.gguf")).unwrap();
     let adapters = adapter(&fx, "llama-gqa/lora-qv-r4/ref-adapter-f32.gguf");
     let plan = PatchPlan::new(&model, None, &adapters, PatchOptions::default()).unwrap();
     let out = scratch("cancelled.gguf");
@@ -84,7 +85,7 @@ fn dora_merge_rescales_rows_to_the_magnitudes() {
     use ggml_lora_core::gguf::TensorInfo;
     use ggml_lora_core::quant;
 
-    let model = GgufFile::open(fx.path("llama-gqa/base-f16.gguf")).unwrap();
+    let model = ModelFile::open(fx.path("llama-gqa/base-f16.gguf")).unwrap();
     let (index, w_info) = model.tensor("blk.0.attn_v.weight").unwrap();
     let (rows, cols, rank) = (w_info.n_rows() as usize, w_info.row_len() as usize, 4usize);
     let mut w = vec![0f32; rows * cols];

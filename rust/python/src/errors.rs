@@ -1,6 +1,6 @@
 //! The one place where core errors become Python exceptions.
 //!
-//! - malformed files (including importance matrices) → `GGUFError` (a `ValueError`)
+//! - malformed files (including importance matrices and incomplete or inconsistent shard sets) → `GGUFError` (a `ValueError`)
 //! - missing files → `FileNotFoundError`, other OS errors → `OSError` (with errno)
 //! - bad arguments (non-finite input, row length, unsupported type, invalid metadata/tensors) → `ValueError`
 //! - inputs that cannot be patched together → `PatchError` (a `ValueError`)
@@ -66,7 +66,7 @@ pub fn to_py(err: Error) -> PyErr {
         }
         Error::NotRegularFile { kind: FileKind::Directory, .. } => PyIsADirectoryError::new_err((21, message)),
         Error::NotRegularFile { .. } => SpecialFileError::new_err(message),
-        Error::Malformed { .. } | Error::BadImatrix(_) => GGUFError::new_err(message),
+        Error::Malformed { .. } | Error::BadImatrix(_) | Error::ShardSet { .. } => GGUFError::new_err(message),
         Error::Incompatible(_) => PatchError::new_err(message),
         Error::WriterState(_) | Error::Cancelled(_) => PyRuntimeError::new_err(message),
         Error::InFile { .. }

@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use ggml_lora_core::gguf::{GgufFile, GgufWriter, TensorSpec, Value, WriteOptions};
+use ggml_lora_core::gguf::{GgufWriter, SplitRule, TensorSpec, Value, WriteOptions};
+use ggml_lora_core::model::ModelFile;
 use ggml_lora_core::{quant, GgmlType};
 use numpy::ndarray::ArrayView1;
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
@@ -17,6 +18,7 @@ use crate::values::{element_type_name, value_from_py, value_to_py, value_type};
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeGgufFile>()?;
     m.add_function(wrap_pyfunction!(write_gguf, m)?)?;
+    m.add_function(wrap_pyfunction!(copy_model, m)?)?;
     Ok(())
 }
 
@@ -25,10 +27,10 @@ pub fn ggml_type(name: &str) -> PyResult<GgmlType> {
     GgmlType::from_name(name).ok_or_else(|| PyValueError::new_err(format!("unknown ggml type {name:?}")))
 }
 
-/// An open, memory-mapped GGUF file.
+/// An open, memory-mapped model: one GGUF file, a split model opened from any shard, or a legacy GGML/GGJT file.
 #[pyclass(name = "GgufFile", module = "ggml_lora._native", frozen)]
 pub struct NativeGgufFile {
-    file: GgufFile,
+    file: ModelFile,
 }
 
 impl NativeGgufFile {
@@ -43,35 +45,46 @@ impl NativeGgufFile {
 
 #[pymethods]
 impl NativeGgufFile {
-    /// Opens and validates `path` (the GIL is released while the header is parsed).
+    /// Opens and validates `path` (the GIL is released while the headers are parsed).
     #[new]
     fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let file = py.detach(|| GgufFile::open(&path)).py_err()?;
+        let file = py.detach(|| ModelFile::open(&path)).py_err()?;
         Ok(NativeGgufFile { file })
     }
 
-    /// GGUF version (2 or 3).
+    /// GGUF version (2 or 3) of the (first) file; a legacy file's container version.
     #[getter]
     fn version(&self) -> u32 {
-        self.file.header().version
+        self.file.version()
     }
 
-    /// Data alignment in bytes.
+    /// Data alignment in bytes (of the first file).
     #[getter]
     fn alignment(&self) -> u64 {
-        self.file.header().alignment
+        self.file.alignment()
     }
 
-    /// Absolute offset of the data section.
+    /// Absolute offset of the (first) file's data section.
     #[getter]
     fn data_offset(&self) -> u64 {
-        self.file.header().data_offset
+        self.file.data_offset()
     }
 
-    /// File size in bytes.
+    /// Bytes of all the model's files.
     #[getter]
-    fn file_size(&self) -> usize {
-        self.file.bytes().len()
+    fn file_size(&self) -> u64 {
+        self.file.file_size()
+    }
+
+    /// The container, e.g. "GGUF v3", "GGUF v3, split into 3 shards", "legacy ggjt v3".
+    #[getter]
+    fn container(&self) -> String {
+        self.file.container().to_string()
+    }
+
+    /// The model's files in shard order, as `(path, number of tensors)`.
+    fn shards(&self) -> Vec<(PathBuf, usize)> {
+        self.file.shards().into_iter().map(|(p, n)| (p.to_path_buf(), n)).collect()
     }
 
     /// Metadata as `(key, type name, element type name or None, value)` tuples in file order.
@@ -81,20 +94,24 @@ impl NativeGgufFile {
         py: Python<'py>,
     ) -> PyResult<Vec<(&str, &'static str, Option<&'static str>, Bound<'py, PyAny>)>> {
         self.file
-            .header()
-            .metadata
+            .metadata()
             .iter()
             .map(|(k, v)| Ok((k.as_str(), v.value_type().name(), element_type_name(v), value_to_py(py, v)?)))
             .collect()
     }
 
-    /// Tensor infos as `(name, dims in ggml order, type name, absolute data offset, nbytes)` in file order.
-    fn tensors(&self) -> Vec<(&str, Vec<u64>, &'static str, u64, u64)> {
-        let data_offset = self.file.header().data_offset;
+    /// Tensor infos as `(name, dims in ggml order, type name, absolute data offset in its file, nbytes, shard)`
+    /// in model order.
+    #[allow(clippy::type_complexity)]
+    fn tensors(&self) -> Vec<(&str, Vec<u64>, &'static str, u64, u64, u16)> {
         self.file
             .tensors()
             .iter()
-            .map(|t| (t.name.as_str(), t.dims.clone(), t.ty.name(), data_offset + t.offset, t.nbytes))
+            .enumerate()
+            .map(|(i, t)| {
+                let start = self.file.tensor_source(i).1.start;
+                (t.name.as_str(), t.dims.clone(), t.ty.name(), start, t.nbytes, self.file.shard_of(i))
+            })
             .collect()
     }
 
@@ -173,4 +190,52 @@ fn write_gguf(
         list.append(out.as_os_str())?;
     }
     Ok(out)
+}
+
+/// Parses a split rule: `("keep" | "merge" | "max_tensors" | "max_bytes", limit)`.
+pub fn split_rule(rule: Option<(String, u64)>) -> PyResult<SplitRule> {
+    Ok(match rule {
+        None => SplitRule::Keep,
+        Some((kind, n)) => match kind.as_str() {
+            "keep" => SplitRule::Keep,
+            "merge" => SplitRule::Merge,
+            "max_tensors" => SplitRule::MaxTensors(n),
+            "max_bytes" => SplitRule::MaxBytes(n),
+            other => return Err(PyValueError::new_err(format!("unknown split rule {other:?}"))),
+        },
+    })
+}
+
+/// Writes the model at `model` (any shard of a split model, or a legacy file) as GGUF with every tensor copied
+/// as it is, divided by `split` (default: one file); `extra_metadata` as for `write_gguf` adds or replaces keys.
+/// Returns the files written; `written` gets them appended once they are in place.
+#[pyfunction]
+#[pyo3(signature = (model, out, *, split = None, extra_metadata = Vec::new(), sync = true, written = None))]
+#[allow(clippy::type_complexity)]
+fn copy_model(
+    py: Python<'_>,
+    model: PathBuf,
+    out: PathBuf,
+    split: Option<(String, u64)>,
+    extra_metadata: Vec<(String, String, Option<String>, Bound<'_, PyAny>)>,
+    sync: bool,
+    written: Option<Bound<'_, PyList>>,
+) -> PyResult<Vec<PathBuf>> {
+    let rule = match split {
+        None => SplitRule::Merge,
+        some => split_rule(some)?,
+    };
+    let mut values: Vec<(String, Value)> = Vec::with_capacity(extra_metadata.len());
+    for (key, ty, elem, obj) in extra_metadata {
+        let elem = elem.as_deref().map(value_type).transpose()?;
+        values.push((key, value_from_py(&obj, value_type(&ty)?, elem)?));
+    }
+    let outputs =
+        py.detach(|| ModelFile::open(&model)?.write_copy(&out, rule, &values, WriteOptions { sync })).py_err()?;
+    if let Some(list) = written {
+        for path in &outputs {
+            list.append(path.as_os_str())?;
+        }
+    }
+    Ok(outputs)
 }

@@ -6,16 +6,17 @@ use std::sync::Arc;
 use ggml_lora_core::adapter::{self, LoraAdapter};
 use ggml_lora_core::gguf::{tensor_nbytes, TensorInfo, Value};
 use ggml_lora_core::imatrix::Imatrix;
+use ggml_lora_core::model::ModelFile;
 use ggml_lora_core::patch::{AdapterInput, PatchOptions, PatchPlan};
 use ggml_lora_core::paths;
-use ggml_lora_core::{gguf::GgufFile, Error};
+use ggml_lora_core::Error;
 use numpy::PyReadonlyArrayDyn;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
 use crate::errors::IntoPyResult;
-use crate::gguf::ggml_type;
+use crate::gguf::{ggml_type, split_rule};
 use crate::values::{value_from_py, value_type};
 
 /// Adds the adapter class and the patch function to the module.
@@ -129,14 +130,14 @@ pub struct TensorRow {
     extra_bytes: u64,
 }
 
-/// Runs a patch; returns `(out path, per-tensor reports, tensors copied, bytes written, seconds, notes)`.
+/// Runs a patch; returns `(output paths in shard order, per-tensor reports, tensors copied, bytes written, seconds, notes)`.
 /// `imatrix` is `(source, [(tensor name, weights)])`; `tensor_types` `[(pattern, type name)]`.
 /// `written`: a list to which the output path is appended as soon as it has been renamed into place, before
 /// any Python code runs again, so an interrupt handled later can tell that the output is complete.
 #[pyfunction]
 #[pyo3(signature = (model, adapters, base, out, *, out_type = None, intermediate = None, threads = None,
                     sync = true, extra_metadata = Vec::new(), progress = None, tensor_types = Vec::new(),
-                    imatrix = None, keep_lora = None, written = None))]
+                    imatrix = None, keep_lora = None, split = None, written = None))]
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn patch(
     py: Python<'_>,
@@ -153,8 +154,9 @@ fn patch(
     tensor_types: Vec<(String, String)>,
     imatrix: Option<(String, Vec<(String, Vec<f32>)>)>,
     keep_lora: Option<f64>,
+    split: Option<(String, u64)>,
     written: Option<Bound<'_, PyList>>,
-) -> PyResult<(PathBuf, Vec<TensorRow>, usize, u64, f64, Vec<String>)> {
+) -> PyResult<(Vec<PathBuf>, Vec<TensorRow>, usize, u64, f64, Vec<String>)> {
     paths::check_output(&out).py_err()?;
     let mut metadata: Vec<(String, Value)> = Vec::with_capacity(extra_metadata.len());
     for (key, ty, elem, obj) in extra_metadata {
@@ -174,13 +176,14 @@ fn patch(
         imatrix: imatrix
             .map(|(source, entries)| Arc::new(Imatrix::from_entries(source, entries.into_iter().collect()))),
         keep_lora,
+        split: split_rule(split)?,
     };
     let inputs: Vec<AdapterInput> =
         adapters.iter().map(|(a, scale)| AdapterInput { adapter: Arc::clone(&a.inner), scale: *scale }).collect();
     let mut callback_error: Option<PyErr> = None;
     let result = py.detach(|| {
-        let model = GgufFile::open(&model)?;
-        let base = base.as_ref().map(GgufFile::open).transpose()?;
+        let model = ModelFile::open(&model)?;
+        let base = base.as_ref().map(ModelFile::open).transpose()?;
         let plan = PatchPlan::new(&model, base.as_ref(), &inputs, options)?;
         let mut on_progress = |p: &ggml_lora_core::patch::Progress<'_>| -> Result<(), Error> {
             Python::attach(|py| {
@@ -200,7 +203,9 @@ fn patch(
     });
     if let (Ok(report), Some(list)) = (&result, &written) {
         // A str (no Python code runs to build it), so a pending interrupt cannot fire before it is recorded.
-        list.append(report.out.as_os_str())?;
+        for path in &report.outputs {
+            list.append(path.as_os_str())?;
+        }
     }
     if let Some(err) = callback_error {
         return Err(err);
@@ -225,5 +230,5 @@ fn patch(
             extra_bytes: t.extra_bytes(),
         })
         .collect();
-    Ok((report.out, rows, report.copied, report.bytes_written, report.seconds, report.notes))
+    Ok((report.outputs, rows, report.copied, report.bytes_written, report.seconds, report.notes))
 }

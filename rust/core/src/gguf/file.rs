@@ -2,19 +2,16 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::path::{Path, PathBuf};
-
-use memmap2::Mmap;
+use std::path::Path;
 
 use super::header::{GgufHeader, TensorInfo};
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::mapped::MappedFile;
 
 /// An open, validated GGUF file. Opening maps the file and parses only the header; tensor bytes are read
 /// from the map on demand, so opening a 10 GB model costs no 10 GB of memory.
 pub struct GgufFile {
-    path: PathBuf,
-    file: File,
-    map: Mmap,
+    mapped: MappedFile,
     header: GgufHeader,
     index: HashMap<String, usize>,
 }
@@ -22,8 +19,8 @@ pub struct GgufFile {
 impl std::fmt::Debug for GgufFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GgufFile")
-            .field("path", &self.path)
-            .field("len", &self.map.len())
+            .field("path", &self.mapped.path())
+            .field("len", &self.mapped.bytes().len())
             .field("tensors", &self.header.tensors.len())
             .finish()
     }
@@ -32,22 +29,24 @@ impl std::fmt::Debug for GgufFile {
 impl GgufFile {
     /// Opens and validates `path`. Errors name the file and, for malformed files, the byte offset.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
-        let path = path.as_ref().to_path_buf();
-        // A FIFO, device, socket or directory is refused without blocking (see `paths::open_input`).
-        let file = crate::paths::open_input(&path)?;
-        // SAFETY: the map is read-only and private to this process. Like every mmap reader (ggml, gguf-py,
-        // safetensors) we accept that another process truncating or rewriting the file while it is mapped
-        // is outside our control; this crate never writes to a file it has mapped (outputs go to a new
-        // temporary file that is renamed into place).
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-        let header = GgufHeader::parse(&map).map_err(|e| e.in_file(&path))?;
+        Self::from_mapped(MappedFile::open(path)?)
+    }
+
+    /// Parses and validates the header of an already mapped file.
+    pub fn from_mapped(mapped: MappedFile) -> Result<GgufFile> {
+        let header = GgufHeader::parse(mapped.bytes()).map_err(|e| e.in_file(mapped.path()))?;
         let index = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        Ok(GgufFile { path, file, map, header, index })
+        Ok(GgufFile { mapped, header, index })
+    }
+
+    /// The mapped file and its parsed header.
+    pub fn into_parts(self) -> (MappedFile, GgufHeader) {
+        (self.mapped, self.header)
     }
 
     /// The path the file was opened from.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.mapped.path()
     }
 
     /// The parsed header.
@@ -70,32 +69,21 @@ impl GgufFile {
     /// Panics if `index` is out of range; ranges were validated against the file length on open.
     pub fn tensor_data(&self, index: usize) -> &[u8] {
         let range = self.header.tensor_range(index);
-        &self.map[range.start as usize..range.end as usize]
+        &self.mapped.bytes()[range.start as usize..range.end as usize]
     }
 
     /// The open file handle (the same file as the map), e.g. for kernel-side copies of tensor data.
     pub fn file(&self) -> &File {
-        &self.file
+        self.mapped.file()
     }
 
-    /// Tells the kernel this process is done with the pages of `range` (absolute bytes) for now, so they leave
-    /// its resident set; they stay in the page cache and are read again transparently if touched later.
-    /// Keeps memory flat when streaming through files larger than RAM.
+    /// Drops this process's pages of `range` (absolute bytes); see [`MappedFile::release_pages`].
     pub fn release_pages(&self, range: std::ops::Range<usize>) {
-        let end = range.end.min(self.map.len());
-        if range.start >= end {
-            return;
-        }
-        // SAFETY: the map is a read-only file mapping, for which MADV_DONTNEED only drops this process's
-        // page-table entries: later reads fault the same file contents back in, so no reference into the map
-        // can observe a change. (It is only unsafe for private *writable* maps, where it discards changes.)
-        let _ = unsafe {
-            self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, range.start, end - range.start)
-        };
+        self.mapped.release_pages(range)
     }
 
     /// The whole mapped file.
     pub fn bytes(&self) -> &[u8] {
-        &self.map
+        self.mapped.bytes()
     }
 }

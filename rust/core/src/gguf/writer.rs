@@ -183,7 +183,14 @@ impl GgufWriter {
     }
 
     /// Checks that every tensor is complete, then flushes and renames the file into place.
-    pub fn finish(mut self) -> Result<PathBuf> {
+    pub fn finish(self) -> Result<PathBuf> {
+        let sync = self.options.sync;
+        self.finish_unrenamed()?.commit(sync)
+    }
+
+    /// Checks that every tensor is complete and flushes the buffer, but leaves the file under its temporary
+    /// name: the caller commits it, with others that belong to it ([`crate::atomic::commit_all`]).
+    pub fn finish_unrenamed(mut self) -> Result<AtomicFile> {
         if self.current != self.specs.len() {
             let (spec, nbytes) = &self.specs[self.current];
             return Err(Error::WriterState(format!(
@@ -194,7 +201,12 @@ impl GgufWriter {
             )));
         }
         self.flush_buffer()?;
-        self.out.commit(self.options.sync)
+        Ok(self.out)
+    }
+
+    /// Whether `fsync` was asked for.
+    pub fn sync(&self) -> bool {
+        self.options.sync
     }
 
     fn write_out(&mut self, bytes: &[u8]) -> Result<()> {

@@ -18,8 +18,10 @@ pub use kernel::Sums;
 
 use crate::adapter::LoraAdapter;
 use crate::error::{Error, Incompatible, Result};
-use crate::gguf::{Array, GgufFile, GgufWriter, TensorSpec, Value, ValueType, WriteOptions};
+use crate::gguf::split::{self, ShardedWriter, SplitRule};
+use crate::gguf::{Array, TensorSpec, Value, ValueType, WriteOptions};
 use crate::imatrix::Imatrix;
+use crate::model::ModelFile;
 use crate::quant;
 use crate::types::GgmlType;
 
@@ -63,6 +65,9 @@ pub struct PatchOptions {
     pub sync: bool,
     /// Metadata added to (or replacing in) the model's metadata, e.g. what was merged.
     pub extra_metadata: Vec<(String, Value)>,
+    /// How the output is divided into shards: by default as the model is (a split model gives the same shards,
+    /// each tensor in the same shard), or merged into one file, or re-split like `llama-gguf-split --split`.
+    pub split: SplitRule,
 }
 
 /// Progress of a running patch, reported after each tensor and each chunk of a patched tensor.
@@ -187,8 +192,10 @@ fn ratio(a: f64, b: f64) -> f64 {
 /// What a finished patch reports.
 #[derive(Clone, Debug)]
 pub struct PatchReport {
-    /// The output file.
+    /// The output file (a split output's first shard, the one llama.cpp opens).
     pub out: PathBuf,
+    /// Every file written, in shard order (just `out` for an unsplit output).
+    pub outputs: Vec<PathBuf>,
     /// One entry per patched tensor, in file order.
     pub tensors: Vec<TensorReport>,
     /// Tensors copied untouched.
@@ -230,8 +237,8 @@ fn compile_tensor_types(patterns: &[(String, GgmlType)]) -> Result<Vec<(regex::R
 
 /// A validated patch, ready to run.
 pub struct PatchPlan<'a> {
-    model: &'a GgufFile,
-    base: Option<&'a GgufFile>,
+    model: &'a ModelFile,
+    base: Option<&'a ModelFile>,
     adapters: &'a [AdapterInput],
     options: PatchOptions,
     tensors: Vec<TensorPlan>,
@@ -239,8 +246,8 @@ pub struct PatchPlan<'a> {
     notes: Vec<String>,
 }
 
-fn architecture(file: &GgufFile) -> Option<String> {
-    file.header().get("general.architecture").and_then(Value::as_str).map(str::to_owned)
+fn architecture(file: &ModelFile) -> Option<String> {
+    file.get("general.architecture").and_then(Value::as_str).map(str::to_owned)
 }
 
 fn incompatible(i: Incompatible) -> Error {
@@ -296,8 +303,8 @@ fn llama_file_type(ty: GgmlType) -> Option<u32> {
 impl<'a> PatchPlan<'a> {
     /// Checks that `model`, `base` and `adapters` belong together and decides every tensor's fate.
     pub fn new(
-        model: &'a GgufFile,
-        base: Option<&'a GgufFile>,
+        model: &'a ModelFile,
+        base: Option<&'a ModelFile>,
         adapters: &'a [AdapterInput],
         options: PatchOptions,
     ) -> Result<PatchPlan<'a>> {
@@ -467,7 +474,7 @@ impl<'a> PatchPlan<'a> {
 
     /// The importance matrix must belong to this model: at least one entry names one of its tensors, and the entry
     /// of every patched tensor has one weight per column.
-    fn check_imatrix(model: &GgufFile, tensors: &[TensorPlan], imatrix: &Imatrix) -> Result<()> {
+    fn check_imatrix(model: &ModelFile, tensors: &[TensorPlan], imatrix: &Imatrix) -> Result<()> {
         if !imatrix.entries.keys().any(|name| model.tensor(name).is_some()) {
             return Err(incompatible(Incompatible::Other(format!(
                 "importance matrix {}: none of its {} entries names a tensor of {} (is it for another model?)",
@@ -493,8 +500,8 @@ impl<'a> PatchPlan<'a> {
         Ok(())
     }
 
-    fn output_metadata(model: &GgufFile, tensors: &[TensorPlan], options: &PatchOptions) -> Vec<(String, Value)> {
-        let mut metadata = model.header().metadata.clone();
+    fn output_metadata(model: &ModelFile, tensors: &[TensorPlan], options: &PatchOptions) -> Vec<(String, Value)> {
+        let mut metadata = model.metadata().to_vec();
         if options.out_type.is_some() || !options.tensor_types.is_empty() || options.keep_lora.is_some() {
             // llama.cpp guesses a file's type from its most common tensor type; keep general.file_type in step.
             let mut counts: Vec<(GgmlType, usize)> = Vec::new();
@@ -534,10 +541,10 @@ impl<'a> PatchPlan<'a> {
         metadata
     }
 
-    fn collect_notes(model: &GgufFile, tensors: &[TensorPlan], options: &PatchOptions) -> Vec<String> {
+    fn collect_notes(model: &ModelFile, tensors: &[TensorPlan], options: &PatchOptions) -> Vec<String> {
         let mut notes = Vec::new();
         let requantized = tensors.iter().filter(|t| t.patch.is_some() && !t.out_type.is_plain()).count();
-        let imatrix = model.header().metadata.iter().find(|(k, _)| k.starts_with("quantize.imatrix."));
+        let imatrix = model.metadata().iter().find(|(k, _)| k.starts_with("quantize.imatrix."));
         if let Some(given) = &options.imatrix {
             let without: Vec<&str> = tensors
                 .iter()
@@ -554,7 +561,7 @@ impl<'a> PatchPlan<'a> {
                 ));
             }
         } else if let (Some(_), true) = (imatrix, requantized > 0) {
-            let file = model.header().get("quantize.imatrix.file").and_then(Value::as_str).unwrap_or("unknown file");
+            let file = model.get("quantize.imatrix.file").and_then(Value::as_str).unwrap_or("unknown file");
             notes.push(format!(
                 "the model was quantized with an importance matrix ({file}); the {requantized} patched tensors are \
                  requantized with ggml's reference quantizer, without it (untouched tensors keep theirs)"
@@ -584,11 +591,13 @@ impl<'a> PatchPlan<'a> {
 
     fn check_output_path(&self, out: &Path) -> Result<()> {
         crate::paths::check_output(out)?;
-        let mut inputs: Vec<PathBuf> = vec![self.model.path().to_path_buf()];
-        inputs.extend(self.base.map(|b| b.path().to_path_buf()));
+        let mut inputs: Vec<PathBuf> = self.model.shards().iter().map(|(p, _)| p.to_path_buf()).collect();
+        if let Some(base) = self.base {
+            inputs.extend(base.shards().iter().map(|(p, _)| p.to_path_buf()));
+        }
         inputs.extend(self.adapters.iter().map(|a| PathBuf::from(&a.adapter.source)));
         for input in inputs {
-            if same_file(&input, out) {
+            if crate::paths::same_file(&input, out) {
                 return Err(incompatible(Incompatible::OutputIsInput { path: out.display().to_string() }));
             }
         }
@@ -596,9 +605,19 @@ impl<'a> PatchPlan<'a> {
     }
 
     /// Runs the patch, writing `out` atomically. `progress` is called after each tensor and chunk; an error
-    /// from it cancels the run (nothing is written).
+    /// from it cancels the run (nothing is written). When the output has several shards ([`PatchOptions::split`])
+    /// `out` names them as [`split::output_paths`] says (the first shard's name or a prefix), and the set appears
+    /// only when every shard is complete.
     pub fn run(&self, out: &Path, progress: &mut dyn FnMut(&Progress<'_>) -> Result<()>) -> Result<PatchReport> {
-        self.check_output_path(out)?;
+        let known_count = match self.options.split {
+            SplitRule::Keep => Some(self.model.shards().len() as u16),
+            SplitRule::Merge => Some(1),
+            _ => None,
+        };
+        // Names known before any work are checked now, so a bad one is refused before patching.
+        for path in known_count.map(|n| split::output_paths(out, n)).transpose()?.unwrap_or_default() {
+            self.check_output_path(&path)?;
+        }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(self.options.threads.unwrap_or(0))
             .build()
@@ -628,15 +647,25 @@ impl<'a> PatchPlan<'a> {
                 TensorSpec { name: info.name.clone(), dims: info.dims.clone(), ty }
             })
             .collect();
-        let writer = GgufWriter::create(out, &self.metadata, specs, WriteOptions { sync: self.options.sync })?;
+        let out_sizes: Vec<u64> = specs
+            .iter()
+            .map(|s| crate::gguf::tensor_nbytes(&s.name, &s.dims, s.ty).map_err(Error::InvalidTensorInfo))
+            .collect::<Result<_>>()?;
+        let assignment = split::assign_shards(&out_sizes, self.options.split, &self.model.assignment())?;
+        let paths = split::output_paths(out, assignment.last().map_or(1, |&s| s + 1))?;
+        for path in &paths {
+            self.check_output_path(path)?;
+        }
+        let options = WriteOptions { sync: self.options.sync };
+        let writer = ShardedWriter::create(&paths, &self.metadata, specs, &assignment, options)?;
         let sizes: Vec<u64> = writer.tensors().map(|(_, n)| n).collect();
         let bytes_total: u64 = sizes.iter().sum();
 
         let (to_writer, from_compute) = mpsc::sync_channel::<Message>(PIPELINE_DEPTH);
         let (recycle_tx, recycle_rx) = mpsc::channel::<Vec<u8>>();
-        let model_file = self.model.file();
+        let model = self.model;
         std::thread::scope(|scope| {
-            let writer_thread = scope.spawn(move || write_loop(writer, from_compute, recycle_tx, model_file));
+            let writer_thread = scope.spawn(move || write_loop(writer, from_compute, recycle_tx, model));
             let computed = self.compute_loop(pool, &to_writer, &recycle_rx, &sizes, bytes_total, &promotions, progress);
             let finish = match &computed {
                 Ok(_) => to_writer.send(Message::Finish).is_ok(),
@@ -649,11 +678,12 @@ impl<'a> PatchPlan<'a> {
                 // The writer's own error explains a failed send best (e.g. disk full).
                 (_, Err(e)) if finish || matches!(e, Error::Io { .. }) => Err(e),
                 (Err(e), _) => Err(e),
-                (Ok(reports), Ok(Some(path))) => Ok(PatchReport {
-                    out: path,
+                (Ok(reports), Ok(Some(outputs))) => Ok(PatchReport {
+                    out: outputs.first().cloned().unwrap_or_else(|| out.to_path_buf()),
                     copied: self.tensors.len() - reports.len(),
                     tensors: reports,
-                    bytes_written: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0),
+                    bytes_written: outputs.iter().map(|p| std::fs::metadata(p).map_or(0, |m| m.len())).sum(),
+                    outputs,
                     seconds: start.elapsed().as_secs_f64(),
                     notes: self.notes.clone(),
                 }),
@@ -681,8 +711,7 @@ impl<'a> PatchPlan<'a> {
             let info = &self.model.tensors()[plan.model_index];
             match &plan.patch {
                 None => {
-                    let range = self.model.header().tensor_range(plan.model_index);
-                    send(Message::Copy { offset: range.start, len: range.end - range.start })?;
+                    send(Message::Copy { tensor: plan.model_index })?;
                     bytes_done += sizes[i];
                 }
                 Some(patch) => {
@@ -777,9 +806,7 @@ impl<'a> PatchPlan<'a> {
         };
         let src_info = &src_file.tensors()[src_index];
         let src = src_file.tensor_data(src_index);
-        let src_start = src_file.header().tensor_range(src_index).start as usize;
         let model_data = self.model.tensor_data(plan.model_index);
-        let model_start = self.model.header().tensor_range(plan.model_index).start as usize;
         let cols = info.row_len() as usize;
         let rows = info.n_rows() as usize;
         let src_row_bytes = src_info.ty.row_bytes(cols as u64).unwrap_or(0) as usize;
@@ -831,9 +858,9 @@ impl<'a> PatchPlan<'a> {
             sums = sums.combine(chunk_sums);
             emit(out)?;
             if release {
-                src_file.release_pages(src_start + src_range.start..src_start + src_range.end);
+                src_file.release_tensor_pages(src_index, src_range);
                 if compare_with_model {
-                    self.model.release_pages(model_start + model_range.start..model_start + model_range.end);
+                    self.model.release_tensor_pages(plan.model_index, model_range);
                 }
             }
             row += n;
@@ -852,7 +879,10 @@ struct Promotion {
 
 enum Message {
     Data(Vec<u8>),
-    Copy { offset: u64, len: u64 },
+    /// Copy model tensor `tensor` as it is, from its file.
+    Copy {
+        tensor: usize,
+    },
     Finish,
 }
 
@@ -865,37 +895,25 @@ fn send_to_writer(to_writer: &SyncSender<Message>, message: Message) -> Result<(
 /// The writer thread: writes chunks in order, returns buffers for reuse, and commits on `Finish`. If the
 /// compute side stops without `Finish`, the writer is dropped and its temporary file removed.
 fn write_loop(
-    mut writer: GgufWriter,
+    mut writer: ShardedWriter,
     messages: Receiver<Message>,
     recycle: mpsc::Sender<Vec<u8>>,
-    model_file: &std::fs::File,
-) -> Result<Option<PathBuf>> {
+    model: &ModelFile,
+) -> Result<Option<Vec<PathBuf>>> {
     for message in messages {
         match message {
             Message::Data(buf) => {
                 writer.write_data(&buf)?;
                 let _ = recycle.send(buf);
             }
-            Message::Copy { offset, len } => writer.copy_from_file(model_file, offset, len)?,
+            Message::Copy { tensor } => {
+                let (file, range) = model.tensor_source(tensor);
+                writer.copy_from_file(file, range.start, range.end - range.start)?
+            }
             Message::Finish => return writer.finish().map(Some),
         }
     }
     Ok(None)
-}
-
-/// True when `a` and `b` name the same existing file (same device and inode), or the same path.
-fn same_file(a: &Path, b: &Path) -> bool {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        if let (Ok(ma), Ok(mb)) = (std::fs::metadata(a), std::fs::metadata(b)) {
-            return ma.dev() == mb.dev() && ma.ino() == mb.ino();
-        }
-    }
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(ca), Ok(cb)) => ca == cb,
-        _ => false,
-    }
 }
 
 #[cfg(test)]
