@@ -22,8 +22,10 @@ import numpy as np
 import pytest
 
 import ggml_lora
-from conftest import fixture_path
+from conftest import fixture_path, skip_module_without_fixtures
 from oracles.llama_tools import tool
+
+skip_module_without_fixtures()
 
 F16 = fixture_path("llama-gqa", "base-f16.gguf")
 MIXED = fixture_path("llama-gqa", "base-q4_0-mixed.gguf")
