@@ -29,13 +29,31 @@ __all__ = [
 
 __version__: str
 
-class GGUFError(ValueError):
+class _Details:
+    """The facts every exception raised by the core carries, as attributes (``None`` where they do not apply);
+    OSError subclasses from the core carry them too."""
+
+    #: A short stable slug naming the problem: ``"truncated"``, ``"bad_magic"``, ``"shape_mismatch"``,
+    #: ``"missing_tensor"``, ``"missing_shard"``, ``"not_found"``, ...
+    kind: str | None
+    #: The file at fault.
+    path: str | None
+    #: Absolute byte offset in ``path`` (from the start of the file), for malformed files.
+    offset: int | None
+    #: The tensor at fault.
+    tensor: str | None
+    #: What was expected, as text (a number, a shape, a type name, ...).
+    expected: str | None
+    #: What was found instead, as text.
+    found: str | None
+
+class GGUFError(_Details, ValueError):
     """A malformed GGUF (or other model/adapter) file; the message names the file, byte offset and problem."""
 
-class PatchError(ValueError):
+class PatchError(_Details, ValueError):
     """Inputs that cannot be patched together; raised before anything is written."""
 
-class SpecialFileError(ValueError):
+class SpecialFileError(_Details, ValueError):
     """A device, FIFO or socket where a regular file is needed; raised before anything is read or written."""
 
 def check_output_path(path: str | PathLike[str]) -> None: ...

@@ -689,3 +689,273 @@ pub enum BadImatrix {
         count: f32,
     },
 }
+
+/// The facts of an error as values, for code that handles it rather than a person reading the message (the
+/// Python binding sets them as attributes of the exception). Fields that do not apply are `None`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ErrorDetails {
+    /// A short stable slug naming the problem, e.g. `"truncated"`, `"shape_mismatch"`, `"missing_shard"`.
+    pub kind: &'static str,
+    /// The file at fault (the outermost file named by the error).
+    pub path: Option<PathBuf>,
+    /// Absolute byte offset in `path` (from the start of the file).
+    pub offset: Option<u64>,
+    /// The tensor at fault.
+    pub tensor: Option<String>,
+    /// What was expected, as text (a number, a shape, a type name...).
+    pub expected: Option<String>,
+    /// What was found instead, as text.
+    pub found: Option<String>,
+}
+
+impl ErrorDetails {
+    fn new(kind: &'static str) -> ErrorDetails {
+        ErrorDetails { kind, ..ErrorDetails::default() }
+    }
+    fn tensor(mut self, name: &str) -> ErrorDetails {
+        self.tensor.get_or_insert_with(|| name.to_owned());
+        self
+    }
+    fn path(mut self, path: impl Into<PathBuf>) -> ErrorDetails {
+        self.path.get_or_insert_with(|| path.into());
+        self
+    }
+    fn expected_found(mut self, expected: impl ToString, found: impl ToString) -> ErrorDetails {
+        self.expected = Some(expected.to_string());
+        self.found = Some(found.to_string());
+        self
+    }
+}
+
+impl Error {
+    /// The error's facts as values (see [`ErrorDetails`]): wrappers ([`Error::InFile`], [`Error::InTensor`])
+    /// contribute the file and the tensor, the innermost error the kind and the rest.
+    pub fn details(&self) -> ErrorDetails {
+        match self {
+            Error::InFile { path, source } => {
+                let mut d = source.details();
+                d.path = Some(path.clone());
+                d
+            }
+            Error::InTensor { name, source } => {
+                let mut d = source.details();
+                d.tensor = Some(name.clone());
+                d
+            }
+            Error::Io { path, source } => ErrorDetails::new(io_kind(source.kind())).path(path.clone()),
+            Error::NotRegularFile { path, kind, .. } => {
+                ErrorDetails::new("not_regular_file").path(path.clone()).expected_found("a regular file", kind)
+            }
+            Error::Malformed { offset, kind, .. } => {
+                let mut d = kind.details();
+                d.offset = Some(*offset);
+                d
+            }
+            Error::NonFinite { index, value, .. } => {
+                ErrorDetails::new("non_finite").expected_found("finite", format!("{value} at element {index}"))
+            }
+            Error::Imatrix { .. } => ErrorDetails::new("imatrix_weights"),
+            Error::RowLength { row_len, block, .. } => {
+                ErrorDetails::new("row_length").expected_found(format!("a multiple of {block}"), row_len)
+            }
+            Error::BufferSize { expected, found, .. } => {
+                ErrorDetails::new("buffer_size").expected_found(expected, found)
+            }
+            Error::UnsupportedType { ty, .. } => {
+                ErrorDetails::new("unsupported_type").expected_found("a supported type", ty)
+            }
+            Error::InvalidMetadata { .. } => ErrorDetails::new("invalid_metadata"),
+            Error::InvalidTensor { name, .. } => ErrorDetails::new("invalid_tensor").tensor(name),
+            Error::Incompatible(i) => i.details(),
+            Error::Cancelled(_) => ErrorDetails::new("cancelled"),
+            Error::InvalidTensorInfo(m) => m.details(),
+            Error::WriterState(_) => ErrorDetails::new("writer_state"),
+            Error::BadImatrix(b) => b.details(),
+            Error::ShardSet { shard, problem } => problem.details().path(shard.clone()),
+        }
+    }
+}
+
+/// The kind slug of an OS error.
+fn io_kind(kind: io::ErrorKind) -> &'static str {
+    match kind {
+        io::ErrorKind::NotFound => "not_found",
+        io::ErrorKind::PermissionDenied => "permission_denied",
+        io::ErrorKind::AlreadyExists => "already_exists",
+        io::ErrorKind::IsADirectory => "is_a_directory",
+        io::ErrorKind::StorageFull => "storage_full",
+        _ => "os_error",
+    }
+}
+
+impl Malformed {
+    fn details(&self) -> ErrorDetails {
+        use Malformed as M;
+        match self {
+            M::BadMagic { found, expected } => {
+                ErrorDetails::new("bad_magic").expected_found(expected, format!("{found:02x?}"))
+            }
+            M::BigEndian { .. } => ErrorDetails::new("big_endian"),
+            M::UnsupportedVersion { version, .. } => {
+                ErrorDetails::new("unsupported_version").expected_found("a supported version", version)
+            }
+            M::Truncated { needed, available, .. } => {
+                ErrorDetails::new("truncated").expected_found(format!("{needed} bytes"), format!("{available} bytes"))
+            }
+            M::TooMany { count, limit, .. } => {
+                ErrorDetails::new("too_many").expected_found(format!("at most {limit}"), count)
+            }
+            M::InvalidUtf8 { .. } => ErrorDetails::new("invalid_utf8"),
+            M::EmptyKey => ErrorDetails::new("empty_key"),
+            M::DuplicateKey { .. } => ErrorDetails::new("duplicate_key"),
+            M::UnknownValueType { id, .. } => {
+                ErrorDetails::new("unknown_value_type").expected_found("a GGUF value type", id)
+            }
+            M::InvalidBool { value, .. } => ErrorDetails::new("invalid_bool").expected_found("0 or 1", value),
+            M::BadAlignment { .. } => ErrorDetails::new("bad_alignment"),
+            M::BadDimCount { name, n_dims } => {
+                ErrorDetails::new("bad_dim_count").tensor(name).expected_found("1 to 4", n_dims)
+            }
+            M::ZeroDim { name, .. } => ErrorDetails::new("zero_dim").tensor(name),
+            M::SizeOverflow { name, .. } => ErrorDetails::new("size_overflow").tensor(name),
+            M::UnknownTensorType { name, id } => {
+                ErrorDetails::new("unknown_tensor_type").tensor(name).expected_found("a ggml type id", id)
+            }
+            M::RowNotBlockMultiple { name, row_len, block, .. } => {
+                ErrorDetails::new("row_length").tensor(name).expected_found(format!("a multiple of {block}"), row_len)
+            }
+            M::NameTooLong { name, len } => {
+                ErrorDetails::new("name_too_long").tensor(name).expected_found("at most 63 bytes", len)
+            }
+            M::DuplicateTensor { name } => ErrorDetails::new("duplicate_tensor").tensor(name),
+            M::TensorOffset { name, expected, found } => {
+                ErrorDetails::new("tensor_offset").tensor(name).expected_found(expected, found)
+            }
+            M::TensorOutOfFile { name, end, file_len, .. } => {
+                ErrorDetails::new("tensor_out_of_file").tensor(name).expected_found(format!("at most {file_len}"), end)
+            }
+            M::RankMismatch { tensor, header, found } => {
+                ErrorDetails::new("rank_mismatch").tensor(tensor).expected_found(header, found)
+            }
+            M::NoTensors { .. } => ErrorDetails::new("no_tensors"),
+            M::LegacyLayoutChanged { name, ty, container, .. } => ErrorDetails::new("legacy_layout_changed")
+                .tensor(name)
+                .expected_found(format!("{ty} in ggjt v3"), container),
+            M::Other(_) => ErrorDetails::new("malformed"),
+        }
+    }
+}
+
+impl Incompatible {
+    fn details(&self) -> ErrorDetails {
+        use Incompatible as I;
+        match self {
+            I::Architecture { model, other, other_file, .. } => {
+                ErrorDetails::new("architecture_mismatch").path(other_file.clone()).expected_found(model, other)
+            }
+            I::MissingTensor { file, name, .. } => ErrorDetails::new("missing_tensor").path(file.clone()).tensor(name),
+            I::Shape { name, expected, found, .. } => ErrorDetails::new("shape_mismatch")
+                .tensor(name)
+                .expected_found(format!("{expected:?}"), format!("{found:?}")),
+            I::CannotQuantize { writable, types, .. } => {
+                ErrorDetails::new("cannot_quantize").expected_found(writable, types)
+            }
+            I::CannotDequantize { file, name, ty } => ErrorDetails::new("cannot_dequantize")
+                .path(file.clone())
+                .tensor(name)
+                .expected_found("a readable type", ty),
+            I::OutputIsInput { path } => ErrorDetails::new("output_is_input").path(path.clone()),
+            I::OutputName { path, .. } => ErrorDetails::new("output_name").path(path.clone()),
+            I::Other(_) => ErrorDetails::new("incompatible"),
+        }
+    }
+}
+
+impl BadImatrix {
+    fn details(&self) -> ErrorDetails {
+        use BadImatrix as B;
+        match self {
+            B::NotImatrix { found } => ErrorDetails::new("not_imatrix").expected_found("imatrix", found),
+            B::MissingKey { .. } => ErrorDetails::new("missing_key"),
+            B::KeyType { expected, found, .. } => ErrorDetails::new("key_type").expected_found(expected, found),
+            B::NoEntries { .. } => ErrorDetails::new("no_entries"),
+            B::Unpaired { name, .. } => ErrorDetails::new("unpaired").tensor(name),
+            B::NulInName { tensor } => ErrorDetails::new("nul_in_name").tensor(tensor),
+            B::TensorType { tensor, ty } => ErrorDetails::new("tensor_type").tensor(tensor).expected_found("f32", ty),
+            B::Shape { name, sums_shape, counts_shape, .. } => ErrorDetails::new("imatrix_shape")
+                .tensor(name)
+                .expected_found(format!("{sums_shape:?}"), format!("{counts_shape:?}")),
+            B::BadCount { name, value, .. } => {
+                ErrorDetails::new("bad_count").tensor(name).expected_found("a positive count", value)
+            }
+            B::BadWeight { name, value, .. } => {
+                ErrorDetails::new("bad_weight").tensor(name).expected_found("a finite non-negative weight", value)
+            }
+        }
+    }
+}
+
+impl ShardProblem {
+    fn details(&self) -> ErrorDetails {
+        use ShardProblem as S;
+        match self {
+            S::BadName { .. } => ErrorDetails::new("shard_name"),
+            S::Missing { .. } => ErrorDetails::new("missing_shard"),
+            S::NotAShard { .. } => ErrorDetails::new("not_a_shard"),
+            S::KeyType { expected, found, .. } => ErrorDetails::new("key_type").expected_found(expected, found),
+            S::MissingKey { .. } => ErrorDetails::new("missing_key"),
+            S::NumberOutOfRange { no, count } => {
+                ErrorDetails::new("shard_number").expected_found(format!("below {count}"), no)
+            }
+            S::WrongNumber { found, expected } => ErrorDetails::new("shard_number").expected_found(expected, found),
+            S::CountMismatch { found, expected } => ErrorDetails::new("shard_count").expected_found(expected, found),
+            S::TensorCountMismatch { found, expected } => {
+                ErrorDetails::new("tensor_count").expected_found(expected, found)
+            }
+            S::DuplicateTensor { name, .. } => ErrorDetails::new("duplicate_tensor").tensor(name),
+            S::TensorTotal { found, expected, .. } => ErrorDetails::new("tensor_count").expected_found(expected, found),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn details_take_the_file_from_the_wrapper_and_the_rest_from_the_innermost_error() {
+        let inner = Error::Malformed {
+            format: "GGUF",
+            offset: 8,
+            kind: Malformed::Truncated { what: "tensor count".into(), needed: 8, available: 3 },
+        };
+        let err = Error::InTensor { name: "blk.0.attn_q.weight".into(), source: Box::new(inner) }.in_file("m.gguf");
+        let d = err.details();
+        assert_eq!(d.kind, "truncated");
+        assert_eq!(d.path.as_deref(), Some(std::path::Path::new("m.gguf")));
+        assert_eq!(d.offset, Some(8));
+        assert_eq!(d.tensor.as_deref(), Some("blk.0.attn_q.weight"));
+        assert_eq!((d.expected.as_deref(), d.found.as_deref()), (Some("8 bytes"), Some("3 bytes")));
+    }
+
+    #[test]
+    fn shape_and_shard_details() {
+        let shape = Error::Incompatible(Incompatible::Shape {
+            name: "w".into(),
+            expected_what: "model".into(),
+            expected: vec![4, 8],
+            found_what: "adapter".into(),
+            found: vec![4, 9],
+        });
+        let d = shape.details();
+        assert_eq!((d.kind, d.tensor.as_deref()), ("shape_mismatch", Some("w")));
+        assert_eq!((d.expected.as_deref(), d.found.as_deref()), (Some("[4, 8]"), Some("[4, 9]")));
+        assert_eq!(d.offset, None);
+        let shard = Error::ShardSet {
+            shard: "m-00002-of-00003.gguf".into(),
+            problem: ShardProblem::Missing { no: 1, count: 3 },
+        };
+        let d = shard.details();
+        assert_eq!((d.kind, d.path.as_deref()), ("missing_shard", Some(std::path::Path::new("m-00002-of-00003.gguf"))));
+    }
+}

@@ -42,16 +42,50 @@ pyo3::create_exception!(
      the message names the path and what it is."
 );
 
-/// Adds the exception classes to the module.
+/// The attributes every exception from the core carries (class-level `None` defaults; set per instance).
+const DETAIL_ATTRIBUTES: [&str; 6] = ["kind", "path", "offset", "tensor", "expected", "found"];
+
+/// Adds the exception classes to the module, each with the detail attributes defaulting to `None`.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add("GGUFError", m.py().get_type::<GGUFError>())?;
-    m.add("PatchError", m.py().get_type::<PatchError>())?;
-    m.add("SpecialFileError", m.py().get_type::<SpecialFileError>())?;
+    let py = m.py();
+    for (name, class) in [
+        ("GGUFError", py.get_type::<GGUFError>()),
+        ("PatchError", py.get_type::<PatchError>()),
+        ("SpecialFileError", py.get_type::<SpecialFileError>()),
+    ] {
+        for attribute in DETAIL_ATTRIBUTES {
+            class.setattr(attribute, py.None())?;
+        }
+        m.add(name, class)?;
+    }
     Ok(())
 }
 
-/// Converts a core error into the matching Python exception; the message is the error's full `Display`.
+/// Converts a core error into the matching Python exception; the message is the error's full `Display`, and
+/// the exception carries the error's facts as attributes (`kind`, `path`, `offset`, `tensor`, `expected`,
+/// `found`; `None` where they do not apply; see `ErrorDetails`).
 pub fn to_py(err: Error) -> PyErr {
+    let details = err.details();
+    let exception = exception_for(&err);
+    Python::attach(|py| {
+        let value = exception.value(py);
+        let path = details.path.as_ref().map(|p| p.to_string_lossy().into_owned());
+        let set = |name: &str, v: Option<String>| value.setattr(name, v);
+        let attributes = value
+            .setattr("kind", details.kind)
+            .and_then(|_| set("path", path))
+            .and_then(|_| value.setattr("offset", details.offset))
+            .and_then(|_| set("tensor", details.tensor))
+            .and_then(|_| set("expected", details.expected))
+            .and_then(|_| set("found", details.found));
+        // Builtin exceptions (OSError...) accept attributes too; if one ever refused, the message still says it all.
+        drop(attributes);
+    });
+    exception
+}
+
+/// The Python exception type and message for a core error.
+fn exception_for(err: &Error) -> PyErr {
     let message = err.to_string();
     match err.root() {
         Error::Io { source, .. } => {
