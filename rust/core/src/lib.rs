@@ -5,6 +5,8 @@
 //! - [`gguf`]: memory-mapped GGUF reader and streaming, atomic GGUF writer.
 //! - [`imatrix`]: importance matrices (llama-imatrix output, GGUF and legacy).
 //! - [`atomic`]: temporary-file-then-rename output files.
+//! - [`torch_bin`]: a non-executing, bounded reader of torch `.bin` state dicts (zip + pickle).
+//! - [`patterns`]: PEFT's `rank_pattern`/`alpha_pattern` key matching, in linear time.
 //! - [`paths`]: which kinds of path are accepted as inputs and outputs (regular files only).
 #![deny(missing_docs)]
 
@@ -16,8 +18,10 @@ pub mod gguf;
 pub mod imatrix;
 pub mod patch;
 pub mod paths;
+pub mod patterns;
 pub mod quant;
+pub mod torch_bin;
 pub mod types;
 
-pub use error::{BadImatrix, Error, Malformed, Result};
+pub use error::{BadImatrix, Error, Malformed, Result, TorchBin};
 pub use types::GgmlType;

@@ -1,6 +1,7 @@
 //! The one place where core errors become Python exceptions.
 //!
 //! - malformed files (including importance matrices) → `GGUFError` (a `ValueError`)
+//! - a refused torch `.bin` or PEFT pattern key → `ValueError` (the converter raises its `ConversionError`)
 //! - missing files → `FileNotFoundError`, other OS errors → `OSError` (with errno)
 //! - bad arguments (non-finite input, row length, unsupported type, invalid metadata/tensors) → `ValueError`
 //! - inputs that cannot be patched together → `PatchError` (a `ValueError`)
@@ -78,7 +79,9 @@ pub fn to_py(err: Error) -> PyErr {
         | Error::UnsupportedType { .. }
         | Error::InvalidMetadata { .. }
         | Error::InvalidTensor { .. }
-        | Error::InvalidTensorInfo(_) => PyValueError::new_err(message),
+        | Error::InvalidTensorInfo(_)
+        | Error::TorchBin { .. }
+        | Error::PatternKey { .. } => PyValueError::new_err(message),
     }
 }
 
