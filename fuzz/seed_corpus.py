@@ -253,6 +253,85 @@ def shard_seeds() -> list[tuple[str, bytes]]:
     seeds.append(("duplicate-tensor", pack([good[0], shard(1, 2, 4, ["t0.0", "t1.1"], False)], 1)))
     seeds.append(("single", pack([gguf_bytes([], [("w", 8)])], 0)))
     return seeds
+def _unicode(s: str) -> bytes:
+    return b"X" + struct.pack("<I", len(s.encode())) + s.encode()
+
+
+def torch_state_pickle(tensors: list[tuple[str, str, int, list[int], list[int]]], storage: str = "FloatStorage") -> bytes:
+    """A protocol-2 pickle of ``{name: _rebuild_tensor_v2(storage(key), offset, size, stride, False, OrderedDict())}``
+    written opcode by opcode (as torch.save writes it); each tensor is (name, key, numel, size, stride)."""
+    p = b"\x80\x02}("
+    for name, key, numel, size, stride in tensors:
+        p += _unicode(name) + b"ctorch._utils\n_rebuild_tensor_v2\n(("
+        p += _unicode("storage") + f"ctorch\n{storage}\n".encode() + _unicode(key) + _unicode("cpu")
+        p += b"J" + struct.pack("<i", numel) + b"tQK\x00"
+        for dims in (size, stride):
+            p += b"(" + b"".join(b"J" + struct.pack("<i", d) for d in dims) + b"t"
+        p += b"\x89ccollections\nOrderedDict\n)RtR"
+    return p + b"u."
+
+
+def torch_zip(members: list[tuple[str, bytes]], deflate: bool = False) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED) as z:
+        for name, data in members:
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def torch_bin_seeds(fixture: Path) -> list[tuple[str, bytes]]:
+    """A small valid torch zip (stored and deflated), the fixture's pickle over tiny storages, hostile files."""
+    pkl = torch_state_pickle([("a.lora_A.weight", "0", 8, [2, 4], [4, 1]), ("a.lora_B.weight", "1", 6, [3, 2], [1, 3])])
+    store = [("archive/data/0", struct.pack("<8f", *range(8))), ("archive/data/1", struct.pack("<6f", *range(6)))]
+    valid = [("archive/data.pkl", pkl), ("archive/byteorder", b"little"), ("archive/version", b"3\n"), *store]
+    import zipfile
+
+    with zipfile.ZipFile(fixture) as z:
+        fixture_pkl = z.read("adapter_model/data.pkl")
+    legacy = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little") + b".\x80\x02M\xe9\x03."
+    return [
+        ("valid-stored", torch_zip(valid)),
+        ("valid-deflated", torch_zip(valid, deflate=True)),
+        ("big-endian", torch_zip([valid[0], ("archive/byteorder", b"big"), *store])),
+        ("bf16", torch_zip([("archive/data.pkl", torch_state_pickle([("w", "0", 4, [2, 2], [2, 1])], "BFloat16Storage")),
+                            ("archive/data/0", bytes(range(8)))])),
+        ("fixture-pickle-no-storages", torch_zip([("adapter_model/data.pkl", fixture_pkl)])),
+        ("os-system", torch_zip([("archive/data.pkl", b"\x80\x02cposix\nsystem\nX\x02\x00\x00\x00id\x85R.")])),
+        ("legacy", legacy),
+        ("plain-pickle", b"\x80\x04}\x94."),
+    ]
+
+
+def torch_pickle_seeds() -> list[tuple[str, bytes]]:
+    """Pickles that exercise each opcode family and each limit's neighbourhood (kept small)."""
+    dag = b"N\x85q\x000" + b"".join(bytes([0x68, i, 0x68, i, 0x86, 0x71, i + 1, 0x30]) for i in range(40)) + b"h\x28"
+    return [
+        ("state-dict", torch_state_pickle([("w", "0", 4, [2, 2], [2, 1])])),
+        ("nested-tuples", b"\x80\x02}N" + b"\x85" * 70 + b"K\x01s."),
+        ("memo-dag-key", b"\x80\x02}" + dag + b"K\x01s."),
+        ("memo-dag-pid", b"\x80\x02" + dag + b"Q."),
+        ("protocol0", b"(dp0\nS'a'\np1\nI1\nsS'b'\nF1.5\nsV\\u00e9\nL12L\ns."),
+        ("protocol4-frame", b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00}\x94(\x8c\x01a\x94]\x94(K\x01K\x02eu."),
+        ("stack-global", b"\x80\x04\x8c\x0bcollections\x8c\x0bOrderedDict\x93)R\x94."),
+        ("inst", b"(S'touch x'\nios\nsystem\n."),
+        ("build-metadata", b"\x80\x02ccollections\nOrderedDict\n)R}X\x09\x00\x00\x00_metadata}sb."),
+    ]
+
+
+def pattern_seeds() -> list[tuple[str, bytes]]:
+    """Pattern keys and a module name, NUL-separated (the last piece is the name)."""
+    return [
+        ("simple", b"q_proj\0model.layers.0.self_attn.q_proj"),
+        ("regex", b"layers\\.\\d+\\.mlp\\..*\0v_proj\0model.layers.12.mlp.up_proj"),
+        ("catastrophic", b"(.*.*)*x\0" + b"a" * 64),
+        ("backreference", b"(a)\\1\0aa"),
+        ("lookaround", b"(?=q)q_proj\0q_proj"),
+        ("class-ops", b"[[:alpha:]&&a]\0a"),
+        ("group-escape", b"a)|(b\0b"),
+    ]
 
 
 def main() -> None:
@@ -306,6 +385,14 @@ def main() -> None:
         put("legacy_parse", data, tag)
     for tag, data in shard_seeds():
         put("shard_set", data, tag)
+    for tag, data in torch_bin_seeds(FIXTURES / "llama-gqa" / "lora-r8" / "adapter-bin" / "adapter_model.bin"):
+        put("torch_bin", data, tag)
+        if not data.startswith(b"PK"):
+            put("torch_pickle", data, tag)
+    for tag, data in torch_pickle_seeds():
+        put("torch_pickle", data, tag)
+    for tag, data in pattern_seeds():
+        put("pattern_keys", data, tag)
 
     # Hand-made edge cases (committed, each < 4 KB).
     for d in sorted((FUZZ / "seeds").glob("*/*")):

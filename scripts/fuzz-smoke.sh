@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export RUSTC_BOOTSTRAP=1
 SECONDS_PER_TARGET="${FUZZ_SECONDS:-20}"
-TARGETS=(gguf_parse ggla_parse adapter_pairing quant_roundtrip imatrix_parse legacy_parse shard_set)
+TARGETS=(gguf_parse ggla_parse adapter_pairing quant_roundtrip imatrix_parse legacy_parse shard_set torch_bin torch_pickle
+         pattern_keys)
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz-smoke: installing cargo-fuzz" >&2

@@ -99,7 +99,7 @@ INPUTS = [fixture_path("llama-gqa", "base-f16.gguf"), fixture_path("llama-gqa", 
 INPUT_HASHES = {p: sha256(p) for p in INPUTS}
 
 
-@pytest.fixture_path(autouse=True)
+@pytest.fixture(autouse=True)
 def inputs_unchanged():
     yield
     for p, h in INPUT_HASHES.items():
@@ -439,7 +439,7 @@ def run_child(action: str, args: dict, timeout: float = 300) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture_path()
+@pytest.fixture()
 def model_inputs(tmp_path: Path) -> dict[str, Path]:
     """Private copies of a model, its f16 base and an adapter (so that even a buggy run cannot touch the
     shared fixtures), plus a folder for outputs."""
@@ -645,7 +645,7 @@ DIM = 4096
 PATCHED = ["blk.3.attn_q.weight", "blk.11.attn_q.weight", "blk.19.attn_q.weight"]
 
 
-@pytest.fixture_path(scope="module")
+@pytest.fixture(scope="module")
 def big_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A ~230 MB q4_0 model (24 tensors of 4096x4096), an f16 base holding the patched tensors, and a GGUF
     LoRA adapter (rank 8) for three of them."""
@@ -724,7 +724,7 @@ def _convert():
     return convert, ConversionError
 
 
-@pytest.fixture_path()
+@pytest.fixture()
 def peft_dir(tmp_path: Path) -> Path:
     d = tmp_path / "peft"
     shutil.copytree(LLAMA / "lora-r8" / "adapter", d)

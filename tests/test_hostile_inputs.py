@@ -1,4 +1,4 @@
-"""Issue 13, items 3 and 4: every hostile input is refused with one documented exception from the API and one
+"""Issue 13: every hostile input is refused with one documented exception from the API and one
 error line (exit 1) from the CLI; nothing that should not be is accepted.
 
 Each case builds its reproducer here (small files) and asserts the whole outcome: the API raises the documented
@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -198,19 +199,8 @@ def test_huge_f64_values_give_one_line_and_no_warning(peft: Path, tmp_path: Path
     refuse_conversion(peft, r"lora_A\.weight': contains NaN or infinite", tmp_path)
 
 
-def test_nested_tuple_pickle_key(tmp_path: Path) -> None:
-    # A state dict keyed by a 10^5-deep one-element tuple: its repr raised RecursionError (a traceback).
-    folder, _, _ = make_adapter(tmp_path / "peft", modules=ONE)
-    (folder / "adapter_model.safetensors").unlink()
-    payload = b"\x80\x02}" + b"N" + b"\x85" * 100_000 + b"K\x01s."  # {((...(None,)...),): 1}
-    with zipfile.ZipFile(folder / "adapter_model.bin", "w") as zf:
-        zf.writestr("archive/data.pkl", payload)
-        zf.writestr("archive/version", "3\n")
-    refuse_conversion(folder, "state dict key of type tuple is not a string", tmp_path)
-
-
-@pytest.mark.parametrize("error", [MemoryError, RecursionError, zipfile.BadZipFile("Bad CRC-32")])
-def test_torch_reader_limits_become_conversion_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("error", [MemoryError, ValueError("archive/data.pkl, byte 3: a refusal")])
+def test_torch_reader_errors_become_conversion_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       error: Any) -> None:
     path = tmp_path / "adapter_model.bin"
     path.write_bytes(b"x")
@@ -219,7 +209,7 @@ def test_torch_reader_limits_become_conversion_errors(tmp_path: Path, monkeypatc
         raise error
 
     monkeypatch.setattr(torch_pickle, "_load_torch_bin", fail)
-    with pytest.raises(ConversionError, match=str(path)):
+    with pytest.raises(ConversionError, match="torch file needs more memory|archive/data.pkl, byte 3"):
         torch_pickle.load_torch_bin(path)
 
 
@@ -386,3 +376,276 @@ def test_ggla_reader_keeps_a_tiny_file_tiny(tmp_path: Path) -> None:
     adapter = tmp_path / "a.ggla"
     adapter.write_bytes(ggla_bytes(2, llama_ggla()) + b"\x01\x00")
     refuse_patch(adapter, r"a\.ggla: .*file ends inside tensor dimension count", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# item 1: the torch .bin reader (Rust core) under a 3 GiB address-space limit
+#
+# Oracle: the pickle and zip specifications; every file below is assembled byte by byte here (zip bombs from one
+# deflate chunk repeated, so nothing big is ever held or kept). The API runs in a child process and the CLI in
+# another, both under RLIMIT_AS = 3 GiB with a generous liveness timeout (not a speed claim).
+
+AS_LIMIT = 3 << 30
+
+_API_CHILD = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
+import ggml_lora
+from pathlib import Path
+try:
+    {call}
+except BaseException as exc:
+    print(type(exc).__name__)
+    print(str(exc).splitlines()[0] if str(exc) else "")
+else:
+    print("no exception")
+"""
+
+
+def _limit_memory() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
+
+
+def _limited(args: list[str]) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, env=env,
+                          preexec_fn=_limit_memory)
+
+
+def refuse_limited(folder: Path, match: str, tmp_path: Path, exc_name: str = "ConversionError") -> None:
+    """``convert`` and ``patch --lora DIR`` of a PEFT folder, API and CLI, each in a child under a 3 GiB
+    address-space limit: the documented exception (API), one error line and exit 1 (CLI), no output, inputs
+    unchanged."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir(exist_ok=True)
+    before = _digests([folder, BASE, MODEL])
+    for out, call, cli in (
+        (out_dir / "adapter.gguf", f"ggml_lora.convert(Path({str(folder)!r}), Path({str(out_dir / 'adapter.gguf')!r}), "
+         f"base=Path({str(BASE)!r}))", ["convert", str(folder), "--base", str(BASE), "-o", str(out_dir / "adapter.gguf")]),
+        (out_dir / "merged.gguf", f"ggml_lora.patch(Path({str(MODEL)!r}), Path({str(folder)!r}), "
+         f"out=Path({str(out_dir / 'merged.gguf')!r}))",
+         ["patch", "-m", str(MODEL), "--lora", str(folder), "-o", str(out_dir / "merged.gguf"), "-q"]),
+    ):
+        api = _limited(["-c", _API_CHILD.format(limit=AS_LIMIT, call=call)])
+        assert api.returncode == 0, api.stderr
+        name, message = (api.stdout.splitlines() + ["", ""])[:2]
+        assert name == exc_name, api.stdout
+        assert re.search(match, message), (match, message)
+        done = _limited(["-m", "ggml_lora", *cli])
+        lines = done.stderr.splitlines()
+        assert done.returncode == 1, done.stderr
+        assert len(lines) == 1 and lines[0].startswith("ggml-lora: error: "), done.stderr
+        assert re.search(match, lines[0]), (match, lines[0])
+        assert not out.exists() and not list(out_dir.iterdir())
+    assert _digests([folder, BASE, MODEL]) == before
+
+
+@pytest.fixture
+def bin_folder(tmp_path: Path) -> Path:
+    """A one-module PEFT folder whose weights file is ``adapter_model.bin`` (written by the test)."""
+    folder, _, _ = make_adapter(tmp_path / "peft", modules=ONE)
+    (folder / "adapter_model.safetensors").unlink()
+    return folder
+
+
+def _zip_entry(name: str, payload: bytes, *, size: int, crc: int, method: int, offset: int) -> tuple[bytes, bytes]:
+    """The local header (+ payload) and the central directory entry of one member, as the zip spec lays them out."""
+    fields = struct.pack("<HHHHHIIIHH", 20, 0, method, 0, 0, crc, len(payload), size, len(name), 0)
+    local = struct.pack("<I", 0x04034B50) + fields + name.encode() + payload
+    central = struct.pack("<IH", 0x02014B50, 20) + fields + struct.pack("<HHHII", 0, 0, 0, 0, offset) + name.encode()
+    return local, central
+
+
+def write_zip(path: Path, members: list[tuple[str, bytes, int, int, int]]) -> None:
+    """A zip of (name, payload, claimed size, crc, method) members."""
+    body, directory = b"", b""
+    for name, payload, size, crc, method in members:
+        local, central = _zip_entry(name, payload, size=size, crc=crc, method=method, offset=len(body))
+        body += local
+        directory += central
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(directory), len(body), 0)
+    path.write_bytes(body + directory + end)
+
+
+def stored(name: str, data: bytes) -> tuple[str, bytes, int, int, int]:
+    return name, data, len(data), zlib.crc32(data), 0
+
+
+def zeros_bomb(name: str, mib: int, claimed: int | None = None) -> tuple[str, bytes, int, int, int]:
+    """A deflate member of ``mib`` MiB of zeros: one 1 MiB chunk compressed after a full flush (so it references
+    nothing before it) repeated, then an empty final block. About 1 KB per MiB; the CRC is left 0 (the reader
+    refuses before it could check it)."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    chunk = c.compress(bytes(1 << 20)) + c.flush(zlib.Z_FULL_FLUSH)
+    end = zlib.compressobj(9, zlib.DEFLATED, -15).compress(b"") + zlib.compressobj(9, zlib.DEFLATED, -15).flush()
+    payload = chunk * mib + end
+    return name, payload, mib << 20 if claimed is None else claimed, 0, 8
+
+
+def state_pickle(numel: int, storage: str = "FloatStorage", key: str = A_KEY) -> bytes:
+    """``{key: _rebuild_tensor_v2(storage('0', numel), 0, (numel,), (1,), False, OrderedDict())}`` in protocol 2,
+    opcode by opcode."""
+    def text(s: str) -> bytes:
+        return b"X" + struct.pack("<I", len(s)) + s.encode()
+    return (b"\x80\x02}" + text(key) + b"ctorch._utils\n_rebuild_tensor_v2\n((" + text("storage")
+            + f"ctorch\n{storage}\n".encode() + text("0") + text("cpu") + b"J" + struct.pack("<i", numel)
+            + b"tQK\x00J" + struct.pack("<i", numel) + b"\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtRs.")
+
+
+def test_zeros_bomb_is_what_it_claims() -> None:
+    # the bomb builder itself, checked with zlib (an independent inflater): 3 MiB of zeros from ~3 KB
+    _, payload, size, _, _ = zeros_bomb("x", 3)
+    d = zlib.decompressobj(-15)
+    out = d.decompress(payload)
+    assert d.eof and out == bytes(size) and len(payload) < 8192
+
+
+def test_valid_bin_control_under_the_limit(bin_folder: Path, tmp_path: Path) -> None:
+    data = np.arange(16, dtype=np.float32)
+    write_zip(bin_folder / "adapter_model.bin", [stored("archive/data.pkl", state_pickle(16)),
+                                                 stored("archive/data/0", data.tobytes())])
+    api = _limited(["-c", _API_CHILD.format(limit=AS_LIMIT, call=(
+        "from ggml_lora.convert.torch_pickle import load_torch_bin; "
+        f"t = load_torch_bin({str(bin_folder / 'adapter_model.bin')!r}); print(t[{A_KEY!r}].tolist())"))])
+    assert api.stdout.splitlines()[0] == str(data.tolist()), api.stdout + api.stderr
+
+
+def test_nested_tuples_a_million_deep_as_a_dict_key(bin_folder: Path, tmp_path: Path) -> None:
+    # {((...(None,)...),): 1} with 10^6 levels: a SIGSEGV in the old restricted unpickler
+    payload = b"\x80\x02}N" + b"\x85" * 1_000_000 + b"K\x01s."
+    write_zip(bin_folder / "adapter_model.bin", [stored("archive/data.pkl", payload)])
+    refuse_limited(bin_folder, r"data\.pkl, byte 68: nesting depth is 65, over the limit of 64 \(MAX_DEPTH\)",
+                   tmp_path)
+
+
+def _memo_dag(levels: int) -> bytes:
+    """t_0 = (None,), t_{i+1} = (t_i, t_i, t_i, t_i) through the memo: 4^levels leaves, levels + 1 deep."""
+    p = b"N\x85r" + struct.pack("<I", 0) + b"0"
+    for i in range(levels):
+        get = b"j" + struct.pack("<I", i)
+        p += b"(" + get * 4 + b"tr" + struct.pack("<I", i + 1) + b"0"
+    return p + b"j" + struct.pack("<I", levels)
+
+
+def test_memo_dag_of_2_pow_100_leaves_as_a_dict_key(bin_folder: Path, tmp_path: Path) -> None:
+    # 4^50 = 2^100 leaves: hashing it never finished
+    write_zip(bin_folder / "adapter_model.bin", [stored("archive/data.pkl", b"\x80\x02}" + _memo_dag(50) + b"K\x01s.")])
+    refuse_limited(bin_folder, r"dict key of type tuple \(only str and int keys are accepted\)", tmp_path)
+
+
+def test_memo_dag_of_2_pow_100_leaves_as_a_persistent_id(bin_folder: Path, tmp_path: Path) -> None:
+    # its repr never finished
+    write_zip(bin_folder / "adapter_model.bin", [stored("archive/data.pkl", b"\x80\x02" + _memo_dag(50) + b"Q.")])
+    refuse_limited(bin_folder, r"persistent id is a tuple of 4 items, expected \('storage'", tmp_path)
+
+
+def test_data_pkl_inflating_to_gibs(bin_folder: Path, tmp_path: Path) -> None:
+    write_zip(bin_folder / "adapter_model.bin", [zeros_bomb("archive/data.pkl", 3840)])  # 3.75 GiB
+    refuse_limited(bin_folder, r"archive/data\.pkl, byte 0: data\.pkl size is 4026531840, over the limit of 67108864 "
+                   r"\(MAX_PICKLE_BYTES\)", tmp_path)
+
+
+def test_data_pkl_whose_directory_lies_about_its_size(bin_folder: Path, tmp_path: Path) -> None:
+    write_zip(bin_folder / "adapter_model.bin", [zeros_bomb("archive/data.pkl", 3840, claimed=1000)])
+    refuse_limited(bin_folder, r"archive/data\.pkl, byte 1000: inflates past the 1000 bytes it promises", tmp_path)
+
+
+def test_byteorder_inflating_to_gibs(bin_folder: Path, tmp_path: Path) -> None:
+    write_zip(bin_folder / "adapter_model.bin", [stored("archive/data.pkl", state_pickle(4)),
+                                                 zeros_bomb("archive/byteorder", 3840)])
+    refuse_limited(bin_folder, r"byteorder size is 4026531840, over the limit of 16 \(MAX_BYTEORDER_BYTES\)", tmp_path)
+
+
+def test_storage_inflating_past_what_its_tensor_promises(bin_folder: Path, tmp_path: Path) -> None:
+    # the pickle promises 4 floats; the directory agrees; the stream holds 3.75 GiB
+    write_zip(bin_folder / "adapter_model.bin", [stored("archive/data.pkl", state_pickle(4)),
+                                                 zeros_bomb("archive/data/0", 3840, claimed=16)])
+    refuse_limited(bin_folder, r"archive/data/0, byte 16: inflates past the 16 bytes it promises", tmp_path)
+
+
+def test_storage_consistently_declaring_gibs_is_refused_not_aborted(bin_folder: Path, tmp_path: Path) -> None:
+    # pickle, directory and stream agree on 3.75 GiB of float32: more than the 3 GiB address space allows, so the
+    # fallible allocation fails and the file is refused (no abort, no MemoryError)
+    numel = 3840 << 18
+    write_zip(bin_folder / "adapter_model.bin", [stored("archive/data.pkl", state_pickle(numel)),
+                                                 zeros_bomb("archive/data/0", 3840)])
+    refuse_limited(bin_folder, r"archive/data/0, byte 0: cannot allocate 4026531840 bytes .*\(out of memory\)", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# item 2: pattern keys without catastrophic backtracking; numbers
+
+
+def _peft_pattern_key(patterns: dict[str, Any], module: str) -> str | None:
+    """PEFT's get_pattern_key restated with Python's re (the oracle, on inputs where it finishes)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return module if module in patterns else None
+
+
+def test_pattern_keys_match_as_peft_does() -> None:
+    from ggml_lora.convert.peft import _get_pattern_key
+
+    patterns = {"q_proj": 1, r"layers\.1\..*": 2, "mlp.up_proj": 3, "model.layers.0.self_attn.v_proj": 4,
+                "(k|o)_proj": 5, "a)|(model": 6, r"\w+_proj": 7}
+    modules = [f"model.layers.{i}.{m}" for i in range(3) for m in
+               ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj",
+                "mlp.gate_proj", "mlp.xup_proj")] + ["q_proj", "lm_head", "a"]
+    for order in (list(patterns), list(reversed(patterns))):
+        ordered = {k: patterns[k] for k in order}
+        for module in modules:
+            assert _get_pattern_key(ordered, module) == _peft_pattern_key(ordered, module), (order, module)
+
+
+def test_catastrophic_backtracking_pattern_converts(tmp_path: Path) -> None:
+    # "(.*.*)*x" hung Python's re on module names without an x; "(.*.*)*up_proj" matches up_proj (by hand: the
+    # group may match empty, then "up_proj" ends the name)
+    folder, _, _ = make_adapter(tmp_path / "p", modules=ONE)
+    modules = [f"model.layers.{i}.mlp.{m}" for i in range(30) for m in ("up_proj", "down_proj")]
+    for patterns, ranks in (({"(.*.*)*x": 4}, [8, 8]), ({"(.*.*)*x": 4, "(.*.*)*up_proj": 2}, [2, 8])):
+        set_config(folder, config_with(folder, "rank_pattern", json.dumps(patterns)))
+        call = ("import json; from ggml_lora.convert.peft import parse_config; "
+                f"c = parse_config(json.loads(Path({str(folder / 'adapter_config.json')!r}).read_text())); "
+                f"print(sorted(set((m.rsplit('.', 1)[1], c.module_rank_alpha(m)[0]) for m in {modules!r})))")
+        api = _limited(["-c", _API_CHILD.format(limit=AS_LIMIT, call=call)])
+        assert api.stdout.splitlines()[0] == str([("down_proj", ranks[1]), ("up_proj", ranks[0])]), api.stdout + api.stderr
+    # a whole conversion with the pattern that matches nothing (the adapter's rank stays r = 8)
+    set_config(folder, config_with(folder, "rank_pattern", json.dumps({"(.*.*)*x": 4})))
+    out = tmp_path / "ok.gguf"
+    done = _limited(["-m", "ggml_lora", "convert", str(folder), "--base", str(BASE), "-o", str(out)])
+    assert done.returncode == 0 and out.is_file(), done.stderr
+
+
+@pytest.mark.parametrize(("key", "why"), [
+    (r"(up)\1_proj", "linear-time matcher"),
+    ("(?<=mlp\\.)up_proj", "linear-time matcher"),
+    ("(?!k)up_proj", "linear-time matcher"),
+    ("[[:alpha:]]+", "nested class"),
+    ("up_proj(", "is not a valid regex"),  # Python's re refuses it too (as PEFT would)
+])
+def test_pattern_keys_the_matcher_cannot_run_exactly_are_refused(peft: Path, tmp_path: Path, key: str,
+                                                                 why: str) -> None:
+    set_config(peft, config_with(peft, "alpha_pattern", json.dumps({key: 4})))
+    shown = f"(?:{re.escape(json.dumps(key))}:|'{re.escape(key)}')"  # the core's message, or Python re's
+    refuse_conversion(peft, rf"pattern key {shown} .*{why}", tmp_path)
+
+
+@pytest.mark.parametrize(("key", "raw", "match"), [
+    ("lora_alpha", "1e400", "lora_alpha must be a finite number, got inf"),
+    ("lora_alpha", "-1e400", "lora_alpha must be a finite number, got -inf"),
+    ("lora_alpha", "NaN", "lora_alpha must be a finite number, got nan"),
+    ("lora_alpha", "Infinity", "lora_alpha must be a finite number, got inf"),
+    ("r", "1e400", "r must be an integer, got inf"),
+    ("r", "1" + "0" * 400, r"r = <an integer of about 401 digits> is absurdly large"),
+    ("alpha_pattern", '{"up_proj": 1e400}', r"alpha_pattern\['up_proj'\] must be a finite number, got inf"),
+    ("alpha_pattern", '{"up_proj": ' + "9" * 400 + "}", r"alpha_pattern\['up_proj'\] must be a finite number"),
+    ("rank_pattern", '{"up_proj": 1e400}', r"rank_pattern\['up_proj'\] must be an integer, got inf"),
+    ("rank_pattern", '{"up_proj": ' + "9" * 400 + "}", r"rank_pattern\['up_proj'\] = <an integer of about \d+ "
+     "digits> is absurdly large"),
+])
+def test_numbers_out_of_range(peft: Path, tmp_path: Path, key: str, raw: str, match: str) -> None:
+    set_config(peft, config_with(peft, key, raw))
+    refuse_conversion(peft, match, tmp_path)

@@ -2,7 +2,7 @@
 
 from os import PathLike
 from pathlib import Path
-from typing import Any, Callable, final
+from typing import Any, Callable, Sequence, final
 
 import numpy as np
 import numpy.typing as npt
@@ -14,6 +14,8 @@ __all__ = [
     "check_output_path",
     "check_input_path",
     "temp_path",
+    "read_torch_bin",
+    "PatternKeys",
     "GgufFile",
     "write_gguf",
     "copy_model",
@@ -59,6 +61,12 @@ class SpecialFileError(_Details, ValueError):
 def check_output_path(path: str | PathLike[str]) -> None: ...
 def check_input_path(path: str | PathLike[str]) -> None: ...
 def temp_path(target: str | PathLike[str]) -> Path: ...
+def read_torch_bin(path: str | PathLike[str]) -> list[tuple[str, str, list[int], npt.NDArray[np.uint8]]]: ...
+
+@final
+class PatternKeys:
+    def __new__(cls, keys: Sequence[str]) -> PatternKeys: ...
+    def first_match(self, module: str) -> int | None: ...
 
 @final
 class GgufFile:

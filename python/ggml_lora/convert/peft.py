@@ -6,10 +6,12 @@ float32 exactly) or ``adapter_model.bin`` (a torch zip read by :mod:`.torch_pick
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,15 +170,30 @@ class AdapterConfig:
 
 def _get_pattern_key(patterns: dict[str, Any], module: str) -> str | None:
     # peft.utils.other.get_pattern_key: the first key (dict order) with re.match(rf"(.*\.)?({key})$", name);
-    # PEFT then falls back to the module name itself as the key (an exact-name entry).
-    for key in patterns:
+    # PEFT then falls back to the module name itself as the key (an exact-name entry). Matched by the core's
+    # linear-time engine (Python's re backtracks: "(.*.*)*x" never finishes).
+    if not patterns:
+        return None
+    keys = tuple(patterns)
+    index = _pattern_keys(keys).first_match(module)
+    return None if index is None else keys[index]
+
+
+@functools.lru_cache(maxsize=64)
+def _pattern_keys(keys: tuple[str, ...]) -> _native.PatternKeys:
+    """The keys compiled by the core; each must first be a valid Python regex (PEFT's engine would refuse it)."""
+    for key in keys:
         try:
-            if re.match(rf"(.*\.)?({key})$", module):
-                return key
-        except re.error as exc:
+            with warnings.catch_warnings():  # "possible nested set" FutureWarnings: the core refuses those
+                warnings.simplefilter("ignore")
+                re.compile(rf"(.*\.)?({key})$")  # compiling never matches, so it cannot backtrack
+        except (re.error, RecursionError, OverflowError) as exc:
             raise ConversionError(f"adapter_config.json: pattern key {short_repr(key)} is not a valid regex: "
                                   f"{exc}") from None
-    return module if module in patterns else None
+    try:
+        return _native.PatternKeys(list(keys))
+    except ValueError as exc:
+        raise ConversionError(f"adapter_config.json: {exc}") from None
 
 
 def _is_number(v: Any) -> bool:
@@ -279,6 +296,8 @@ def parse_config(config: Any, *, allow_dora: bool = False) -> AdapterConfig:
         if not isinstance(v, dict):
             raise ConversionError(f"adapter_config.json: {key} must be an object, got {short_repr(v, 60)}")
         patterns[key] = {str(k): check(val, f"{key}[{short_repr(k)}]") for k, val in v.items()}
+        if patterns[key]:
+            _pattern_keys(tuple(patterns[key]))  # refuse a key that cannot be matched before any work
     base = config.get("base_model_name_or_path")
     return AdapterConfig(
         r=r,

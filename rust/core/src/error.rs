@@ -48,6 +48,29 @@ pub enum Error {
         source: Box<Error>,
     },
 
+    /// A torch `.bin` (a `torch.save` zip, or a file that is not one) refused by [`crate::torch_bin`]: malformed,
+    /// hostile, or over one of the reader's limits. `member` is the zip member (`"zip directory"` for the
+    /// archive's structure, `"pickle"` for a file that is not a zip); `offset` is the byte offset within it.
+    #[error("{member}, byte {offset}: {kind}")]
+    TorchBin {
+        /// The zip member, or what part of the file.
+        member: String,
+        /// Byte offset within the member (within the inflated bytes for a compressed member).
+        offset: u64,
+        /// What is wrong.
+        kind: TorchBin,
+    },
+
+    /// A PEFT `rank_pattern` / `alpha_pattern` key that cannot be matched as PEFT matches it (see
+    /// [`crate::patterns`]).
+    #[error("pattern key {key:?}: {reason}")]
+    PatternKey {
+        /// The key, as written in the config (cut to 200 characters).
+        key: String,
+        /// Why it is refused.
+        reason: String,
+    },
+
     /// A file's bytes break the format at byte `offset` (absolute, from the start of the file).
     #[error("malformed {format} file at byte {offset}: {kind}")]
     Malformed {
@@ -277,6 +300,68 @@ pub enum ShardProblem {
         found: u64,
         /// `split.tensors.count` of the first shard.
         expected: i64,
+    },
+}
+
+/// Why a torch `.bin` is refused. Messages never show an untrusted structure, only type names, counts and
+/// strings cut short.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TorchBin {
+    /// One of the reader's hard limits (`constant` names it in [`crate::torch_bin`]) is exceeded.
+    #[error("{what} is {found}, over the limit of {limit} ({constant})")]
+    Limit {
+        /// What is counted or measured.
+        what: &'static str,
+        /// The value found (for running counts: the first value over the limit).
+        found: u64,
+        /// The largest accepted.
+        limit: u64,
+        /// The name of the limit's constant.
+        constant: &'static str,
+    },
+    /// A pickle global outside the allow-list, refused by name before anything is built from it.
+    #[error(
+        "refusing to load pickle global '{module}.{name}'{python3} - only torch tensor rebuild functions, storage \
+         types and collections.OrderedDict are allowed (the file may be hostile; nothing was executed)"
+    )]
+    RefusedGlobal {
+        /// The module, as written in the pickle (cut to 200 characters).
+        module: String,
+        /// The name, as written (cut to 200 characters).
+        name: String,
+        /// `" (Python 3: 'builtins.eval')"` when the pickle spells a Python 3 name the Python 2 way, else empty.
+        python3: String,
+    },
+    /// A pickle stream that is malformed or uses what a tensor state dict never needs.
+    #[error("{0}")]
+    Pickle(String),
+    /// A zip archive that is malformed, or a member that breaks what torch writes.
+    #[error("{0}")]
+    Zip(String),
+    /// A tensor whose view (offset, size, stride) does not fit its storage, or whose dtype contradicts it.
+    #[error("tensor {tensor:?}: {reason}")]
+    Tensor {
+        /// The state-dict key (empty while the pickle is still being read).
+        tensor: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// torch's legacy (pre-1.6) format: recognised by its magic number, then refused.
+    #[error(
+        "legacy (pre-zip) torch serialization is not supported; re-save the adapter with safetensors (PEFT \
+         save_pretrained(safe_serialization=True))"
+    )]
+    Legacy,
+    /// A file that is neither a zip nor torch's legacy format.
+    #[error("not a torch zip archive (torch.save format); plain pickles are not supported")]
+    PlainPickle,
+    /// An allocation the file asks for that the process cannot make (refused rather than aborting).
+    #[error("cannot allocate {bytes} bytes for {what} (out of memory)")]
+    OutOfMemory {
+        /// What the memory was for.
+        what: String,
+        /// How much was asked.
+        bytes: u64,
     },
 }
 
@@ -720,6 +805,10 @@ impl ErrorDetails {
         self.path.get_or_insert_with(|| path.into());
         self
     }
+    fn found(mut self, found: impl ToString) -> ErrorDetails {
+        self.found = Some(found.to_string());
+        self
+    }
     fn expected_found(mut self, expected: impl ToString, found: impl ToString) -> ErrorDetails {
         self.expected = Some(expected.to_string());
         self.found = Some(found.to_string());
@@ -772,6 +861,9 @@ impl Error {
             Error::WriterState(_) => ErrorDetails::new("writer_state"),
             Error::BadImatrix(b) => b.details(),
             Error::ShardSet { shard, problem } => problem.details().path(shard.clone()),
+            // The offset is within a zip member (inflated), not in the file: not an `offset` in this sense.
+            Error::TorchBin { kind, .. } => kind.details(),
+            Error::PatternKey { .. } => ErrorDetails::new("pattern_key"),
         }
     }
 }
@@ -891,6 +983,24 @@ impl BadImatrix {
             B::BadWeight { name, value, .. } => {
                 ErrorDetails::new("bad_weight").tensor(name).expected_found("a finite non-negative weight", value)
             }
+        }
+    }
+}
+
+impl TorchBin {
+    fn details(&self) -> ErrorDetails {
+        match self {
+            TorchBin::Limit { found, limit, .. } => {
+                ErrorDetails::new("limit").expected_found(format!("at most {limit}"), found)
+            }
+            TorchBin::RefusedGlobal { module, name, .. } => ErrorDetails::new("refused_global")
+                .expected_found("a torch tensor-rebuild global", format!("{module}.{name}")),
+            TorchBin::Pickle(_) => ErrorDetails::new("pickle"),
+            TorchBin::Zip(_) => ErrorDetails::new("zip"),
+            TorchBin::Tensor { tensor, .. } => ErrorDetails::new("tensor").tensor(tensor),
+            TorchBin::Legacy => ErrorDetails::new("legacy_torch_format"),
+            TorchBin::PlainPickle => ErrorDetails::new("plain_pickle"),
+            TorchBin::OutOfMemory { bytes, .. } => ErrorDetails::new("out_of_memory").found(bytes),
         }
     }
 }

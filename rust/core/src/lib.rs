@@ -7,6 +7,8 @@
 //!   presented as one set of tensors; [`legacy`]: the pre-GGUF containers; [`mapped`]: memory-mapped inputs.
 //! - [`imatrix`]: importance matrices (llama-imatrix output, GGUF and legacy).
 //! - [`atomic`]: temporary-file-then-rename output files.
+//! - [`torch_bin`]: a non-executing, bounded reader of torch `.bin` state dicts (zip + pickle).
+//! - [`patterns`]: PEFT's `rank_pattern`/`alpha_pattern` key matching, in linear time.
 //! - [`paths`]: which kinds of path are accepted as inputs and outputs (regular files only).
 #![deny(missing_docs)]
 
@@ -21,8 +23,10 @@ pub mod mapped;
 pub mod model;
 pub mod patch;
 pub mod paths;
+pub mod patterns;
 pub mod quant;
+pub mod torch_bin;
 pub mod types;
 
-pub use error::{BadImatrix, Error, Malformed, Result, ShardProblem};
+pub use error::{BadImatrix, Error, ErrorDetails, Malformed, Result, ShardProblem, TorchBin};
 pub use types::GgmlType;

@@ -1,6 +1,8 @@
 //! The one place where core errors become Python exceptions.
 //!
-//! - malformed files (including importance matrices and incomplete or inconsistent shard sets) → `GGUFError` (a `ValueError`)
+//! - malformed files (including importance matrices and incomplete or inconsistent shard sets) → `GGUFError` (a
+//!   `ValueError`)
+//! - a refused torch `.bin` or PEFT pattern key → `ValueError` (the converter raises its `ConversionError`)
 //! - missing files → `FileNotFoundError`, other OS errors → `OSError` (with errno)
 //! - bad arguments (non-finite input, row length, unsupported type, invalid metadata/tensors) → `ValueError`
 //! - inputs that cannot be patched together → `PatchError` (a `ValueError`)
@@ -112,7 +114,9 @@ fn exception_for(err: &Error) -> PyErr {
         | Error::UnsupportedType { .. }
         | Error::InvalidMetadata { .. }
         | Error::InvalidTensor { .. }
-        | Error::InvalidTensorInfo(_) => PyValueError::new_err(message),
+        | Error::InvalidTensorInfo(_)
+        | Error::TorchBin { .. }
+        | Error::PatternKey { .. } => PyValueError::new_err(message),
     }
 }
 

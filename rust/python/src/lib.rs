@@ -3,6 +3,7 @@
 //! exceptions in one place, [`errors`].
 #![deny(missing_docs)]
 
+mod convert;
 mod errors;
 mod gguf;
 mod imatrix;
@@ -17,6 +18,7 @@ use pyo3::prelude::*;
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
+    convert::register(m)?;
     gguf::register(m)?;
     imatrix::register(m)?;
     quant::register(m)?;
