@@ -47,7 +47,7 @@ def test_gguf_outtypes(tmp_path, outtype):
     folder). Oracle: gguf-py (reader and quantize), never ggml_lora's own quantization."""
     ref = {t.name: np.array(t.data, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
            for t in gguf.GGUFReader(R8 / "ref-adapter-f32.gguf").tensors}
-    out = convert(R8 / "adapter", tmp_path / "a.gguf", base=BASE, outtype=outtype)
+    out = convert(R8 / "adapter", tmp_path / "a.gguf", base=BASE, out_type=outtype)
     reader = gguf.GGUFReader(out)
     assert reader.fields["general.type"].contents() == "adapter"
     assert reader.fields["adapter.type"].contents() == "lora"
@@ -91,7 +91,7 @@ def test_outtype_rule_is_the_one_in_llama_cpp_sources():
 
 def test_bf16_round_trip_is_round_to_nearest_even(tmp_path):
     lora = peft_to_lora(R8 / "adapter", BASE)
-    out = convert(R8 / "adapter", tmp_path / "a.gguf", base=BASE, outtype="bf16")
+    out = convert(R8 / "adapter", tmp_path / "a.gguf", base=BASE, out_type="bf16")
     with ggml_lora.open(out) as f:
         name = "blk.0.attn_q.weight.lora_a"
         got = f.to_numpy(name)
@@ -104,7 +104,7 @@ def test_bf16_round_trip_is_round_to_nearest_even(tmp_path):
 
 
 def test_f16_output_merge_still_within_tolerance(tmp_path):
-    out = convert(ARCH / "qwen2/peft-a", tmp_path / "a.gguf", base=ARCH / "qwen2/base-f16.gguf", outtype="f16")
+    out = convert(ARCH / "qwen2/peft-a", tmp_path / "a.gguf", base=ARCH / "qwen2/base-f16.gguf", out_type="f16")
     with ggml_lora.open(out) as f:
         assert {i.type for i in f.tensors.values()} == {"f16"}
         alpha = f.metadata["adapter.lora.alpha"]
@@ -153,7 +153,7 @@ def ggla_delta(tensors, name, r, alpha):
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
 def test_ggla_layout(tmp_path, outtype):
     lora = peft_to_lora(R8 / "adapter", BASE)
-    out = convert(R8 / "adapter", tmp_path / "a.bin", base=BASE, format="ggla", outtype=outtype)
+    out = convert(R8 / "adapter", tmp_path / "a.bin", base=BASE, format="ggla", out_type=outtype)
     data = out.read_bytes()
     assert data[:4] == b"algg" and int.from_bytes(data[:4], "little") == 0x67676C61
     r, alpha, tensors = read_ggla(out)
@@ -248,7 +248,7 @@ def test_cli_convert(tmp_path, capsys):
 def test_cli_convert_ggla_and_defaults(tmp_path, capsys):
     folder, _, _ = make_adapter(tmp_path / "a", {"use_rslora": True}, modules=["model.layers.0.mlp.up_proj"])
     args = parser().parse_args(["convert", str(folder), "--base", str(ARCH / "mistral/base-f16.gguf")])
-    assert args.outtype == "f32" and args.format == "gguf" and args.out is None
+    assert args.out_type == "f32" and args.format == "gguf" and args.out is None
     assert args.func(args) == 0
     assert "folded" in capsys.readouterr().out
     assert (folder / DEFAULT_GGUF_NAME).is_file()
@@ -268,7 +268,7 @@ def test_cli_requires_base_and_rejects_unknown_outtype(capsys):
 def test_package_is_callable_as_convert(tmp_path):
     import ggml_lora.convert as pkg
 
-    out = pkg(ARCH / "qwen3/peft-a", tmp_path / "q.gguf", base=ARCH / "qwen3/hf", outtype="bf16")
+    out = pkg(ARCH / "qwen3/peft-a", tmp_path / "q.gguf", base=ARCH / "qwen3/hf", out_type="bf16")
     assert out == tmp_path / "q.gguf"
     assert ggml_lora.convert is pkg and callable(ggml_lora.convert)
     with ggml_lora.open(out) as f:
@@ -298,3 +298,12 @@ def test_real_cli_convert_then_patch_equals_llama_cpp_merge(tmp_path):
     done = subprocess.run([sys.executable, "-m", "ggml_lora", "convert", str(tmp_path / "missing"), "--base",
                            str(LLAMA_GQA / "base-q4_0.gguf")], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "missing" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_accepts_both_spellings_of_the_out_type() -> None:
+    """llama.cpp's ``--outtype`` and this tool's ``--out-type`` set the same option (oracle: argparse's result)."""
+    parser = argparse.ArgumentParser()
+    add_convert_subcommand(parser.add_subparsers())
+    for flag in ("--outtype", "--out-type"):
+        args = parser.parse_args(["convert", "peft/", "--base", "m.gguf", flag, "f16"])
+        assert args.out_type == "f16"

@@ -238,9 +238,9 @@ def test_truncated_safetensors_refused(tmp_path):
 
 def test_bad_outtype_and_format(tmp_path):
     with pytest.raises(ConversionError, match="q4_0"):
-        convert(MISTRAL / "peft-a", tmp_path / "x.gguf", base=BASE, outtype="q4_0")
+        convert(MISTRAL / "peft-a", tmp_path / "x.gguf", base=BASE, out_type="q4_0")
     with pytest.raises(ConversionError, match="ggla"):
-        convert(MISTRAL / "peft-a", tmp_path / "x.bin", base=BASE, outtype="q8_0", format="ggla")
+        convert(MISTRAL / "peft-a", tmp_path / "x.bin", base=BASE, out_type="q8_0", format="ggla")
     with pytest.raises(ConversionError, match="format"):
         convert(MISTRAL / "peft-a", tmp_path / "x.bin", base=BASE, format="safetensors")
     assert not list(tmp_path.iterdir())
@@ -381,7 +381,7 @@ def test_no_torch_no_network(tmp_path):
         socket.getaddrinfo = _no_net
         from ggml_lora.convert import convert
         convert({str(LLAMA_GQA / 'lora-r8/adapter-bin')!r}, {str(tmp_path / 'a.gguf')!r},
-                base={str(LLAMA_GQA / 'hf')!r}, outtype="q8_0")
+                base={str(LLAMA_GQA / 'hf')!r}, out_type="q8_0")
         convert({str(GPT2 / 'lora-c_attn/adapter')!r}, {str(tmp_path / 'g.bin')!r},
                 base={str(GPT2 / 'base-f16.gguf')!r}, format="ggla")
         assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]

@@ -541,7 +541,7 @@ def test_cli_patch_gpt2_conv1d_peft_directory(tmp_path: Path) -> None:
 @pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0"])
 def test_adapter_tensors_in_f16_bf16_q8_0(tmp_path: Path, outtype: str) -> None:
     adapter = ggml_lora.convert(LLAMA / "lora-r8" / "adapter", tmp_path / f"a-{outtype}.gguf", base=BASE_F16,
-                                outtype=outtype)
+                                out_type=outtype)
     with ggml_lora.open(adapter) as f:
         assert outtype in {t.type for t in f.tensors.values()}
     ggml_lora.patch(BASE_F16, adapter, out=tmp_path / "ours.gguf", out_type="f32")

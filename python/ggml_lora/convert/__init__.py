@@ -5,7 +5,7 @@ is read by a restricted unpickler (:mod:`.torch_pickle`), names come from gguf-p
 base model's architecture and head counts from a GGUF file's metadata or an HF ``config.json``.
 
     lora = peft_to_lora("my-adapter/", base="model-q4_0.gguf")     # LoraTensors
-    convert("my-adapter/", "adapter.gguf", base="model-q4_0.gguf", outtype="f16")
+    convert("my-adapter/", "adapter.gguf", base="model-q4_0.gguf", out_type="f16")
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from .writers import GGUF_OUTTYPES
 def _cmd_convert(args: argparse.Namespace) -> int:
     from ..gguf import open as gguf_open
 
-    out = convert(args.peft_dir, args.out, base=args.base, outtype=args.outtype, format=args.format)
+    out = convert(args.peft_dir, args.out, base=args.base, out_type=args.out_type, format=args.format)
     size = out.stat().st_size
     if args.format == "gguf":
         with gguf_open(out) as f:
@@ -25,12 +25,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         print(f"wrote {out} ({size} bytes): GGUF LoRA adapter, arch {arch}, {n} tensor pairs "
               f"({', '.join(types)}), {how}")
     else:
-        print(f"wrote {out} ({size} bytes): legacy ggla LoRA adapter ({args.outtype})")
+        print(f"wrote {out} ({size} bytes): legacy ggla LoRA adapter ({args.out_type})")
     return 0
 
 
 def add_convert_subcommand(subparsers: Any) -> None:
-    """Register ``convert PEFT_DIR --base MODEL [-o OUT] [--outtype T] [--format gguf|ggla]``."""
+    """Register ``convert PEFT_DIR --base MODEL [-o OUT] [--outtype|--out-type T] [--format gguf|ggla]``."""
     p = subparsers.add_parser(
         "convert",
         help="convert a Hugging Face PEFT LoRA adapter into a llama.cpp LoRA adapter (no torch, no network)",
@@ -46,8 +46,9 @@ def add_convert_subcommand(subparsers: Any) -> None:
     p.add_argument("-o", "--out", metavar="OUT",
                    help=f"output file or folder (default: PEFT_DIR/{DEFAULT_GGUF_NAME}, or {DEFAULT_GGLA_NAME} "
                         "for --format ggla)")
-    p.add_argument("--outtype", default="f32", choices=list(GGUF_OUTTYPES),
-                   help="tensor type (default f32; ggla: f32 or f16)")
+    p.add_argument("--outtype", "--out-type", dest="out_type", default="f32", choices=list(GGUF_OUTTYPES),
+                   help="tensor type (default f32; ggla: f32 or f16); --outtype is llama.cpp's spelling, --out-type "
+                        "the one of this tool's patch command")
     p.add_argument("--format", default="gguf", choices=["gguf", "ggla"],
                    help="gguf: llama.cpp's adapter GGUF (default); ggla: the legacy pre-GGUF adapter file")
     p.set_defaults(func=_cmd_convert)

@@ -323,23 +323,23 @@ def convert(
     out: str | os.PathLike[str] | None = None,
     *,
     base: Any,
-    outtype: str = "f32",
+    out_type: str = "f32",
     format: str = "gguf",  # noqa: A002 - public keyword
 ) -> Path:
     """Convert a PEFT LoRA adapter folder into a llama.cpp adapter file and return its path.
 
-    ``format="gguf"`` (default) writes llama.cpp's LoRA adapter GGUF with tensors in ``outtype`` f32 (default),
+    ``format="gguf"`` (default) writes llama.cpp's LoRA adapter GGUF with tensors in ``out_type`` f32 (default),
     f16, bf16 or q8_0 (q8_0 rows that are not a multiple of 32 long - lora_b with r < 32 - fall back to f16, as
     in llama.cpp). ``format="ggla"`` writes the legacy pre-GGUF adapter file (f32 or f16). ``out`` defaults to
     ``<peft_dir>/ggml-adapter-model.gguf`` (``.bin`` for ggla); an existing folder gets that file name inside it.
     """
     fmt = str(format).lower()
-    kind = str(outtype).lower()
+    kind = str(out_type).lower()
     if fmt not in ("gguf", "ggla"):
         raise ConversionError(f"unknown format {format!r}; choose gguf or ggla")
     allowed = GGUF_OUTTYPES if fmt == "gguf" else GGLA_OUTTYPES
     if kind not in allowed:
-        raise ConversionError(f"outtype {outtype!r} is not available for {fmt}; choose one of {', '.join(allowed)}")
+        raise ConversionError(f"out_type {out_type!r} is not available for {fmt}; choose one of {', '.join(allowed)}")
     default = DEFAULT_GGUF_NAME if fmt == "gguf" else DEFAULT_GGLA_NAME
     if out is None:
         path = Path(peft_dir) / default

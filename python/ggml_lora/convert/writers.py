@@ -31,21 +31,21 @@ def _to_f16(name: str, x: np.ndarray) -> np.ndarray:
     return y
 
 
-def _encode(name: str, x: np.ndarray, outtype: str) -> Any:
+def _encode(name: str, x: np.ndarray, out_type: str) -> Any:
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if outtype == "f32":
+    if out_type == "f32":
         return x
-    if outtype == "f16":
+    if out_type == "f16":
         return _to_f16(name, x)
-    if outtype == "bf16":
+    if out_type == "bf16":
         return (quantize(x, "bf16"), "bf16", x.shape)
-    if outtype == "q8_0":
+    if out_type == "q8_0":
         if x.shape[-1] % 32 != 0:
             # like llama.cpp's converters (gguf QuantError -> "falling back to F16"): rows of r elements
             # (lora_b, r not a multiple of 32) cannot be q8_0 blocks.
             return _to_f16(name, x)
         return (quantize(x, "q8_0"), "q8_0", x.shape)
-    raise ConversionError(f"unknown outtype {outtype!r}; choose one of {', '.join(GGUF_OUTTYPES)}")
+    raise ConversionError(f"unknown out_type {out_type!r}; choose one of {', '.join(GGUF_OUTTYPES)}")
 
 
 def gguf_metadata(lora: LoraTensors) -> dict[str, Any]:
@@ -63,11 +63,11 @@ def gguf_metadata(lora: LoraTensors) -> dict[str, Any]:
     return meta
 
 
-def write_gguf(lora: LoraTensors, out: Path, outtype: str = "f32") -> Path:
-    """Write ``lora`` as llama.cpp's GGUF LoRA adapter (``outtype`` f32, f16, bf16 or q8_0)."""
-    if outtype not in GGUF_OUTTYPES:
-        raise ConversionError(f"unknown outtype {outtype!r} for GGUF; choose one of {', '.join(GGUF_OUTTYPES)}")
-    tensors = [(name, _encode(name, array, outtype)) for name, array in lora.tensors.items()]
+def write_gguf(lora: LoraTensors, out: Path, out_type: str = "f32") -> Path:
+    """Write ``lora`` as llama.cpp's GGUF LoRA adapter (``out_type`` f32, f16, bf16 or q8_0)."""
+    if out_type not in GGUF_OUTTYPES:
+        raise ConversionError(f"unknown out_type {out_type!r} for GGUF; choose one of {', '.join(GGUF_OUTTYPES)}")
+    tensors = [(name, _encode(name, array, out_type)) for name, array in lora.tensors.items()]
     return write(out, gguf_metadata(lora), tensors)
 
 
@@ -87,17 +87,17 @@ def _pairs(lora: LoraTensors) -> list[tuple[str, np.ndarray, np.ndarray]]:
     return out
 
 
-def write_ggla(lora: LoraTensors, out: Path, outtype: str = "f32") -> Path:
+def write_ggla(lora: LoraTensors, out: Path, out_type: str = "f32") -> Path:
     """Write the legacy 'ggla' adapter of llama.cpp's convert-lora-to-ggml.py (GGUF-era tensor names).
 
     Header ``b"algg"``, i32 version 1, i32 r, i32 alpha; per tensor i32 n_dims, name_len, ftype, ne[], name,
-    zero padding to a 32-byte file offset, data. ``<name>.loraA`` holds A.T (ne [r, n_in]) in ``outtype``,
+    zero padding to a 32-byte file offset, data. ``<name>.loraA`` holds A.T (ne [r, n_in]) in ``out_type``,
     ``<name>.loraB`` holds B (ne [r, n_out]) in f32, as the original script wrote them. The old loader scales by
     header alpha / header r: when that is exact for every tensor (one rank, integral alpha) the factors are
     written unscaled; otherwise each tensor's scale is folded into loraB and the header says alpha = r.
     """
-    if outtype not in GGLA_OUTTYPES:
-        raise ConversionError(f"outtype {outtype!r} is not available for the ggla format (only f32 and f16)")
+    if out_type not in GGLA_OUTTYPES:
+        raise ConversionError(f"out_type {out_type!r} is not available for the ggla format (only f32 and f16)")
     pairs = _pairs(lora)
     if not pairs:
         raise ConversionError("the adapter has no LoRA tensors to write")
@@ -111,7 +111,7 @@ def write_ggla(lora: LoraTensors, out: Path, outtype: str = "f32") -> Path:
         r_hdr = max(ranks)
         alpha_hdr = r_hdr
         scales = {base: (alpha / q.shape[0] if alpha else 1.0) for base, _, q in pairs}
-    ftype_a = 0 if outtype == "f32" else 1
+    ftype_a = 0 if out_type == "f32" else 1
     out = Path(out)
     # A device, FIFO, socket or directory at ``out`` is refused and never replaced (checked again before the
     # rename). The temporary file is named by the Rust writer's rule (atomic.rs: marker, pid, counter, within
