@@ -187,7 +187,7 @@ def imatrix_seeds() -> list[tuple[str, bytes]]:
 
 
 def legacy_seeds() -> list[tuple[str, bytes]]:
-    """Tiny legacy llama files (FORMATS.md §4): ggjt v1-v3, ggmf v1, ggml; one block of n_embd 32, f32/f16/q4_0."""
+    """Tiny legacy llama files (docs/FORMATS.md §4): ggjt v1-v3, ggmf v1, ggml; one block of n_embd 32, f32/f16/q4_0."""
     magics = {"ggml": 0x67676D6C, "ggmf": 0x67676D66, "ggjt": 0x67676A74}
     out = []
     for container, version, type_id, type_bytes in (("ggjt", 3, 0, 4), ("ggjt", 3, 2, 18), ("ggjt", 2, 1, 2),

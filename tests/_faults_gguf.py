@@ -1,6 +1,6 @@
 """GGUF bytes for the fault suite: an independent header walker (every field's offset and size) and builders.
 
-Nothing here uses ggml_lora: the walker is a second, deliberately simple reading of the format (FORMATS.md §1,
+Nothing here uses ggml_lora: the walker is a second, deliberately simple reading of the format (docs/FORMATS.md §1,
 ggml's gguf.cpp), so that the fault tests can cut and corrupt files at exact field boundaries without trusting
 the reader under test. ``fuzz/seed_corpus.py`` uses it too.
 """

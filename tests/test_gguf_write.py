@@ -488,7 +488,7 @@ def test_many_tensors_and_large_data_stream(tmp_path: Path) -> None:
 
 
 def test_write_struct_is_what_the_spec_says(tmp_path: Path) -> None:
-    """The header bytes of a tiny file, field by field, from the spec (FORMATS.md §1)."""
+    """The header bytes of a tiny file, field by field, from the spec (docs/FORMATS.md §1)."""
     path = ggml_lora.write(tmp_path / "tiny.gguf", {"k": MV(7, VT.UINT16)}, {"t": np.array([1.5], np.float32)})
     b = path.read_bytes()
     expected = (b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + struct.pack("<Q", 1) + b"k" + struct.pack("<IH", 2, 7)

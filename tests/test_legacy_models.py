@@ -1,6 +1,6 @@
 """Legacy GGML / GGMF / GGJT llama models (issue 12, part 2): reading them, ``convert-model``, patching them.
 
-Oracles: the legacy files are built here by a writer restated from the layouts in FORMATS.md §4 (it never calls
+Oracles: the legacy files are built here by a writer restated from the layouts in docs/FORMATS.md §4 (it never calls
 ggml_lora); llama.cpp's own ``convert_llama_ggml_to_gguf.py`` (from the llama-cpp-python sdist, run with gguf-py
 from PyPI: ``NO_LOCAL_GGUF``) converts the same files, and gguf-py's reader compares its output with ours tensor
 for tensor and key for key; llama.cpp's loader (``llama-quantize``, built from the same sdist) loads our output.
@@ -52,7 +52,7 @@ def legacy_model(path: Path, container: str, version: int, *, n_embd: int = 64, 
                  types: dict[str, str] | None = None, seed: int = 0,
                  extra_tensors: list[tuple[str, list[int], int, bytes]] | None = None,
                  spec: dict[str, tuple[tuple[int, ...], str]] | None = None) -> Path:
-    """A llama model in a legacy container (FORMATS.md §4): magic, version (not for ggml), 7 × u32 hparams,
+    """A llama model in a legacy container (docs/FORMATS.md §4): magic, version (not for ggml), 7 × u32 hparams,
     the vocabulary (u32 length, bytes, f32 score except in ggml), then tensors (u32 n_dims, u32 name length, u32
     type, u32 ne[n_dims], name, data; ggjt pads the data to a 32-byte file offset). ``types`` maps a tensor
     kind (embd, attn, ffn_down, ffn, output) to a type name; norms are f32. ``spec`` receives each tensor's

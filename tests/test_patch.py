@@ -220,7 +220,7 @@ def test_progress_is_monotonic_and_an_exception_cancels(tmp_path: Path) -> None:
 
 
 def write_ggla(path: Path, rank: int, alpha: int, tensors: list[tuple[str, np.ndarray]]) -> None:
-    """The layout of llama.cpp's convert-lora-to-ggml.py (FORMATS.md §3), written independently here."""
+    """The layout of llama.cpp's convert-lora-to-ggml.py (docs/FORMATS.md §3), written independently here."""
     with open(path, "wb") as f:
         f.write(b"algg")
         f.write(struct.pack("<iii", 1, rank, alpha))

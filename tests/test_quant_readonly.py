@@ -313,7 +313,7 @@ def test_open_and_to_numpy_read_every_read_only_type(tmp_path: Path) -> None:
 
 
 def _adapter(path: Path, targets: dict[str, tuple[int, int]], rank: int = 4, seed: int = 3) -> Path:
-    """A llama.cpp LoRA GGUF (FORMATS.md §2): general.type adapter, adapter.type lora, adapter.lora.alpha, and
+    """A llama.cpp LoRA GGUF (docs/FORMATS.md §2): general.type adapter, adapter.type lora, adapter.lora.alpha, and
     ``<target>.lora_a`` (numpy shape (rank, n_in)) / ``.lora_b`` ((n_out, rank)) in f32."""
     rng = np.random.default_rng(seed)
     tensors = {}

@@ -4,7 +4,7 @@ argument checking, the type table, and the real llama-quantize fixtures.
 Oracles:
 - gguf-py 0.19.0 (``gguf.quants``), llama.cpp's own numpy port of ggml's reference kernels;
 - an independent float32 numpy transcription of ggml's C (``quantize_row_q4_0_ref`` / ``quantize_row_q8_0_ref``,
-  see ../shared/docs/FORMATS.md §5), used because gguf-py differs from C on one q4_0 input (see
+  see docs/FORMATS.md §5), used because gguf-py differs from C on one q4_0 input (see
   ``test_q4_0_zero_block_sign_of_d``);
 - the files llama-quantize wrote (../shared/fixtures/llama-gqa).
 """

@@ -429,7 +429,7 @@ fn gguf_factors(target: &str, tb: &TensorInfo, a: Vec<f32>, b: Vec<f32>) -> (Vec
 
 /// Loads a legacy ggla adapter from its bytes. Pairs are matched by the `.loraA` / `.loraB` suffixes and
 /// named by their GGUF targets. The product is applied as llama.cpp applied it (no q/k row permutation:
-/// the historical converter never permuted lora_B, FORMATS.md §3).
+/// the historical converter never permuted lora_B, docs/FORMATS.md §3).
 ///
 /// The format has no tensor count, so a file cut at a tensor boundary parses. What is checked instead: the file
 /// has pairs at all, every `.loraA` has its `.loraB` (a cut between the halves), every pair's rank is the

@@ -1,6 +1,6 @@
 //! The legacy 'ggla' LoRA adapter file of llama.cpp's original `convert-lora-to-ggml.py` (2023-2024).
 //!
-//! Layout (little-endian; FORMATS.md §3):
+//! Layout (little-endian; docs/FORMATS.md §3):
 //! ```text
 //! u32 magic 0x67676c61 ('ggla'; bytes "algg")   i32 version = 1   i32 r   i32 lora_alpha
 //! until EOF: i32 n_dims, i32 name_len, i32 ftype (0 f32, 1 f16), i32 ne[n_dims], u8 name[name_len],

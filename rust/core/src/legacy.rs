@@ -1,7 +1,7 @@
 //! Legacy (pre-GGUF) llama model files: unversioned `ggml`, `ggmf` v1 and `ggjt` v1-v3, read from untrusted
 //! bytes and presented as the GGUF model llama.cpp's `convert_llama_ggml_to_gguf.py` makes of them.
 //!
-//! Layout (the project's FORMATS.md §4; llama.cpp `llama_file_loader` @2d5db4837): a u32 magic, a u32 version
+//! Layout (docs/FORMATS.md §4; llama.cpp `llama_file_loader` @2d5db4837): a u32 magic, a u32 version
 //! (not in `ggml`), seven u32 hyperparameters (n_vocab, n_embd, n_mult, n_head, n_layer, n_rot, ftype), the
 //! vocabulary (n_vocab × {u32 length, bytes, f32 score}; `ggml` has no scores), then tensors until the end of
 //! the file, each {u32 n_dims, u32 name length, u32 ggml type, u32 ne[n_dims], name, data}, the data padded to

@@ -101,7 +101,7 @@ ggml_types! {
 
 impl GgmlType {
     /// One past the largest type id ggml defines (`GGML_TYPE_COUNT`: 43 in the llama-cpp-python 0.3.36 sources,
-    /// which added Q2_0 after gguf-py 0.19.0's NVFP4 and Q1_0, themselves after FORMATS.md's list).
+    /// which added Q2_0 after gguf-py 0.19.0's NVFP4 and Q1_0, themselves after the type list of gguf-py 0.19.0).
     pub const COUNT: u32 = 43;
 
     /// The on-disk type id.

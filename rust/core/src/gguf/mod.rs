@@ -1,6 +1,6 @@
 //! GGUF: the memory-mapped reader ([`GgufFile`]), header parsing ([`GgufHeader`]) and the streaming,
 //! atomic writer ([`GgufWriter`]); split models ([`split`]: shard names, sets of shards, [`ShardedWriter`]). Layout and rules: ggml's `gguf.cpp`, summarised in the project's
-//! FORMATS.md §1.
+//! docs/FORMATS.md §1.
 
 mod file;
 mod header;
