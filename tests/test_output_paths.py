@@ -288,14 +288,11 @@ def test_interrupt_after_the_rename_says_the_output_is_complete(
 def test_interrupt_after_a_conversion_rename_says_the_output_is_complete(
         inputs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
         fmt: str) -> None:
-    from ggml_lora.convert import writers
-
     reference = convert(inputs["peft"], inputs["dir"] / "reference", base=inputs["base"], format=fmt)
     out = inputs["dir"] / "adapter.out"
-    if fmt == "gguf":
-        monkeypatch.setattr(ggml_lora._native, "write_gguf", interrupt_after(ggml_lora._native.write_gguf))
-    else:  # the Python ggla writer: interrupted between its rename and recording it
-        monkeypatch.setattr(writers.os, "replace", interrupt_after(os.replace))
+    # The native writer returns with the output in place (and recorded); the interrupt arrives right after.
+    writer = "write_gguf" if fmt == "gguf" else "write_ggla"
+    monkeypatch.setattr(ggml_lora._native, writer, interrupt_after(getattr(ggml_lora._native, writer)))
     argv = ["convert", str(inputs["peft"]), "--base", str(inputs["base"]), "-o", str(out), "--format", fmt]
     assert cli.main(argv) == 130
     err = capsys.readouterr().err

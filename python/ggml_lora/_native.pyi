@@ -13,8 +13,8 @@ __all__ = [
     "SpecialFileError",
     "check_output_path",
     "check_input_path",
-    "temp_path",
     "read_torch_bin",
+    "write_ggla",
     "PatternKeys",
     "GgufFile",
     "write_gguf",
@@ -60,8 +60,16 @@ class SpecialFileError(_Details, ValueError):
 
 def check_output_path(path: str | PathLike[str]) -> None: ...
 def check_input_path(path: str | PathLike[str]) -> None: ...
-def temp_path(target: str | PathLike[str]) -> Path: ...
 def read_torch_bin(path: str | PathLike[str]) -> list[tuple[str, str, list[int], npt.NDArray[np.uint8]]]: ...
+def write_ggla(
+    path: str | PathLike[str],
+    pairs: list[tuple[str, npt.NDArray[np.float32], npt.NDArray[np.float32]]],
+    alpha: float,
+    a_as_f16: bool,
+    written: list[str] | None = None,
+) -> Path:
+    """Writes a legacy ggla adapter atomically: ``(name, A (r, n_in), B (n_out, r))`` pairs scaled by llama.cpp's
+    rule with ``alpha`` (folded into B when the header cannot carry it); the path is appended to ``written``."""
 
 @final
 class PatternKeys:

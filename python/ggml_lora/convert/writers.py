@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,8 +18,6 @@ if TYPE_CHECKING:
 
 GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 GGLA_OUTTYPES = ("f32", "f16")
-GGLA_MAGIC = b"algg"  # b"ggla"[::-1]: u32 LE 0x67676c61
-GGLA_VERSION = 1
 
 
 def _to_f16(name: str, x: np.ndarray) -> np.ndarray:
@@ -90,69 +87,14 @@ def _pairs(lora: LoraTensors) -> list[tuple[str, np.ndarray, np.ndarray]]:
 def write_ggla(lora: LoraTensors, out: Path, out_type: str = "f32") -> Path:
     """Write the legacy 'ggla' adapter of llama.cpp's convert-lora-to-ggml.py (GGUF-era tensor names).
 
-    Header ``b"algg"``, i32 version 1, i32 r, i32 alpha; per tensor i32 n_dims, name_len, ftype, ne[], name,
-    zero padding to a 32-byte file offset, data. ``<name>.loraA`` holds A.T (ne [r, n_in]) in ``out_type``,
-    ``<name>.loraB`` holds B (ne [r, n_out]) in f32, as the original script wrote them. The old loader scales by
-    header alpha / header r: when that is exact for every tensor (one rank, integral alpha) the factors are
-    written unscaled; otherwise each tensor's scale is folded into loraB and the header says alpha = r.
+    The format and its scale rule live in the core (``ggla::write_ggla``): ``<name>.loraA`` holds Aᵀ in
+    ``out_type``, ``<name>.loraB`` holds B in f32; the header's alpha / r carries the scale when it can (one rank,
+    an integral alpha), otherwise each pair's scale is folded into its loraB. The file appears only when complete.
     """
     if out_type not in GGLA_OUTTYPES:
         raise ConversionError(f"out_type {out_type!r} is not available for the ggla format (only f32 and f16)")
-    pairs = _pairs(lora)
+    pairs = [(base, np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(p, dtype=np.float32))
+             for base, p, q in _pairs(lora)]
     if not pairs:
         raise ConversionError("the adapter has no LoRA tensors to write")
-    ranks = {q.shape[0] for _, _, q in pairs}
-    alpha = float(lora.alpha)
-    if alpha != 0 and len(ranks) == 1 and alpha.is_integer() and alpha < 2**31:
-        r_hdr = ranks.pop()
-        alpha_hdr = int(alpha)
-        scales = {base: 1.0 for base, _, _ in pairs}
-    else:
-        r_hdr = max(ranks)
-        alpha_hdr = r_hdr
-        scales = {base: (alpha / q.shape[0] if alpha else 1.0) for base, _, q in pairs}
-    ftype_a = 0 if out_type == "f32" else 1
-    out = Path(out)
-    # A device, FIFO, socket or directory at ``out`` is refused and never replaced (checked again before the
-    # rename). The temporary file is named by the Rust writer's rule (atomic.rs: marker, pid, counter, within
-    # NAME_MAX), so a leftover from a killed process is recognisable; created with the usual permissions (0666
-    # minus the umask).
-    _native.check_output_path(os.fspath(out))
-    tmp_name = os.fspath(_native.temp_path(os.fspath(out)))
-    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(GGLA_MAGIC)
-            f.write(struct.pack("<iii", GGLA_VERSION, r_hdr, alpha_hdr))
-            for base, p, q in pairs:
-                lora_a = np.ascontiguousarray(q.T, dtype=np.float32)  # numpy (n_in, r): ne [r, n_in]
-                if ftype_a:
-                    lora_a = _to_f16(base, lora_a)
-                lora_b = p.astype(np.float64) * scales[base] if scales[base] != 1.0 else p
-                lora_b = np.ascontiguousarray(lora_b, dtype=np.float32)  # numpy (n_out, r): ne [r, n_out]
-                for suffix, array, ftype in ((".loraA", lora_a, ftype_a), (".loraB", lora_b, 0)):
-                    name = (base + suffix).encode("utf-8")
-                    ne = list(reversed(array.shape))
-                    f.write(struct.pack(f"<iii{len(ne)}i", len(ne), len(name), ftype, *ne))
-                    f.write(name)
-                    pad = (-f.tell()) % 32
-                    f.write(b"\0" * pad)
-                    f.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        _native.check_output_path(os.fspath(out))
-        os.replace(tmp_name, out)
-        _record(out)
-    except BaseException:
-        if os.path.lexists(tmp_name):
-            os.unlink(tmp_name)
-        else:  # renamed into place, then interrupted before it was recorded: the output is complete
-            _record(out)
-        raise
-    return out
-
-
-def _record(out: Path) -> None:
-    written = _written.current()
-    if written is not None and os.fspath(out) not in written:
-        written.append(os.fspath(out))
+    return Path(_native.write_ggla(os.fspath(out), pairs, float(lora.alpha), out_type == "f16", _written.current()))

@@ -188,9 +188,170 @@ pub fn gguf_target_name(name: &str) -> Option<String> {
     })
 }
 
+/// One LoRA pair to write into a ggla file: `delta = b @ a` for a model matrix of `n_out` rows of `n_in`.
+#[derive(Clone, Copy, Debug)]
+pub struct GglaPair<'a> {
+    /// The model tensor's name (e.g. `blk.0.attn_q.weight`); the file holds `<name>.loraA` / `.loraB`.
+    pub name: &'a str,
+    /// `r x n_in`, row-major (PEFT's `lora_A.weight`).
+    pub a: &'a [f32],
+    /// `n_out x r`, row-major (PEFT's `lora_B.weight`).
+    pub b: &'a [f32],
+    /// The pair's rank.
+    pub rank: usize,
+    /// Columns of the model matrix.
+    pub n_in: usize,
+    /// Rows of the model matrix.
+    pub n_out: usize,
+}
+
+/// The header `(r, alpha)` of a ggla file for pairs of `ranks` under llama.cpp's adapter scale rule (`alpha / r`
+/// per pair, or 1 when `alpha` is 0), and whether that header reproduces every pair's scale. The old loader
+/// scaled every tensor by header `alpha / r`, so the header is exact only for one rank and an integral `alpha`;
+/// otherwise the header says alpha = r (a scale of 1) and the writer folds each pair's scale into its `loraB`.
+pub fn ggla_header(ranks: &[usize], alpha: f64) -> (i32, i32, bool) {
+    let distinct: std::collections::BTreeSet<usize> = ranks.iter().copied().collect();
+    let max_rank = distinct.last().copied().unwrap_or(0).min(i32::MAX as usize) as i32;
+    if distinct.len() == 1 && alpha != 0.0 && alpha.fract() == 0.0 && alpha.abs() < i32::MAX as f64 {
+        (max_rank, alpha as i32, true)
+    } else {
+        (max_rank, max_rank, false)
+    }
+}
+
+/// Writes the legacy ggla adapter of llama.cpp's `convert-lora-to-ggml.py` at `path`, atomically (the file
+/// appears only when complete), for an adapter whose pairs are scaled by llama.cpp's rule with `alpha`: the
+/// header of [`ggla_header`], then per pair `<name>.loraA` = Aᵀ (ne `[r, n_in]`, f16 when `a_as_f16`) and
+/// `<name>.loraB` = B (ne `[r, n_out]`, always f32; times `alpha / r`, computed in f64 and rounded once, when the
+/// header cannot carry the scale), each 32-byte aligned. A value outside the f16 range in an f16 `loraA`, or a pair whose slices do not match its
+/// dimensions, is an error naming the tensor, and nothing is written.
+pub fn write_ggla(
+    path: &std::path::Path,
+    pairs: &[GglaPair],
+    alpha: f64,
+    a_as_f16: bool,
+) -> Result<std::path::PathBuf> {
+    use std::io::Write;
+
+    if pairs.is_empty() {
+        return Err(Error::InvalidTensor { name: String::new(), reason: "no LoRA pairs to write".into() });
+    }
+    for p in pairs {
+        if p.rank == 0 || p.a.len() != p.rank * p.n_in || p.b.len() != p.n_out * p.rank {
+            return Err(Error::InvalidTensor {
+                name: p.name.to_owned(),
+                reason: format!(
+                    "rank {} with {} x {} values in A and {} x {} in B does not fit a {} x {} matrix",
+                    p.rank, p.rank, p.n_in, p.n_out, p.rank, p.n_out, p.n_in
+                ),
+            });
+        }
+    }
+    let ranks: Vec<usize> = pairs.iter().map(|p| p.rank).collect();
+    let (r_header, alpha_header, exact) = ggla_header(&ranks, alpha);
+    let mut bytes: Vec<u8> = Vec::new();
+    bytes.extend_from_slice(&GGLA_MAGIC.to_le_bytes());
+    for v in [1, r_header, alpha_header] {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    let mut out = crate::atomic::AtomicFile::create(path)?;
+    // Bytes already in the file: padding is to absolute multiples of 32.
+    let mut at = 0usize;
+    let mut put = |bytes: &mut Vec<u8>, name: String, ftype: i32, dims: [usize; 2], data: Vec<u8>| -> Result<()> {
+        for v in [2, name.len() as i32, ftype, dims[0] as i32, dims[1] as i32] {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        bytes.extend_from_slice(name.as_bytes());
+        bytes.resize((at + bytes.len()).next_multiple_of(32) - at, 0);
+        bytes.extend_from_slice(&data);
+        // Written as we go: the factors of a large adapter need not all sit in memory twice.
+        out.file().write_all(bytes).map_err(|e| Error::io(path, e))?;
+        at += bytes.len();
+        bytes.clear();
+        Ok(())
+    };
+    for p in pairs {
+        let factor = if exact || alpha == 0.0 { 1.0 } else { alpha / p.rank as f64 };
+        // Aᵀ: numpy (n_in, r), ne [r, n_in].
+        let mut a = Vec::with_capacity(p.a.len() * if a_as_f16 { 2 } else { 4 });
+        for i in 0..p.n_in {
+            for k in 0..p.rank {
+                let v = p.a[k * p.n_in + i];
+                if a_as_f16 {
+                    let h = crate::quant::f32_to_f16_bits(v);
+                    if h & 0x7C00 == 0x7C00 && v.is_finite() {
+                        return Err(Error::InvalidTensor {
+                            name: format!("{}.loraA", p.name),
+                            reason: format!("value {v} exceeds the f16 range (write f32 instead)"),
+                        });
+                    }
+                    a.extend_from_slice(&h.to_le_bytes());
+                } else {
+                    a.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+        // The folded factor in f64, rounded once to f32 (as numpy's float64 product cast to float32).
+        let b: Vec<u8> =
+            p.b.iter()
+                .flat_map(|&v| (if factor == 1.0 { v } else { (v as f64 * factor) as f32 }).to_le_bytes())
+                .collect();
+        // `bytes` holds the file header before the first tensor, nothing after.
+        put(&mut bytes, format!("{}.loraA", p.name), i32::from(a_as_f16), [p.rank, p.n_in], a)?;
+        put(&mut bytes, format!("{}.loraB", p.name), 0, [p.rank, p.n_out], b)?;
+    }
+    out.commit(true)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// The bytes of a one-pair file worked out by hand from the layout (docs/FORMATS.md §3).
+    #[test]
+    fn writer_golden_bytes() {
+        let dir = std::env::temp_dir().join(format!("ggml-lora-ggla-writer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.ggla");
+        let pair = GglaPair { name: "w", a: &[1.5, -2.0], b: &[0.25], rank: 1, n_in: 2, n_out: 1 };
+        write_ggla(&path, &[pair], 2.0, false).unwrap();
+        let mut want = Vec::new();
+        want.extend_from_slice(b"algg");
+        for v in [1i32, 1, 2, 2, 7, 0, 1, 2] {
+            want.extend_from_slice(&v.to_le_bytes());
+        }
+        want.extend_from_slice(b"w.loraA");
+        want.resize(64, 0); // 16 + 20 + 7 = 43, padded to 64
+        for v in [1.5f32, -2.0] {
+            want.extend_from_slice(&v.to_le_bytes());
+        }
+        for v in [2i32, 7, 0, 1, 1] {
+            want.extend_from_slice(&v.to_le_bytes());
+        }
+        want.extend_from_slice(b"w.loraB");
+        want.resize(128, 0); // 72 + 20 + 7 = 99, padded to 128
+        want.extend_from_slice(&0.25f32.to_le_bytes());
+        assert_eq!(std::fs::read(&path).unwrap(), want);
+        // One rank and an integral alpha: the header carries the scale (the loader computes alpha / r itself).
+        // Two ranks, a fractional alpha, or alpha 0: each scale (alpha / r, in f64) goes into B, header alpha = r.
+        assert_eq!(ggla_header(&[2, 2], 3.0), (2, 3, true));
+        assert_eq!(ggla_header(&[2, 4], 3.0), (4, 4, false));
+        assert_eq!(ggla_header(&[8], 2.5), (8, 8, false));
+        assert_eq!(ggla_header(&[8], 0.0), (8, 8, false));
+        let folded = dir.join("b.ggla");
+        let pair = GglaPair { name: "w", a: &[1.0], b: &[1.0], rank: 1, n_in: 1, n_out: 1 };
+        let wide = GglaPair { name: "v", a: &[1.0, 1.0], b: &[1.0, 3.0], rank: 2, n_in: 1, n_out: 1 };
+        write_ggla(&folded, &[pair, wide], 3.0, false).unwrap();
+        let parsed = std::fs::read(&folded).unwrap();
+        assert_eq!(&parsed[8..16], &[2, 0, 0, 0, 2, 0, 0, 0]); // r = alpha = 2 (the larger rank)
+        assert_eq!(parsed[parsed.len() - 4..], 4.5f32.to_le_bytes()); // 3 * (alpha 3 / rank 2)
+        assert!(matches!(write_ggla(&dir.join("c.ggla"), &[], 1.0, false), Err(Error::InvalidTensor { .. })));
+        let huge = GglaPair { name: "w", a: &[1e6], b: &[1.0], rank: 1, n_in: 1, n_out: 1 };
+        let err = write_ggla(&dir.join("d.ggla"), &[huge], 1.0, true).unwrap_err();
+        assert!(err.to_string().contains("w.loraA"), "{err}");
+        assert!(!dir.join("d.ggla").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// Writes a ggla file the way convert-lora-to-ggml.py did.
     pub(crate) fn ggla_bytes(rank: i32, alpha: i32, tensors: &[(&str, &[i32], i32, Vec<u8>)]) -> Vec<u8> {

@@ -1,4 +1,4 @@
-//! Path rules for Python: the core's checks of input and output paths, and its temporary names.
+//! Path rules for Python: the core's checks of input and output paths.
 
 use std::path::PathBuf;
 
@@ -11,7 +11,6 @@ use crate::errors::IntoPyResult;
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_output_path, m)?)?;
     m.add_function(wrap_pyfunction!(check_input_path, m)?)?;
-    m.add_function(wrap_pyfunction!(temp_path, m)?)?;
     Ok(())
 }
 
@@ -27,11 +26,4 @@ fn check_output_path(path: PathBuf) -> PyResult<()> {
 #[pyfunction]
 fn check_input_path(path: PathBuf) -> PyResult<()> {
     paths::check_input(&path).py_err()
-}
-
-/// A fresh temporary path beside `target`, named as the core names its own (marker, pid, counter; within
-/// NAME_MAX), for the Python writers that do their own temporary file and rename.
-#[pyfunction]
-fn temp_path(target: PathBuf) -> PyResult<PathBuf> {
-    ggml_lora_core::atomic::temp_path(&target).py_err()
 }
