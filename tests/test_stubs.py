@@ -47,3 +47,23 @@ def test_extension_uses_the_stable_abi() -> None:
     abi3_suffixes = [s for s in importlib.machinery.EXTENSION_SUFFIXES if "abi3" in s]
     assert abi3_suffixes, f"this interpreter lists no abi3 extension suffix: {importlib.machinery.EXTENSION_SUFFIXES}"
     assert any(name.endswith(s) for s in abi3_suffixes), f"{name} is not an abi3 module ({abi3_suffixes})"
+
+
+def test_every_public_name_of_the_stub_is_documented() -> None:
+    """Each public function, class, method and property in ``_native.pyi`` has a docstring (oracle: the stub's
+    own syntax tree)."""
+    import ast
+
+    stub = Path(__file__).resolve().parents[1] / "python" / "ggml_lora" / "_native.pyi"
+    missing: list[str] = []
+
+    def walk(nodes: list[ast.stmt], prefix: str = "") -> None:
+        for node in nodes:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                if ast.get_docstring(node) is None:
+                    missing.append(prefix + node.name)
+                if isinstance(node, ast.ClassDef):
+                    walk(node.body, node.name + ".")
+
+    walk(ast.parse(stub.read_text()).body)
+    assert not missing, f"undocumented in the stub: {missing}"

@@ -58,9 +58,16 @@ class PatchError(_Details, ValueError):
 class SpecialFileError(_Details, ValueError):
     """A device, FIFO or socket where a regular file is needed; raised before anything is read or written."""
 
-def check_output_path(path: str | PathLike[str]) -> None: ...
-def check_input_path(path: str | PathLike[str]) -> None: ...
-def read_torch_bin(path: str | PathLike[str]) -> list[tuple[str, str, list[int], npt.NDArray[np.uint8]]]: ...
+def check_output_path(path: str | PathLike[str]) -> None:
+    """Refuses an output path that names a device, FIFO, socket (``SpecialFileError``) or directory
+    (``IsADirectoryError``); a regular file or a new name passes."""
+def check_input_path(path: str | PathLike[str]) -> None:
+    """Refuses, without opening it, an input path that names a device, FIFO, socket (``SpecialFileError``) or
+    directory (``IsADirectoryError``); a regular file or a missing path passes."""
+def read_torch_bin(path: str | PathLike[str]) -> list[tuple[str, str, list[int], npt.NDArray[np.uint8]]]:
+    """Reads the torch ``.bin`` state dict at ``path`` without executing anything (bounded pickle and zip readers);
+    returns ``(name, numpy dtype name, shape, little-endian bytes)`` per tensor in file order (bfloat16 widened
+    to float32)."""
 def write_ggla(
     path: str | PathLike[str],
     pairs: list[tuple[str, npt.NDArray[np.float32], npt.NDArray[np.float32]]],
@@ -73,27 +80,43 @@ def write_ggla(
 
 @final
 class PatternKeys:
+    """PEFT ``rank_pattern`` / ``alpha_pattern`` keys compiled for linear-time matching (Rust's ``regex``); a key
+    the matcher cannot run exactly as Python's ``re`` would raises ``ValueError`` naming it."""
     def __new__(cls, keys: Sequence[str]) -> PatternKeys: ...
-    def first_match(self, module: str) -> int | None: ...
+    def first_match(self, module: str) -> int | None:
+        """The index of the key PEFT's ``get_pattern_key`` chooses for ``module`` (first key, in order, that
+        matches), or ``None``."""
 
 @final
 class GgufFile:
+    """An open, memory-mapped model: one GGUF file, a split model opened from any shard, or a legacy GGML/GGJT file."""
     def __new__(cls, path: str | PathLike[str]) -> GgufFile: ...
     @property
-    def version(self) -> int: ...
+    def version(self) -> int:
+        """GGUF version (2 or 3) of the (first) file; a legacy file's container version."""
     @property
-    def alignment(self) -> int: ...
+    def alignment(self) -> int:
+        """Data alignment in bytes (of the first file)."""
     @property
-    def data_offset(self) -> int: ...
+    def data_offset(self) -> int:
+        """Absolute byte offset of the (first) file's data section."""
     @property
-    def file_size(self) -> int: ...
+    def file_size(self) -> int:
+        """Bytes of all the model's files."""
     @property
-    def container(self) -> str: ...
-    def shards(self) -> list[tuple[Path, int]]: ...
-    def metadata(self) -> list[tuple[str, str, str | None, Any]]: ...
-    def tensors(self) -> list[tuple[str, list[int], str, int, int, int]]: ...
-    def raw(self, index: int) -> npt.NDArray[np.uint8]: ...
-    def to_numpy(self, index: int) -> npt.NDArray[np.float32]: ...
+    def container(self) -> str:
+        """The container, e.g. ``"GGUF v3"``, ``"GGUF v3, split into 3 shards"``, ``"legacy ggjt v3"``."""
+    def shards(self) -> list[tuple[Path, int]]:
+        """The model's files in shard order, as ``(path, number of tensors)``."""
+    def metadata(self) -> list[tuple[str, str, str | None, Any]]:
+        """Metadata as ``(key, type name, element type name or None, value)`` tuples in file order."""
+    def tensors(self) -> list[tuple[str, list[int], str, int, int, int]]:
+        """Tensor infos as ``(name, dims in ggml order, type name, absolute data offset in its file, nbytes,
+        shard)`` in model order."""
+    def raw(self, index: int) -> npt.NDArray[np.uint8]:
+        """The raw bytes of tensor ``index`` as a read-only uint8 array viewing the memory map (no copy)."""
+    def to_numpy(self, index: int) -> npt.NDArray[np.float32]:
+        """Tensor ``index`` dequantized to a flat float32 array."""
 
 def write_gguf(
     path: str | PathLike[str],
@@ -101,21 +124,31 @@ def write_gguf(
     tensors: list[tuple[str, list[int], str, npt.NDArray[np.uint8]]],
     sync: bool = True,
     written: list[str] | None = None,
-) -> str: ...
+) -> str:
+    """Writes a GGUF file atomically. ``metadata``: ``(key, type name, element type name or None, value)``;
+    ``tensors``: ``(name, dims in ggml order, type name, C-contiguous uint8 data)``; ``written`` gets the path
+    appended once it is in place."""
 def read_imatrix(
     path: str | PathLike[str],
-) -> tuple[str, list[tuple[str, npt.NDArray[np.float32]]], list[str], int, bool]: ...
+) -> tuple[str, list[tuple[str, npt.NDArray[np.float32]]], list[str], int, bool]:
+    """Reads and normalises the importance matrix at ``path`` (llama-imatrix's GGUF or legacy ``.dat``); returns
+    ``(source, [(name, float32 weights)], datasets, chunk_count, legacy)``."""
 def quantize_rows(
     x: npt.NDArray[np.float32],
     type_name: str,
     row_len: int,
     out: npt.NDArray[np.uint8] | None = None,
     imatrix: npt.NDArray[np.float32] | None = None,
-) -> npt.NDArray[np.uint8]: ...
+) -> npt.NDArray[np.uint8]:
+    """Quantizes a C-contiguous float32 array, rows of ``row_len``, to ggml ``type_name`` bytes (rows in parallel);
+    into ``out`` when given, else a new array; ``imatrix`` one weight per column."""
 def dequantize_rows(
     data: npt.NDArray[np.uint8], type_name: str, row_len: int, out: npt.NDArray[np.float32] | None = None
-) -> npt.NDArray[np.float32]: ...
-def type_table() -> list[tuple[str, int, int, int, bool, bool]]: ...
+) -> npt.NDArray[np.float32]:
+    """Dequantizes rows of ``row_len`` elements of ``type_name`` to float32; into ``out`` when given, else a new
+    array."""
+def type_table() -> list[tuple[str, int, int, int, bool, bool]]:
+    """Every ggml type as ``(name, id, block size, bytes per block, can quantize, can dequantize)``."""
 def copy_model(
     model: str | PathLike[str],
     out: str | PathLike[str],
@@ -124,28 +157,40 @@ def copy_model(
     extra_metadata: list[tuple[str, str, str | None, Any]] = ...,
     sync: bool = True,
     written: list[str] | None = None,
-) -> list[Path]: ...
+) -> list[Path]:
+    """Writes the model at ``model`` (any shard of a split model, or a legacy file) as GGUF with every tensor copied
+    as it is, divided by ``split`` (default one file); ``extra_metadata`` adds or replaces keys. Returns the
+    files written."""
 
 @final
 class Adapter:
+    """A loaded LoRA adapter (GGUF, ggla, or tensors from the PEFT converter)."""
     @staticmethod
-    def open(path: str | PathLike[str]) -> Adapter: ...
+    def open(path: str | PathLike[str]) -> Adapter:
+        """Loads a llama.cpp GGUF LoRA adapter or a legacy ggla file (chosen by its magic)."""
     @staticmethod
     def from_tensors(
         source: str,
         architecture: str | None,
         alpha: float,
         tensors: list[tuple[str, list[int], str, npt.NDArray[np.uint8]]],
-    ) -> Adapter: ...
+    ) -> Adapter:
+        """Builds an adapter from ``(name, dims in ggml order, type name, raw uint8 data)`` tensors in llama.cpp's
+        adapter naming and layout."""
     @property
-    def source(self) -> str: ...
+    def source(self) -> str:
+        """Where the adapter came from."""
     @property
-    def architecture(self) -> str | None: ...
+    def architecture(self) -> str | None:
+        """``general.architecture`` of the adapter, if it says."""
     @property
-    def alpha(self) -> float: ...
+    def alpha(self) -> float:
+        """LoRA alpha (0 = absent)."""
     @property
-    def skipped(self) -> list[str]: ...
-    def pairs(self) -> list[tuple[str, int, int, int, float, bool]]: ...
+    def skipped(self) -> list[str]:
+        """Tensors ignored as llama.cpp ignores them (1-D norm vectors)."""
+    def pairs(self) -> list[tuple[str, int, int, int, float, bool]]:
+        """``(target tensor, rows, cols, rank, scale at user scale 1, DoRA)`` per pair."""
 
 def patch(
     model: str | PathLike[str],
@@ -164,33 +209,50 @@ def patch(
     keep_lora: float | None = None,
     split: tuple[str, int] | None = None,
     written: list[str] | None = None,
-) -> tuple[list[Path], list[TensorReport], int, int, float, list[str]]: ...
+) -> tuple[list[Path], list[TensorReport], int, int, float, list[str]]:
+    """Runs a patch; returns ``(output paths in shard order, per-tensor reports, tensors copied, bytes written,
+    seconds, notes)``. ``written`` gets the output paths appended as soon as they are in place."""
 
 @final
 class TensorReport:
+    """One patched tensor of a finished patch, with its quality metrics (W the source tensor, ΔW the LoRA change, Q
+    the written tensor)."""
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """The patched tensor."""
     @property
-    def model_type(self) -> str: ...
+    def model_type(self) -> str:
+        """Its type in the model."""
     @property
-    def out_type(self) -> str: ...
+    def out_type(self) -> str:
+        """Its type in the output."""
     @property
-    def from_base(self) -> bool: ...
+    def from_base(self) -> bool:
+        """Whether its source values came from the base (``--lora-base``) rather than the model."""
     @property
-    def n_adapters(self) -> int: ...
+    def n_adapters(self) -> int:
+        """How many adapters changed it."""
     @property
-    def relative_change(self) -> float: ...
+    def relative_change(self) -> float:
+        """‖ΔW‖ / ‖W‖: the size of the LoRA change relative to the tensor."""
     @property
-    def retained(self) -> float: ...
+    def retained(self) -> float:
+        """⟨Q − W_model, ΔW⟩ / ‖ΔW‖²: the share of the change present in the output Q compared with the model."""
     @property
-    def cosine(self) -> float: ...
+    def cosine(self) -> float:
+        """cos(Q − W_src, ΔW): whether the written change points where the adapter wanted."""
     @property
-    def error_ratio(self) -> float: ...
+    def error_ratio(self) -> float:
+        """‖Q − W'‖ / ‖ΔW‖ (W' = W_src + ΔW): the requantization error relative to the change."""
     @property
-    def used_imatrix(self) -> bool: ...
+    def used_imatrix(self) -> bool:
+        """Whether an importance matrix weighted its quantization."""
     @property
-    def promoted_from(self) -> str | None: ...
+    def promoted_from(self) -> str | None:
+        """The type it would have had, when ``keep_lora`` moved it to a larger one."""
     @property
-    def retained_before_promotion(self) -> float | None: ...
+    def retained_before_promotion(self) -> float | None:
+        """``retained`` in the type it would have had, when promoted."""
     @property
-    def extra_bytes(self) -> int: ...
+    def extra_bytes(self) -> int:
+        """Bytes the promotion added (0 when not promoted)."""
