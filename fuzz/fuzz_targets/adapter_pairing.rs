@@ -167,7 +167,7 @@ fn adapter(u: &mut Unstructured<'_>, m: &Model) -> UResult<AdapterParts> {
             return Ok(());
         }
         data.push(bytes_for(u, nbytes as usize, ty)?);
-        infos.push(TensorInfo { name, dims, ty, offset: 0, nbytes });
+        infos.push(TensorInfo { name, dims, ty, relative_offset: 0, nbytes });
         Ok(())
     };
     for _ in 0..u.int_in_range(0..=4u8)? {

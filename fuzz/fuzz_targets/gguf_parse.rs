@@ -24,9 +24,9 @@ fuzz_target!(|data: &[u8]| {
     for (i, t) in header.tensors.iter().enumerate() {
         assert!(!t.dims.is_empty() && t.dims.len() <= 4 && t.dims.iter().all(|&d| d > 0));
         assert!(t.name.len() < 64);
-        assert_eq!(t.offset, expected_offset, "offsets must be dense");
+        assert_eq!(t.relative_offset, expected_offset, "offsets must be dense");
         assert_eq!(t.nbytes, tensor_nbytes(&t.name, &t.dims, t.ty).unwrap());
-        expected_offset = align_up(t.offset + t.nbytes, header.alignment).unwrap();
+        expected_offset = align_up(t.relative_offset + t.nbytes, header.alignment).unwrap();
         let range = header.tensor_range(i);
         assert!(range.end <= data.len() as u64, "tensor data outside the file");
         let bytes = &data[range.start as usize..range.end as usize];

@@ -16,7 +16,7 @@ __all__ = [
     "read_torch_bin",
     "write_ggla",
     "PatternKeys",
-    "GgufFile",
+    "GGUFFile",
     "write_gguf",
     "copy_model",
     "read_imatrix",
@@ -88,9 +88,9 @@ class PatternKeys:
         matches), or ``None``."""
 
 @final
-class GgufFile:
+class GGUFFile:
     """An open, memory-mapped model: one GGUF file, a split model opened from any shard, or a legacy GGML/GGJT file."""
-    def __new__(cls, path: str | PathLike[str]) -> GgufFile: ...
+    def __new__(cls, path: str | PathLike[str]) -> GGUFFile: ...
     @property
     def version(self) -> int:
         """GGUF version (2 or 3) of the (first) file; a legacy file's container version."""

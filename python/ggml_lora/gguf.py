@@ -94,7 +94,7 @@ class GGUFFile:
 
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
-        self._native: _native.GgufFile | None = _native.GgufFile(os.fspath(path))
+        self._native: _native.GGUFFile | None = _native.GGUFFile(os.fspath(path))
         native = self._native
         self.version: int = native.version
         self.alignment: int = native.alignment
@@ -111,7 +111,7 @@ class GGUFFile:
             self._index[name] = i
         self._fields: dict[str, MetadataValue] | None = None
 
-    def _open(self) -> _native.GgufFile:
+    def _open(self) -> _native.GGUFFile:
         if self._native is None:
             raise ValueError(f"{self.path}: file is closed")
         return self._native

@@ -631,7 +631,7 @@ mod tests {
             name: "blk.0.attn_norm.weight".into(),
             dims: vec![4],
             ty: GgmlType::F32,
-            offset: 0,
+            relative_offset: 0,
             nbytes: 16,
         };
         let data = f32_bytes(4);

@@ -439,7 +439,7 @@ impl LegacyModel {
             .map(|t| {
                 // Names were checked on parse; a name without a mapping cannot reach here.
                 let name = gguf_name(&t.name, n_layer).unwrap_or_else(|| t.name.clone());
-                (TensorInfo { name, dims: t.dims, ty: t.ty, offset: t.start, nbytes: t.nbytes }, t.start)
+                (TensorInfo { name, dims: t.dims, ty: t.ty, relative_offset: t.start, nbytes: t.nbytes }, t.start)
             })
             .collect();
         (md, tensors)

@@ -120,7 +120,7 @@ impl ModelFile {
                 metadata = header.metadata.into_iter().filter(|(key, _)| !(is_set && is_split_key(key))).collect();
             }
             for t in &header.tensors {
-                places.push((k as u16, header.data_offset + t.offset));
+                places.push((k as u16, header.data_offset + t.relative_offset));
             }
             let n_tensors = header.tensors.len();
             tensors.extend(header.tensors);

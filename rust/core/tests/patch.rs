@@ -101,7 +101,7 @@ fn dora_merge_rescales_rows_to_the_magnitudes() {
         nbytes: dims.iter().product::<u64>() * 4,
         dims,
         ty: GgmlType::F32,
-        offset: 0,
+        relative_offset: 0,
     };
     let (ia, ib, im) = (
         info("blk.0.attn_v.weight.lora_a", vec![cols as u64, rank as u64]),

@@ -106,7 +106,7 @@ fn adapter_rank_mismatch_and_bad_types() {
         name: name.into(),
         dims: dims.to_vec(),
         ty,
-        offset: 0,
+        relative_offset: 0,
         nbytes: ggml_lora_core::gguf::tensor_nbytes(name, dims, ty).unwrap(),
     };
     let a = info("w.lora_a", &[4, 2], GgmlType::F32);

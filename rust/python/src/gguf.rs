@@ -28,7 +28,7 @@ pub fn ggml_type(name: &str) -> PyResult<GgmlType> {
 }
 
 /// An open, memory-mapped model: one GGUF file, a split model opened from any shard, or a legacy GGML/GGJT file.
-#[pyclass(name = "GgufFile", module = "ggml_lora._native", frozen)]
+#[pyclass(name = "GGUFFile", module = "ggml_lora._native", frozen)]
 pub struct NativeGgufFile {
     file: ModelFile,
 }

@@ -66,7 +66,7 @@ impl NativeAdapter {
                     bytes.len()
                 )));
             }
-            infos.push(TensorInfo { name: name.clone(), dims: dims.clone(), ty, offset: 0, nbytes });
+            infos.push(TensorInfo { name: name.clone(), dims: dims.clone(), ty, relative_offset: 0, nbytes });
             data.push(bytes);
         }
         let inner = py

@@ -41,8 +41,10 @@ pub struct TensorInfo {
     pub dims: Vec<u64>,
     /// Element type.
     pub ty: GgmlType,
-    /// Offset of the data from the start of the data section (a multiple of the alignment).
-    pub offset: u64,
+    /// Offset of the data from the start of the data section (a multiple of the alignment), as the file stores
+    /// it. Every other "offset" in this project is absolute (from the start of the file); this one is not, and
+    /// its name says so.
+    pub relative_offset: u64,
     /// Size of the data in bytes (without padding).
     pub nbytes: u64,
 }
@@ -124,7 +126,7 @@ impl GgufHeader {
     /// Absolute byte range of tensor `index`'s data.
     pub fn tensor_range(&self, index: usize) -> std::ops::Range<u64> {
         let t = &self.tensors[index];
-        let start = self.data_offset + t.offset;
+        let start = self.data_offset + t.relative_offset;
         start..start + t.nbytes
     }
 
@@ -332,7 +334,7 @@ impl<'a> Parser<'a> {
                 align_up(offset.saturating_add(nbytes), alignment).filter(|&o| o <= i64::MAX as u64).ok_or_else(
                     || self.error_at(dims_at, Malformed::SizeOverflow { name: name.clone(), dims: dims.clone() }),
                 )?;
-            tensors.push(TensorInfo { name, dims, ty, offset, nbytes });
+            tensors.push(TensorInfo { name, dims, ty, relative_offset: offset, nbytes });
         }
 
         // ggml pads to the alignment only when there are tensors.
@@ -340,7 +342,7 @@ impl<'a> Parser<'a> {
             if tensors.is_empty() { self.pos as u64 } else { align_up(self.pos as u64, alignment).unwrap_or(u64::MAX) };
         let file_len = self.bytes.len() as u64;
         for (t, &at) in tensors.iter().zip(&offsets_at) {
-            let start = data_offset.saturating_add(t.offset);
+            let start = data_offset.saturating_add(t.relative_offset);
             let end = start.saturating_add(t.nbytes);
             if end > file_len {
                 return Err(

@@ -378,7 +378,7 @@ mod tests {
         assert_eq!(f.header().data_offset % 64, 0);
         assert_eq!(f.tensor_data(0), &a[..]);
         assert_eq!(f.tensor_data(1), &[7u8; 34][..]);
-        assert_eq!(f.tensors()[1].offset, 64);
+        assert_eq!(f.tensors()[1].relative_offset, 64);
         // The last tensor is padded too.
         assert_eq!(f.bytes().len() as u64, f.header().data_offset + 128);
     }
