@@ -42,7 +42,7 @@ def main() -> int:
         assert not (clone.parent / "shared").exists()
 
         py = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs"], clone, env)
-        tail = "\n".join(py.stdout.splitlines()[-40:])
+        tail = "\n".join(line for line in py.stdout.splitlines() if line.startswith(("FAILED", "ERROR")))
         summary = py.stdout.strip().splitlines()[-1] if py.stdout.strip() else ""
         skips = [line for line in py.stdout.splitlines() if line.startswith("SKIPPED")]
         skipped = int(m.group(1)) if (m := re.search(r"(\d+) skipped", summary)) else 0

@@ -600,6 +600,7 @@ def test_pattern_keys_match_as_peft_does() -> None:
             assert _get_pattern_key(ordered, module) == _peft_pattern_key(ordered, module), (order, module)
 
 
+@pytest.mark.fixtures
 def test_catastrophic_backtracking_pattern_converts(tmp_path: Path) -> None:
     # "(.*.*)*x" hung Python's re on module names without an x; "(.*.*)*up_proj" matches up_proj (by hand: the
     # group may match empty, then "up_proj" ends the name)

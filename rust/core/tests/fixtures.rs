@@ -1,6 +1,7 @@
 //! Integration tests against the real files in ../shared/fixtures (made by llama.cpp's own tools).
 
 use ggml_lora_core::gguf::{GgufFile, GgufWriter, TensorSpec, Value, WriteOptions};
+use ggml_lora_core::torch_bin::read_torch_bin;
 use ggml_lora_core::{quant, GgmlType};
 
 mod common;
@@ -81,4 +82,41 @@ fn copy_through_writer_preserves_everything() {
     // Same header, same layout: the copy is byte-identical to llama.cpp's file.
     assert!(std::fs::read(&out).unwrap() == src.bytes(), "copy differs from the source file");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The safetensors fixture's (name, shape, little-endian f32 bytes), found by scanning its JSON header.
+fn safetensors_f32(bytes: &[u8]) -> Vec<(String, Vec<u64>, Vec<u8>)> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
+    let numbers = |s: &str| -> Vec<u64> { s.split(',').map(|x| x.trim().parse().unwrap()).collect() };
+    let mut out = Vec::new();
+    for part in header.split("\"base_model").skip(1) {
+        let name = format!("base_model{}", &part[..part.find('"').unwrap()]);
+        let between = |a: &str| {
+            let from = part.find(a).unwrap() + a.len();
+            &part[from..from + part[from..].find(']').unwrap()]
+        };
+        assert!(part.contains("\"F32\""));
+        let (shape, range) = (numbers(between("\"shape\":[")), numbers(between("\"data_offsets\":[")));
+        out.push((name, shape, bytes[8 + n + range[0] as usize..8 + n + range[1] as usize].to_vec()));
+    }
+    out
+}
+
+/// The torch zip that `torch.save` wrote holds the same tensors as PEFT's safetensors file of the same adapter
+/// (the core's bounded reader, against the safetensors header read here).
+#[test]
+fn torch_save_fixture_equals_the_safetensors_adapter() {
+    let Some(fx) = Fixtures::get("torch_save_fixture_equals_the_safetensors_adapter") else { return };
+    let tensors = read_torch_bin(&fx.path("llama-gqa/lora-r8/adapter-bin/adapter_model.bin")).unwrap();
+    let safetensors = std::fs::read(fx.path("llama-gqa/lora-r8/adapter/adapter_model.safetensors")).unwrap();
+    let mut expected = safetensors_f32(&safetensors);
+    assert_eq!(tensors.len(), 28);
+    // torch.save keeps the state dict's order; safetensors sorts by name
+    let mut got: Vec<_> = tensors.into_iter().map(|t| (t.name, t.shape, t.data)).collect();
+    assert_eq!(got[0].0, "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
+    assert_eq!(got[0].1, [8, 256]);
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected);
 }

@@ -147,40 +147,6 @@ fn deflated_members_are_read() {
     assert_eq!(as_f32(&read_torch_bin_bytes(&bin).unwrap()[0].data), [1., 2., 3., 4.]);
 }
 
-/// The safetensors fixture's (name, shape, little-endian f32 bytes), found by scanning its JSON header.
-fn safetensors_f32(bytes: &[u8]) -> Vec<(String, Vec<u64>, Vec<u8>)> {
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
-    let numbers = |s: &str| -> Vec<u64> { s.split(',').map(|x| x.trim().parse().unwrap()).collect() };
-    let mut out = Vec::new();
-    for part in header.split("\"base_model").skip(1) {
-        let name = format!("base_model{}", &part[..part.find('"').unwrap()]);
-        let between = |a: &str| {
-            let from = part.find(a).unwrap() + a.len();
-            &part[from..from + part[from..].find(']').unwrap()]
-        };
-        assert!(part.contains("\"F32\""));
-        let (shape, range) = (numbers(between("\"shape\":[")), numbers(between("\"data_offsets\":[")));
-        out.push((name, shape, bytes[8 + n + range[0] as usize..8 + n + range[1] as usize].to_vec()));
-    }
-    out
-}
-
-#[test]
-fn torch_save_fixture_equals_the_safetensors_adapter() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/llama-gqa/lora-r8");
-    let tensors = read_torch_bin(&root.join("adapter-bin/adapter_model.bin")).unwrap();
-    let mut expected = safetensors_f32(&std::fs::read(root.join("adapter/adapter_model.safetensors")).unwrap());
-    assert_eq!(tensors.len(), 28);
-    // torch.save keeps the state dict's order; safetensors sorts by name
-    let mut got: Vec<_> = tensors.into_iter().map(|t| (t.name, t.shape, t.data)).collect();
-    assert_eq!(got[0].0, "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
-    assert_eq!(got[0].1, [8, 256]);
-    got.sort();
-    expected.sort();
-    assert_eq!(got, expected);
-}
-
 #[test]
 fn nested_tuples_a_million_deep_hit_the_depth_limit() {
     let mut p = b"\x80\x02}N".to_vec();
