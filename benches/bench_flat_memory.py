@@ -21,9 +21,9 @@ Each round patches every model once, in a rotating order, with the command a use
 
     ggml-lora patch -m MODEL --lora ADAPTER -o OUT -t T
 
-started from bench_patch's small launcher, which reports the whole process's wall time and peak RSS (wait4's
-ru_maxrss); and runs bench_patch's I/O floor for each (read the model and adapter through memory maps, write a
-file of the output's size, fsync, rename). One warm-up round fills the page cache first. Figures are medians
+started from bench_patch's small launcher, which reports the whole process's wall time, CPU time and peak RSS
+(wait4's ru_maxrss); and runs bench_patch's I/O floor for each (read the model and adapter through memory maps,
+write a file of the output's size, fsync, rename). One warm-up round fills the page cache first. Figures are medians
 over the rounds with min-max; the ratios to the small model are taken per round, because the machine is shared
 and noisy (the load average is printed with every round). Throughput is GB of model file per second of wall
 time. Goals (issue 12): peak RSS under 300 MB for every model; throughput of the large models at least 80% of
@@ -241,26 +241,31 @@ def report(subjects: list[Subject], rounds: list[dict[str, dict[str, float]]], a
     def col(key: str, field: str) -> list[float]:
         return [r[key][field] for r in rounds]
 
-    print(f"  {'':<8}{'model GB':>10}{'wall s':>24}{'peak RSS MB':>16}{'GB/s':>26}{'I/O floor s':>22}"
-          f"{'patch/floor':>22}")
+    print(f"  {'':<8}{'model GB':>10}{'wall s':>24}{'peak RSS MB':>16}{'GB/s':>26}{'CPU s':>24}"
+          f"{'I/O floor s':>22}{'patch/floor':>22}")
     for s in subjects:
         k = s.shape.key
         ratio = [r[k]["wall"] / r[k]["floor"] for r in rounds]
         print(f"  {k:<8}{s.model_bytes / GB:>10.3f}{spread(col(k, 'wall')):>24}{spread(col(k, 'rss_mb'), '{:.0f}'):>16}"
-              f"{spread(col(k, 'gbps'), '{:.4f}'):>26}{spread(col(k, 'floor')):>22}{spread(ratio):>22}")
+              f"{spread(col(k, 'gbps'), '{:.4f}'):>26}{spread(col(k, 'cpu')):>24}{spread(col(k, 'floor')):>22}"
+              f"{spread(ratio):>22}")
     print()
 
     small = "small" if any(s.shape.key == "small" for s in subjects) else None
     throughput_ratios: dict[str, list[float]] = {}
     if small:
+        small_bytes = next(s.model_bytes for s in subjects if s.shape.key == small)
         for s in subjects:
             k = s.shape.key
             if k == small:
                 continue
             throughput_ratios[k] = [r[k]["gbps"] / r[small]["gbps"] for r in rounds]
             rss = [r[k]["rss_mb"] / r[small]["rss_mb"] for r in rounds]
+            per_cpu = [(s.model_bytes / r[k]["cpu"]) / (small_bytes / r[small]["cpu"]) for r in rounds]
             print(f"  {k:>3} / small, throughput   median {spread(throughput_ratios[k])}x   per round: "
                   f"{', '.join(f'{v:.2f}' for v in throughput_ratios[k])}")
+            print(f"  {k:>3} / small, GB per CPU s median {spread(per_cpu)}x   per round: "
+                  f"{', '.join(f'{v:.2f}' for v in per_cpu)}   (less sensitive to other jobs on the machine)")
             print(f"  {k:>3} / small, peak RSS     median {spread(rss)}x   per round: "
                   f"{', '.join(f'{v:.2f}' for v in rss)}")
         print()
