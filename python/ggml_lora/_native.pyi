@@ -16,6 +16,7 @@ __all__ = [
     "temp_path",
     "GgufFile",
     "write_gguf",
+    "GgufStreamWriter",
     "copy_model",
     "read_imatrix",
     "quantize_rows",
@@ -68,18 +69,19 @@ def write_gguf(
     sync: bool = True,
     written: list[str] | None = None,
 ) -> str: ...
+@final
 class GgufStreamWriter:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         path: str | PathLike[str],
         metadata: list[tuple[str, str, str | None, Any]],
         tensors: list[tuple[str, list[int], str]],
         sync: bool = True,
-    ) -> None: ...
+    ) -> GgufStreamWriter: ...
     def tensors(self) -> list[tuple[str, int]]: ...
     def current_tensor(self) -> int: ...
     def write_data(self, chunk: npt.NDArray[np.uint8]) -> None: ...
-    def finish(self, written: list[str] | None = None) -> str: ...
+    def finish(self, written: list[str] | None = None) -> Path: ...
     def abort(self) -> None: ...
 
 def read_imatrix(
