@@ -73,9 +73,10 @@ BLOCK = 8 << 20
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def tensor_shapes(n_layer: int) -> dict[str, tuple[int, ...]]:
-    e, f, v = SHAPE["n_embd"], SHAPE["n_ff"], SHAPE["n_vocab"]
-    kv = e * SHAPE["n_head_kv"] // SHAPE["n_head"]
+def tensor_shapes(n_layer: int, shape: dict[str, int] = SHAPE) -> dict[str, tuple[int, ...]]:
+    """The tensors of a llama model of `shape` (SHAPE's keys) with `n_layer` layers, in llama.cpp's file order."""
+    e, f, v = shape["n_embd"], shape["n_ff"], shape["n_vocab"]
+    kv = e * shape["n_head_kv"] // shape["n_head"]
     shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (v, e)}
     for i in range(n_layer):
         p = f"blk.{i}"
@@ -95,21 +96,22 @@ def tensor_shapes(n_layer: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def metadata(n_layer: int, file_type: int) -> dict[str, object]:
+def metadata(n_layer: int, file_type: int, shape: dict[str, int] = SHAPE,
+             name: str = "synthetic TinyLlama-1.1B shape") -> dict[str, object]:
     """Enough llama hyper-parameters for llama.cpp's model loader (llama-quantize reads them)."""
     u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
     return {
         "general.architecture": "llama",
-        "general.name": "synthetic TinyLlama-1.1B shape",
+        "general.name": name,
         "general.file_type": MetadataValue(file_type, u32),
-        "llama.vocab_size": MetadataValue(SHAPE["n_vocab"], u32),
+        "llama.vocab_size": MetadataValue(shape["n_vocab"], u32),
         "llama.context_length": MetadataValue(2048, u32),
         "llama.block_count": MetadataValue(n_layer, u32),
-        "llama.embedding_length": MetadataValue(SHAPE["n_embd"], u32),
-        "llama.feed_forward_length": MetadataValue(SHAPE["n_ff"], u32),
-        "llama.attention.head_count": MetadataValue(SHAPE["n_head"], u32),
-        "llama.attention.head_count_kv": MetadataValue(SHAPE["n_head_kv"], u32),
-        "llama.rope.dimension_count": MetadataValue(SHAPE["n_embd"] // SHAPE["n_head"], u32),
+        "llama.embedding_length": MetadataValue(shape["n_embd"], u32),
+        "llama.feed_forward_length": MetadataValue(shape["n_ff"], u32),
+        "llama.attention.head_count": MetadataValue(shape["n_head"], u32),
+        "llama.attention.head_count_kv": MetadataValue(shape["n_head_kv"], u32),
+        "llama.rope.dimension_count": MetadataValue(shape["n_embd"] // shape["n_head"], u32),
         "llama.attention.layer_norm_rms_epsilon": MetadataValue(1e-5, f32),
     }
 
@@ -179,6 +181,15 @@ MODELS = {
 }
 
 
+# llama.cpp's GGUF LoRA adapter keys (what llama-export-lora and ggml-lora read).
+ADAPTER_METADATA = {
+    "general.architecture": "llama",
+    "general.type": "adapter",
+    "adapter.type": "lora",
+    "adapter.lora.alpha": MetadataValue(32.0, GGUFValueType.FLOAT32),
+}
+
+
 def generate(folder: Path, n_layer: int) -> tuple[Path, Path]:
     """Writes (or reuses) the f16 model and the GGUF LoRA adapter for `n_layer` layers.
 
@@ -206,17 +217,7 @@ def generate(folder: Path, n_layer: int) -> tuple[Path, Path]:
             n_out, n_in = shape
             adapter[f"{name}.lora_a"] = 0.01 * rng.standard_normal((RANK, n_in), dtype=np.float32)
             adapter[f"{name}.lora_b"] = 0.01 * rng.standard_normal((n_out, RANK), dtype=np.float32)
-    ggml_lora.write(
-        lora,
-        {
-            "general.architecture": "llama",
-            "general.type": "adapter",
-            "adapter.type": "lora",
-            "adapter.lora.alpha": MetadataValue(32.0, GGUFValueType.FLOAT32),
-        },
-        adapter,
-        sync=False,
-    )
+    ggml_lora.write(lora, ADAPTER_METADATA, adapter, sync=False)
     stamp.touch()
     return f16, lora
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import struct
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -497,3 +498,94 @@ def test_write_struct_is_what_the_spec_says(tmp_path: Path) -> None:
     data_offset = len(expected) + (-len(expected) % 32)
     assert b[len(expected):data_offset] == b"\0" * (data_offset - len(expected))
     assert b[data_offset:] == struct.pack("<f", 1.5) + b"\0" * 28
+
+
+# ---------------------------------------------------------------------------------------------------------
+# streaming writer (oracle: gguf-py's GGUFReader reads back the metadata and the bytes given)
+
+
+@HYPO
+@given(meta=metadata_st, rows=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+       cuts=st.lists(st.integers(1, 5000), max_size=12), alignment=st.sampled_from([8, 32, 64]))
+def test_stream_writer_chunks_read_back_by_gguf_py(tmp_path: Path, meta: dict, rows: list[int], cuts: list[int],
+                                                    alignment: int) -> None:
+    """Tensors streamed in chunks of arbitrary sizes (never past a tensor's end): gguf-py reads the metadata and
+    every tensor's bytes back as given, and agrees with ggml_lora.open on the whole layout."""
+    rng = np.random.default_rng(len(rows) * 31 + sum(cuts))
+    tensors: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
+    for i, n in enumerate(rows):
+        x = rng.standard_normal((n, 64)).astype(np.float32)
+        kind = ("f32", "f16", "q4_0", "q6_k")[i % 4]
+        data = {"f32": x, "f16": x.astype(np.float16)}.get(kind)
+        if kind == "q6_k":
+            x = rng.standard_normal((n, 256)).astype(np.float32)
+        raw = ggml_lora.quantize(x, kind) if data is None else data
+        tensors[f"t.{i}"] = (kind, x.shape, np.ascontiguousarray(raw).tobytes())
+    meta = {k: v for k, v in meta.items() if k != "general.alignment"}
+    metadata = {k: v[0] for k, v in meta.items()} | {"general.alignment": alignment}
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))  # tmp_path is shared by hypothesis' examples
+    path = folder / "streamed.gguf"
+    with ggml_lora.GGUFStreamWriter(path, metadata, {n: (t, s) for n, (t, s, _) in tensors.items()}) as w:
+        assert [n for n, _ in w.tensors] == list(tensors)
+        assert [b for _, b in w.tensors] == [len(d) for _, _, d in tensors.values()]
+        sizes = iter(cuts)
+        for i, (_, _, data) in enumerate(tensors.values()):
+            assert w.current_tensor == i
+            at = 0
+            while at < len(data):
+                n = min(next(sizes, len(data)), len(data) - at)
+                w.write(np.frombuffer(data, np.uint8, n, at))
+                at += n
+        assert not path.exists(), "the file appears only when closed"
+    assert os.listdir(folder) == ["streamed.gguf"]
+    reader = gguf.GGUFReader(path)
+    assert reader.alignment == alignment
+    assert [t.name for t in reader.tensors] == list(tensors)
+    for t in reader.tensors:
+        kind, shape, data = tensors[t.name]
+        assert t.tensor_type.name.lower() == kind and tuple(int(d) for d in reversed(t.shape)) == shape
+        assert np.asarray(t.data).tobytes() == data
+    assert_reads_like_gguf_py(path)
+    with ggml_lora.open(path) as f:
+        assert f.fields.pop("general.alignment") == (alignment, VT.UINT32, None)
+        check_metadata(f, meta)
+
+
+def test_stream_writer_writes_arrays_as_little_endian_bytes(tmp_path: Path) -> None:
+    """write() takes any array as its little-endian bytes (oracle: gguf-py reads the values back)."""
+    a = np.arange(96, dtype=">f4")
+    with ggml_lora.GGUFStreamWriter(tmp_path / "a.gguf", {}, {"a": ("f32", (2, 48))}, sync=False) as w:
+        w.write(a[:40])
+        w.write(a[40:].reshape(8, 7))
+    (t,) = gguf.GGUFReader(tmp_path / "a.gguf").tensors
+    assert np.array_equal(np.asarray(t.data).reshape(-1), a.astype("<f4"))
+
+
+def test_stream_writer_failures_leave_no_file(tmp_path: Path) -> None:
+    """Too many bytes, an incomplete file, an exception inside the block and a closed writer: each is refused with
+    its own exception, and neither the target (an existing file stays as it was) nor a temporary file is left."""
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"old")
+    spec = {"a": ("f32", (4,)), "b": ("q8_0", (2, 32))}
+
+    w = ggml_lora.GGUFStreamWriter(path, {}, spec)
+    with pytest.raises(ValueError, match="only 16 of its 16 bytes remain"):
+        w.write(np.zeros(5, np.float32))
+    w.write(np.zeros(4, np.float32))  # the refused chunk wrote nothing: the tensor is still whole
+    with pytest.raises(RuntimeError, match="incomplete"):
+        w.close()
+    with pytest.raises(RuntimeError, match="already finished"):
+        w.write(np.zeros(1, np.uint8))
+    assert path.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["m.gguf"]
+
+    with pytest.raises(KeyError):
+        with ggml_lora.GGUFStreamWriter(path, {}, spec) as w:
+            w.write(np.zeros(4, np.float32))
+            raise KeyError("stop")
+    assert path.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["m.gguf"]
+
+    with pytest.raises(ValueError, match="unknown"):
+        ggml_lora.GGUFStreamWriter(tmp_path / "new.gguf", {}, {"a": ("q9_9", (4,))})
+    with pytest.raises(ValueError, match="block"):
+        ggml_lora.GGUFStreamWriter(tmp_path / "new.gguf", {}, {"a": ("q8_0", (33,))})
+    assert sorted(os.listdir(tmp_path)) == ["m.gguf"]

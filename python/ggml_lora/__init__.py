@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from ._native import GGUFError, PatchError, SpecialFileError, __version__
 from ._types import GGML_QUANT_SIZES, GGML_TYPES, TypeInfo, type_info
-from .gguf import GGUFFile, GGUFValueType, MetadataValue, TensorInfo, convert_model, open, write
+from .gguf import GGUFFile, GGUFStreamWriter, GGUFValueType, MetadataValue, TensorInfo, convert_model, open, write
 from .imatrix import Imatrix, read_imatrix
 from . import convert
 from .convert import ConversionError, LoraTensors, peft_to_lora
@@ -40,6 +40,7 @@ __all__ = [
     "GGML_TYPES",
     "GGUFError",
     "GGUFFile",
+    "GGUFStreamWriter",
     "GGUFValueType",
     "Imatrix",
     "MetadataValue",

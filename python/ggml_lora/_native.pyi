@@ -18,6 +18,7 @@ __all__ = [
     "PatternKeys",
     "GGUFFile",
     "write_gguf",
+    "GGUFStreamWriter",
     "copy_model",
     "read_imatrix",
     "quantize_rows",
@@ -128,6 +129,32 @@ def write_gguf(
     """Writes a GGUF file atomically. ``metadata``: ``(key, type name, element type name or None, value)``;
     ``tensors``: ``(name, dims in ggml order, type name, C-contiguous uint8 data)``; ``written`` gets the path
     appended once it is in place."""
+
+@final
+class GGUFStreamWriter:
+    """A GGUF file whose tensor data is streamed in, in chunks of any size: for files larger than memory. The
+    header is written by the constructor; nothing appears under ``path`` before ``finish``, and a writer dropped
+    or aborted unfinished leaves no file behind."""
+
+    def __new__(
+        cls,
+        path: str | PathLike[str],
+        metadata: list[tuple[str, str, str | None, Any]],
+        tensors: list[tuple[str, list[int], str]],
+        sync: bool = True,
+    ) -> GGUFStreamWriter: ...
+    def tensors(self) -> list[tuple[str, int]]:
+        """``(name, data bytes)`` of every tensor, in the order their data is expected."""
+    def current_tensor(self) -> int:
+        """Index of the tensor whose data comes next (the number of tensors once all are complete)."""
+    def write_data(self, chunk: npt.NDArray[np.uint8]) -> None:
+        """Appends the bytes of ``chunk`` (C-contiguous uint8) to the data, tensor after tensor."""
+    def finish(self, written: list[str] | None = None) -> Path:
+        """Checks every tensor is complete, flushes and renames the file into place; returns its path, also
+        appended to ``written``. The writer is closed whatever the outcome."""
+    def abort(self) -> None:
+        """Drops the unfinished file (its temporary file is removed); nothing is written under ``path``."""
+
 def read_imatrix(
     path: str | PathLike[str],
 ) -> tuple[str, list[tuple[str, npt.NDArray[np.float32]]], list[str], int, bool]:

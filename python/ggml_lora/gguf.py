@@ -378,3 +378,79 @@ def write(
     entries = [_tensor_entry(name, value) for name, value in items]
     typed = [_typed(key, value) for key, value in metadata.items()]
     return Path(_native.write_gguf(os.fspath(path), typed, entries, sync, _written.current()))
+
+
+class GGUFStreamWriter:
+    """A GGUF v3 file written with its tensor data streamed in, for files larger than memory.
+
+    ``tensors`` maps names (in data order) to ``(type, shape)`` with ``shape`` in numpy order; ``metadata`` is
+    typed as for :func:`write`. The header is written on construction; then :meth:`write` appends bytes to the
+    tensor data in chunks of any size that stay within one tensor (each tensor is padded to the alignment when
+    its last byte arrives), and
+    :meth:`close` checks every tensor is complete and renames the file into place. As a context manager it
+    closes on success and aborts on an exception. Nothing appears under ``path`` before :meth:`close`; an
+    aborted (or unclosed and collected) writer leaves no file behind.
+
+    ::
+
+        with GGUFStreamWriter("big.gguf", meta, {"w": ("q4_k", (n_out, n_in))}) as w:
+            for rows in chunks_of_quantized_rows():
+                w.write(rows)
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        metadata: Mapping[str, Any],
+        tensors: Mapping[str, tuple[object, Sequence[int]]],
+        *,
+        sync: bool = True,
+    ) -> None:
+        _native.check_output_path(os.fspath(path))
+        specs = []
+        for name, (ggml_type, shape) in tensors.items():
+            try:
+                info = type_info(ggml_type)
+            except ValueError as exc:
+                raise ValueError(f"tensor {name!r}: {exc}") from None
+            specs.append((name, [int(d) for d in reversed(tuple(shape))], info.name))
+        typed = [_typed(key, value) for key, value in metadata.items()]
+        self._native = _native.GGUFStreamWriter(os.fspath(path), typed, specs, sync)
+        self.path = Path(path)
+
+    @property
+    def tensors(self) -> list[tuple[str, int]]:
+        """``(name, data bytes)`` of every tensor, in data order."""
+        return self._native.tensors()
+
+    @property
+    def current_tensor(self) -> int:
+        """Index of the tensor whose data comes next (the number of tensors once all are complete)."""
+        return self._native.current_tensor()
+
+    def write(self, data: npt.ArrayLike) -> None:
+        """Appends the bytes of ``data`` (any numpy array, written as its little-endian bytes; uint8 for
+        quantized blocks) to the data of the current tensor. More bytes than it has left raise ``ValueError`` (and
+        write nothing)."""
+        array = np.ascontiguousarray(data)
+        if array.dtype.itemsize > 1 and array.dtype.byteorder == (">" if np.little_endian else "<"):
+            array = array.astype(array.dtype.newbyteorder("<"))
+        self._native.write_data(array.reshape(-1).view(np.uint8))
+
+    def close(self) -> Path:
+        """Checks that every tensor is complete (``RuntimeError`` if not; the file is then discarded) and puts
+        the file in place. Returns its path."""
+        return Path(self._native.finish(_written.current()))
+
+    def abort(self) -> None:
+        """Discards the file being written."""
+        self._native.abort()
+
+    def __enter__(self) -> GGUFStreamWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -4,20 +4,21 @@ use std::path::PathBuf;
 
 use ggml_lora_core::gguf::{GgufWriter, SplitRule, TensorSpec, Value, WriteOptions};
 use ggml_lora_core::model::ModelFile;
-use ggml_lora_core::{quant, GgmlType};
+use ggml_lora_core::{quant, Error, GgmlType};
 use numpy::ndarray::ArrayView1;
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyIndexError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
-use crate::errors::IntoPyResult;
+use crate::errors::{to_py, IntoPyResult};
 use crate::values::{element_type_name, value_from_py, value_to_py, value_type};
 
 /// Adds the GGUF functions and classes to the module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeGgufFile>()?;
     m.add_function(wrap_pyfunction!(write_gguf, m)?)?;
+    m.add_class::<NativeGgufStreamWriter>()?;
     m.add_function(wrap_pyfunction!(copy_model, m)?)?;
     Ok(())
 }
@@ -161,13 +162,7 @@ fn write_gguf(
     sync: bool,
     written: Option<Bound<'_, PyList>>,
 ) -> PyResult<PathBuf> {
-    let mut values: Vec<(String, Value)> = Vec::with_capacity(metadata.len());
-    for (key, ty, elem, obj) in metadata {
-        let elem = elem.as_deref().map(value_type).transpose()?;
-        let value = value_from_py(&obj, value_type(&ty)?, elem)
-            .map_err(|e| PyValueError::new_err(format!("metadata key {key:?}: cannot store {obj} as {ty}: {e}")))?;
-        values.push((key, value));
-    }
+    let values = metadata_values(metadata)?;
     let mut specs = Vec::with_capacity(tensors.len());
     let mut data: Vec<&[u8]> = Vec::with_capacity(tensors.len());
     for (name, dims, ty, array) in &tensors {
@@ -190,6 +185,99 @@ fn write_gguf(
         list.append(out.as_os_str())?;
     }
     Ok(out)
+}
+
+/// Converts `(key, type name, element type name or None, value)` tuples into metadata values.
+#[allow(clippy::type_complexity)]
+fn metadata_values(
+    metadata: Vec<(String, String, Option<String>, Bound<'_, PyAny>)>,
+) -> PyResult<Vec<(String, Value)>> {
+    let mut values: Vec<(String, Value)> = Vec::with_capacity(metadata.len());
+    for (key, ty, elem, obj) in metadata {
+        let elem = elem.as_deref().map(value_type).transpose()?;
+        let value = value_from_py(&obj, value_type(&ty)?, elem)
+            .map_err(|e| PyValueError::new_err(format!("metadata key {key:?}: cannot store {obj} as {ty}: {e}")))?;
+        values.push((key, value));
+    }
+    Ok(values)
+}
+
+/// A GGUF file whose tensor data is streamed in, in chunks of any size (the core's `GgufWriter`): for files
+/// larger than memory. The header is written by the constructor; nothing appears under `path` before `finish`,
+/// and a writer dropped or aborted unfinished leaves no file behind.
+#[pyclass(name = "GGUFStreamWriter", module = "ggml_lora._native")]
+pub struct NativeGgufStreamWriter {
+    /// `None` once finished or aborted.
+    writer: Option<GgufWriter>,
+}
+
+impl NativeGgufStreamWriter {
+    fn open(&mut self) -> PyResult<&mut GgufWriter> {
+        self.writer.as_mut().ok_or_else(closed)
+    }
+}
+
+/// The error of a call on a finished or aborted writer.
+fn closed() -> PyErr {
+    to_py(Error::WriterState("the writer is already finished or aborted".into()))
+}
+
+#[pymethods]
+impl NativeGgufStreamWriter {
+    /// Validates the metadata and tensors, creates the temporary file beside `path` and writes the header.
+    /// `metadata` as for `write_gguf`; `tensors`: `(name, dims in ggml order, type name)` in data order.
+    #[new]
+    #[pyo3(signature = (path, metadata, tensors, sync = true))]
+    #[allow(clippy::type_complexity)]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        metadata: Vec<(String, String, Option<String>, Bound<'_, PyAny>)>,
+        tensors: Vec<(String, Vec<u64>, String)>,
+        sync: bool,
+    ) -> PyResult<Self> {
+        let values = metadata_values(metadata)?;
+        let specs = tensors
+            .into_iter()
+            .map(|(name, dims, ty)| Ok(TensorSpec { name, dims, ty: ggml_type(&ty)? }))
+            .collect::<PyResult<Vec<_>>>()?;
+        let writer = py.detach(|| GgufWriter::create(&path, &values, specs, WriteOptions { sync })).py_err()?;
+        Ok(NativeGgufStreamWriter { writer: Some(writer) })
+    }
+
+    /// `(name, data bytes)` of every tensor, in the order their data is expected.
+    fn tensors(&mut self) -> PyResult<Vec<(String, u64)>> {
+        Ok(self.open()?.tensors().map(|(spec, nbytes)| (spec.name.clone(), nbytes)).collect())
+    }
+
+    /// Index of the tensor whose data comes next (the number of tensors once all are complete).
+    fn current_tensor(&mut self) -> PyResult<usize> {
+        Ok(self.open()?.current_tensor())
+    }
+
+    /// Appends the bytes of `chunk` (C-contiguous uint8) to the data, tensor after tensor (GIL released).
+    fn write_data(&mut self, py: Python<'_>, chunk: PyReadonlyArrayDyn<'_, u8>) -> PyResult<()> {
+        let bytes = chunk.as_slice().map_err(|e| PyValueError::new_err(format!("data must be C-contiguous: {e}")))?;
+        let writer = self.open()?;
+        py.detach(|| writer.write_data(bytes)).py_err()
+    }
+
+    /// Checks every tensor is complete, flushes (fsyncs if asked) and renames the file into place; returns its
+    /// path, also appended to `written` once in place. The writer is closed whatever the outcome.
+    #[pyo3(signature = (written = None))]
+    fn finish(&mut self, py: Python<'_>, written: Option<Bound<'_, PyList>>) -> PyResult<PathBuf> {
+        let writer = self.writer.take().ok_or_else(closed)?;
+        let out = py.detach(|| writer.finish()).py_err()?;
+        if let Some(list) = written {
+            list.append(out.as_os_str())?;
+        }
+        Ok(out)
+    }
+
+    /// Drops the unfinished file (its temporary file is removed); nothing is written under `path`.
+    fn abort(&mut self) {
+        self.writer = None;
+    }
 }
 
 /// Parses a split rule: `("keep" | "merge" | "max_tensors" | "max_bytes", limit)`.
