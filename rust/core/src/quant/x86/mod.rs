@@ -749,56 +749,10 @@ unsafe fn block_min_max(v: &[__m256; 4]) -> (f32, f32) {
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn q4_1_q5_1_quantize_avx2<const BITS: u32>(src: &[f32], dst: &mut [u8], scalar: ScalarBlock) -> bool {
     let (levels, bb) = if BITS == 4 { (15.0f32, 20) } else { (31.0f32, 24) };
-    // Eight blocks at a time: their minima, maxima, scales and reciprocals side by side in the lanes (one vector
-    // division for eight blocks instead of sixteen dependent scalar ones); then each block's codes.
-    let mut xs = src.chunks_exact(8 * QK4_0);
-    let mut ys = dst.chunks_exact_mut(8 * bb);
-    let levels_v = _mm256_set1_ps(levels);
-    let zero = _mm256_setzero_ps();
-    for (x8, y8) in (&mut xs).zip(&mut ys) {
-        prefetch_ahead(&x8[8 * QK4_0 - 32..]);
-        let v: [[__m256; 4]; 8] = std::array::from_fn(|b| load_block(&x8[QK4_0 * b..]));
-        let amax = v.iter().map(|vb| abs_bits_and_max(vb).1).max().unwrap_or(0);
-        if amax >= 0x7F80_0000 {
-            return false;
-        }
-        let lo = transpose_8x8(v.map(|vb| _mm256_min_ps(_mm256_min_ps(vb[0], vb[1]), _mm256_min_ps(vb[2], vb[3]))));
-        let hi = transpose_8x8(v.map(|vb| _mm256_max_ps(_mm256_max_ps(vb[0], vb[1]), _mm256_max_ps(vb[2], vb[3]))));
-        // Finite values and no zero extreme (see below): the order of the comparisons cannot matter.
-        let min = lo[1..].iter().fold(lo[0], |m, &r| _mm256_min_ps(m, r));
-        let max = hi[1..].iter().fold(hi[0], |m, &r| _mm256_max_ps(m, r));
-        let d = _mm256_div_ps(_mm256_sub_ps(max, min), levels_v);
-        let nonzero = _mm256_cmp_ps::<_CMP_NEQ_OQ>(d, zero);
-        let id = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(1.0), d), nonzero);
-        // A zero extreme takes the sign of the block's first zero; overflowing scales convert NaN/inf to integers:
-        // both left to the scalar definition.
-        let inf = _mm256_set1_ps(f32::INFINITY);
-        let abs = |a: __m256| _mm256_andnot_ps(_mm256_set1_ps(-0.0), a);
-        let special = _mm256_or_ps(
-            _mm256_or_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(min, zero), _mm256_cmp_ps::<_CMP_EQ_OQ>(max, zero)),
-            _mm256_or_ps(_mm256_cmp_ps::<_CMP_NLT_UQ>(abs(d), inf), _mm256_cmp_ps::<_CMP_NLT_UQ>(abs(id), inf)),
-        );
-        let special = _mm256_movemask_ps(special);
-        // F16C rounds finite values to nearest even, as ggml's software conversion does.
-        let mut dh = [0u16; 8];
-        let mut mh = [0u16; 8];
-        _mm_storeu_si128(dh.as_mut_ptr().cast(), _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(d));
-        _mm_storeu_si128(mh.as_mut_ptr().cast(), _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(min));
-        let mut mins = [0f32; 8];
-        let mut ids = [0f32; 8];
-        _mm256_storeu_ps(mins.as_mut_ptr(), min);
-        _mm256_storeu_ps(ids.as_mut_ptr(), id);
-        for (b, (x, y)) in x8.chunks_exact(QK4_0).zip(y8.chunks_exact_mut(bb)).enumerate() {
-            if special & (1 << b) != 0 {
-                scalar(x, y);
-                continue;
-            }
-            y[..2].copy_from_slice(&dh[b].to_le_bytes());
-            y[2..4].copy_from_slice(&mh[b].to_le_bytes());
-            q4_1_q5_1_codes::<BITS>(&v[b], mins[b], ids[b], y);
-        }
-    }
-    for (x, y) in xs.remainder().chunks_exact(QK4_0).zip(ys.into_remainder().chunks_exact_mut(bb)) {
+    let half = _mm256_set1_ps(0.5);
+    let fifteen = _mm256_set1_epi32(15);
+    for (x, y) in src.chunks_exact(QK4_0).zip(dst.chunks_exact_mut(bb)) {
+        prefetch_ahead(x);
         let v = load_block(x);
         let (_, amax_bits) = abs_bits_and_max(&v);
         if amax_bits >= 0x7F80_0000 {
@@ -808,41 +762,38 @@ unsafe fn q4_1_q5_1_quantize_avx2<const BITS: u32>(src: &[f32], dst: &mut [u8], 
         let d = (max - min) / levels;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         if min == 0.0 || max == 0.0 || !d.is_finite() || !id.is_finite() {
+            // A zero extreme takes the sign of the block's first zero; overflowing scales convert NaN/inf to
+            // integers: both left to the scalar definition.
             scalar(x, y);
             continue;
         }
+        // F16C rounds finite values to nearest even, as ggml's software conversion does.
         let dm = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_setr_ps(d, min, 0.0, 0.0));
         y[..4].copy_from_slice(&(_mm_cvtsi128_si32(dm) as u32).to_le_bytes());
-        q4_1_q5_1_codes::<BITS>(&v, min, id, y);
+        let (minv, idv) = (_mm256_set1_ps(min), _mm256_set1_ps(id));
+        // (x - min) * id, then + 0.5 (separate roundings), truncated: in [0, levels + 0.5] for a finite id.
+        let q = |k: usize| _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(v[k], minv), idv), half));
+        let (q0, q1, q2, q3) = (q(0), q(1), q(2), q(3));
+        let qs = if BITS == 4 {
+            let (q0, q1, q2, q3) = (
+                _mm256_min_epi32(q0, fifteen),
+                _mm256_min_epi32(q1, fifteen),
+                _mm256_min_epi32(q2, fifteen),
+                _mm256_min_epi32(q3, fifteen),
+            );
+            nibbles(q0, q1, q2, q3)
+        } else {
+            // Fifth bits to the sign bit, one movemask per 8 codes: bit j of qh for code j.
+            let h = |q: __m256i| _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_slli_epi32::<27>(q))) as u32;
+            let qh = h(q0) | h(q1) << 8 | h(q2) << 16 | h(q3) << 24;
+            y[4..8].copy_from_slice(&qh.to_le_bytes());
+            let low = _mm256_set1_epi32(0x0F);
+            let m = |q: __m256i| _mm256_and_si256(q, low);
+            nibbles(m(q0), m(q1), m(q2), m(q3))
+        };
+        _mm_storeu_si128(y[bb - 16..].as_mut_ptr().cast(), qs);
     }
     true
-}
-
-/// The codes of one q4_1 / q5_1 block (`v` its 32 values, `min` and `id` = 1/d its statistics; `y` the block's
-/// bytes after `d` and `m`): `(x - min) * id`, then `+ 0.5` (separate roundings), truncated, in `[0, levels + 0.5]`
-/// for a finite `id`; q4_1 clamps to 15.
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn q4_1_q5_1_codes<const BITS: u32>(v: &[__m256; 4], min: f32, id: f32, y: &mut [u8]) {
-    let bb = if BITS == 4 { 20 } else { 24 };
-    let half = _mm256_set1_ps(0.5);
-    let (minv, idv) = (_mm256_set1_ps(min), _mm256_set1_ps(id));
-    let q = |k: usize| _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(v[k], minv), idv), half));
-    let (q0, q1, q2, q3) = (q(0), q(1), q(2), q(3));
-    let qs = if BITS == 4 {
-        let fifteen = _mm256_set1_epi32(15);
-        let c = |q: __m256i| _mm256_min_epi32(q, fifteen);
-        nibbles(c(q0), c(q1), c(q2), c(q3))
-    } else {
-        // Fifth bits to the sign bit, one movemask per 8 codes: bit j of qh for code j.
-        let h = |q: __m256i| _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_slli_epi32::<27>(q))) as u32;
-        let qh = h(q0) | h(q1) << 8 | h(q2) << 16 | h(q3) << 24;
-        y[4..8].copy_from_slice(&qh.to_le_bytes());
-        let low = _mm256_set1_epi32(0x0F);
-        let m = |q: __m256i| _mm256_and_si256(q, low);
-        nibbles(m(q0), m(q1), m(q2), m(q3))
-    };
-    _mm_storeu_si128(y[bb - 16..].as_mut_ptr().cast(), qs);
 }
 
 /// 32 codes (0..16, in four vectors of 8 for elements 0..8, 8..16, 16..24, 24..32) as 16 bytes
