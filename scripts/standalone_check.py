@@ -42,12 +42,12 @@ def main() -> int:
         assert not (clone.parent / "shared").exists()
 
         py = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs"], clone, env)
-        tail = "\n".join(line for line in py.stdout.splitlines() if line.startswith(("FAILED", "ERROR")))
+        failed = "\n".join(line for line in py.stdout.splitlines() if line.startswith(("FAILED", "ERROR")))
         summary = py.stdout.strip().splitlines()[-1] if py.stdout.strip() else ""
         skips = [line for line in py.stdout.splitlines() if line.startswith("SKIPPED")]
         skipped = int(m.group(1)) if (m := re.search(r"(\d+) skipped", summary)) else 0
         if py.returncode != 0:
-            failures.append(f"pytest failed without the fixtures (exit {py.returncode}):\n{tail}\n{py.stderr[-2000:]}")
+            failures.append(f"pytest failed without the fixtures (exit {py.returncode}):\n{failed}\n{py.stderr[-2000:]}")
         elif skipped == 0:
             failures.append(f"no test skipped without the fixtures (are the fixture tests marked?): {summary}")
         other = [line for line in skips if REASON not in line]

@@ -360,7 +360,7 @@ mod lane_tests {
         let mut x = lcg_block_values(3000);
         x.extend(lcg_block_values(300).iter().map(|v| v.abs())); // minimum 0 in the sparse blocks
         x.extend(lcg_block_values(300).iter().map(|v| -v.abs()));
-        // A count that is not a multiple of the kernel's 8-block groups: the last 5 go one at a time.
+        // Five more blocks, mostly with a zero extreme, and a count that is not a multiple of 8 (lane-sized groups).
         x.extend(lcg_block_values(5).iter().enumerate().map(|(i, v)| if i % 7 == 0 { v.abs() } else { -v.abs() }));
         assert_ne!(x.len() / QK4_1 % 8, 0);
         let n = x.len() / QK4_1 * B::BLOCK_BYTES;
