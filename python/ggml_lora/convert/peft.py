@@ -237,6 +237,41 @@ DORA_REFUSAL = (
 )
 
 
+#: PEFT initialisations that leave the base weights as they were (the adapter is a delta on the original model).
+DELTA_INITIALISATIONS = ("gaussian", "eva", "orthogonal", "mica")
+#: PEFT initialisations that subtract the initial adapter from the base weights (W_res = W - s·B0·A0), with
+#: their display names; PEFT's `save_pretrained(path_initial_model_for_weight_conversion=...)` turns an adapter
+#: trained from one into a plain LoRA of rank 2r on the original model.
+RESIDUAL_INITIALISATIONS = {"olora": "OLoRA", "pissa": "PiSSA", "corda": "CorDA", "lora_ga": "LoRA-GA"}
+
+
+def _check_initialisation(init: Any) -> None:
+    """Refuse an adapter that is not a delta on the original model (PEFT's ``init_lora_weights``)."""
+    if isinstance(init, bool) or init is None:
+        return
+    if not isinstance(init, str):
+        raise ConversionError(f"adapter_config.json: init_lora_weights must be true, false or a name, got "
+                              f"{short_repr(init, 60)}")
+    name = init.lower()
+    if name in DELTA_INITIALISATIONS:
+        return
+    family = "pissa" if name.startswith("pissa_niter_") else name
+    if family in RESIDUAL_INITIALISATIONS:
+        raise ConversionError(
+            f"adapter_config.json: init_lora_weights = {short_repr(init)}: the adapter was trained from a "
+            f"{RESIDUAL_INITIALISATIONS[family]} initialisation, which changed the base weights it was trained on, "
+            "so it is not a delta on the original model; convert it to a plain LoRA (rank 2r) first with PEFT's "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=<the adapter saved before training>)"
+        )
+    if name == "loftq":
+        raise ConversionError(
+            "adapter_config.json: init_lora_weights = 'loftq': a LoftQ adapter was trained on LoftQ's quantized "
+            "residual of the base weights, not on the original model, so adding it to the original weights is wrong"
+        )
+    raise ConversionError(f"adapter_config.json: init_lora_weights = {short_repr(init)} is not a PEFT "
+                          "initialisation this converter knows, so it cannot tell whether it changed the base weights")
+
+
 def parse_config(config: Any, *, allow_dora: bool = False) -> AdapterConfig:
     """Validate a parsed ``adapter_config.json`` and refuse everything that is not a plain LoRA product
     (DoRA is accepted only with ``allow_dora``; then :attr:`AdapterConfig.use_dora` says whether it is set)."""
@@ -280,6 +315,7 @@ def parse_config(config: Any, *, allow_dora: bool = False) -> AdapterConfig:
     ]:
         if _truthy(config, key):
             raise ConversionError(f"adapter_config.json: {key} is set: {what} is not supported by this converter")
+    _check_initialisation(config.get("init_lora_weights", True))
     r = _check_rank(config.get("r", 8), "r")
     alpha = _check_alpha(config.get("lora_alpha", 8), "lora_alpha")
     flags = {}

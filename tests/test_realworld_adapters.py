@@ -1,0 +1,125 @@
+"""Adapters as found in the wild (issue 10), from `tests/fixtures/realworld/` (see its MANIFEST.md).
+
+Oracle: PEFT itself. Every adapter there was saved by PEFT (or mergekit), and every truth is PEFT's own merge of
+it (`merge_and_unload`, or PEFT's own OLoRA/PiSSA conversion then `merge_and_unload`), rounded to f16 as
+llama.cpp's converter writes it; the base models are the shared fixtures' `base-f16.gguf`. Outputs are read back
+with gguf-py's GGUFReader. A merged tensor must be within 1 f16 ulp of the truth (the sum in f32 may land on the
+other side of an f16 rounding boundary); every tensor the truth does not list must be byte-identical to the base.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from conftest import FIXTURES, skip_module_without_fixtures
+
+import ggml_lora
+from ggml_lora.convert import ConversionError
+
+skip_module_without_fixtures()
+
+CASES = Path(__file__).resolve().parent / "fixtures" / "realworld"
+
+
+def base_of(case: str) -> Path:
+    return FIXTURES / json.loads((CASES / case / "case.json").read_text())["base"]
+
+
+def tensors(path: Path) -> dict[str, np.ndarray]:
+    return {t.name: np.array(t.data) for t in gguf.GGUFReader(path).tensors}
+
+
+def f16_ulps(a: np.ndarray, b: np.ndarray) -> int:
+    """Largest distance in f16 units in the last place (both finite; the bit patterns are ordered by value)."""
+
+    def ordered(x: np.ndarray) -> np.ndarray:
+        bits = x.view(np.uint16).astype(np.int32)
+        return np.where(bits & 0x8000, 0x8000 - bits, bits)
+
+    return int(np.abs(ordered(a) - ordered(b)).max())
+
+
+def assert_matches_truth(out: Path, case: str, truth: str = "merge") -> None:
+    expected = dict(np.load(CASES / case / f"truth-{truth}.npz"))
+    base, got = tensors(base_of(case)), tensors(out)
+    assert set(expected) <= set(got), f"tensors the merge must change are missing: {set(expected) - set(got)}"
+    for name, data in got.items():
+        if name not in expected:
+            assert data.tobytes() == base[name].tobytes(), f"{name} changed but PEFT's merge leaves it alone"
+        elif data.dtype == np.float16:
+            assert f16_ulps(data, expected[name]) <= 1, name
+        else:
+            np.testing.assert_array_equal(data, expected[name], err_msg=name)
+
+
+def relabelled(source: Path, init: object, tmp_path: Path) -> Path:
+    """A copy of a PEFT adapter folder whose config says another ``init_lora_weights``."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes((source / "adapter_model.safetensors").read_bytes())
+    config = json.loads((source / "adapter_config.json").read_text())
+    config["init_lora_weights"] = init
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    return adapter
+
+
+@pytest.mark.parametrize("case", ["init-olora", "init-pissa", "init-olora-patterns"])
+def test_adapter_converted_by_peft_from_an_initialisation_merges_exactly(case, tmp_path):
+    """PEFT's own conversion of an OLoRA/PiSSA adapter (rank 2r, alpha and patterns doubled) is a plain LoRA on the
+    original model: patching with it gives PEFT's merge."""
+    out = tmp_path / "out.gguf"
+    ggml_lora.patch(base_of(case), CASES / case / "converted", out=out)
+    assert_matches_truth(out, case)
+
+
+@pytest.mark.parametrize(("case", "name"), [("init-olora", "OLoRA"), ("init-pissa", "PiSSA")])
+def test_adapter_trained_from_a_residual_initialisation_is_refused(case, name, tmp_path):
+    """Applied as a delta on the original model it would be silently wrong (the initialisation changed the base
+    weights): refused, naming the initialisation and PEFT's conversion; nothing is written."""
+    out = tmp_path / "out.gguf"
+    with pytest.raises(ConversionError, match=rf"init_lora_weights = '{name.lower()}'.*{name} initialisation.*"
+                                              "path_initial_model_for_weight_conversion"):
+        ggml_lora.patch(base_of(case), CASES / case / "adapter", out=out)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("init", "message"),
+    [
+        ("pissa_niter_4", "PiSSA initialisation"),
+        ("corda", "CorDA initialisation"),
+        ("lora_ga", "LoRA-GA initialisation"),
+        ("loftq", "LoftQ's quantized residual"),
+        ("something_new", "not a PEFT initialisation this converter knows"),
+    ],
+)
+def test_every_base_changing_initialisation_is_refused(init, message, tmp_path):
+    """The same refusal for each initialisation PEFT lists as changing the base weights (peft/tuners/lora/model.py,
+    `_convert_state_dict_for_initial_model`; LoftQ replaces them by a quantized residual), and for unknown names."""
+    adapter = relabelled(CASES / "init-olora" / "adapter", init, tmp_path)
+    with pytest.raises(ConversionError, match=message):
+        ggml_lora.patch(base_of("init-olora"), adapter, out=tmp_path / "out.gguf")
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal", "mica"])
+def test_initialisations_that_keep_the_base_weights_are_accepted(init, tmp_path):
+    """These leave the base weights alone (PEFT's LoraLayer init methods), so the adapter is a delta on the original
+    model: the converted OLoRA adapter, relabelled, still merges to PEFT's truth."""
+    adapter = relabelled(CASES / "init-olora" / "converted", init, tmp_path)
+    out = tmp_path / "out.gguf"
+    ggml_lora.patch(base_of("init-olora"), adapter, out=out)
+    assert_matches_truth(out, "init-olora")
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "ia3", "vera"])
+def test_other_peft_types_are_refused_naming_the_type(kind, tmp_path):
+    """LoHa, LoKr, IA³ and VeRA adapters saved by PEFT: no partial merge, a refusal naming the peft_type."""
+    out = tmp_path / "out.gguf"
+    peft_type = json.loads((CASES / "other-types" / kind / "adapter_config.json").read_text())["peft_type"]
+    with pytest.raises(ConversionError, match=rf"peft_type '{peft_type}' is not supported"):
+        ggml_lora.patch(base_of("other-types"), CASES / "other-types" / kind, out=out)
+    assert not out.exists()
