@@ -97,20 +97,28 @@ fn value_type_of_id(id: u32) -> PyResult<ValueType> {
     ValueType::from_id(id).ok_or_else(|| PyValueError::new_err(format!("unknown GGUF value type id {id}")))
 }
 
-/// Converts a mapping from key to `MetadataValue` (in insertion order) into metadata values.
+/// Converts a mapping from key to `MetadataValue` (in insertion order) into metadata values; errors name the key.
 pub fn metadata_from_py(metadata: &Bound<'_, PyDict>) -> PyResult<Vec<(String, Value)>> {
     let mut values = Vec::with_capacity(metadata.len());
     for (key, typed) in metadata.iter() {
         let key: String = key.extract()?;
-        let converted = typed.extract::<TypedValue<'_>>().and_then(|typed| {
-            let ty = value_type_of_id(typed.ty)?;
-            let sub_type = typed.sub_type.map(value_type_of_id).transpose()?;
-            value_from_py(&typed.value, ty, sub_type)
-        });
-        let value = converted.map_err(|e| PyValueError::new_err(format!("metadata key {key:?}: {e}")))?;
+        let value = typed_value_from_py(&typed)
+            .map_err(|e| PyValueError::new_err(format!("metadata key {key:?}: {}", e.value(typed.py()))))?;
         values.push((key, value));
     }
     Ok(values)
+}
+
+/// Converts one `MetadataValue` into a metadata value.
+fn typed_value_from_py(typed: &Bound<'_, PyAny>) -> PyResult<Value> {
+    let typed: TypedValue<'_> = typed.extract().map_err(|e: PyErr| {
+        PyValueError::new_err(format!(
+            "expected a MetadataValue whose type and sub_type are GGUFValueType ids ({})",
+            e.value(typed.py())
+        ))
+    })?;
+    let sub_type = typed.sub_type.map(value_type_of_id).transpose()?;
+    value_from_py(&typed.value, value_type_of_id(typed.ty)?, sub_type)
 }
 
 /// Parses a value type name ("UINT32", "string", ...). Only `patch`'s `extra_metadata` still passes names.
