@@ -9,6 +9,8 @@ llama-quantize derives (counts of 1 here, so the weights are the sums exactly).
 
 from __future__ import annotations
 
+import copy
+import pickle
 import struct
 from pathlib import Path
 from types import SimpleNamespace
@@ -213,6 +215,7 @@ def test_tensor_info_fields_and_repr(tmp_path: Path) -> None:
     assert repr(infos[2]) == f"TensorInfo(name='norm', shape=(7,), type='f32', offset={reader.tensors[2].data_offset}, " \
                              f"nbytes=28, shard=0)"
     assert infos[0] != infos[1]
+    assert pickle.loads(pickle.dumps(infos[1])) == infos[1] and copy.copy(infos[1]) == infos[1]
     with pytest.raises(AttributeError):
         infos[0].offset = 0  # type: ignore[misc]  # frozen
 

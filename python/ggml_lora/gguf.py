@@ -83,7 +83,7 @@ class GGUFFile:
         #: "GGUF v3", "GGUF v3, split into 3 shards" or "legacy ggjt v3".
         self.container: str = native.container
         #: The model's files in shard order, as ``(path, number of tensors)``.
-        self.shards: list[tuple[Path, int]] = [(Path(s.path), s.n_tensors) for s in native.shards()]
+        self.shards: list[tuple[Path, int]] = [(s.path, s.n_tensors) for s in native.shards()]
         self.tensors: dict[str, TensorInfo] = {}
         self._index: dict[str, int] = {}
         for i, info in enumerate(native.tensors()):

@@ -119,6 +119,13 @@ impl TensorInfo {
         self.dims.iter().product()
     }
 
+    /// The arguments of `__new__` that make an equal object (pickling and `copy`).
+    #[allow(clippy::type_complexity)]
+    fn __getnewargs__(&self) -> (String, Vec<u64>, &'static str, u64, u64, u16) {
+        let shape = self.dims.iter().rev().copied().collect();
+        (self.name.clone(), shape, self.ty.name(), self.offset, self.nbytes, self.shard)
+    }
+
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         Ok(format!(
             "TensorInfo(name={}, shape={}, type='{}', offset={}, nbytes={}, shard={})",
