@@ -2,7 +2,7 @@
 
 from os import PathLike
 from pathlib import Path
-from typing import Any, Callable, Sequence, final
+from typing import Any, Callable, Mapping, Protocol, Sequence, final
 
 import numpy as np
 import numpy.typing as npt
@@ -17,20 +17,41 @@ __all__ = [
     "write_ggla",
     "PatternKeys",
     "GGUFFile",
+    "TensorInfo",
+    "Shard",
+    "MetadataField",
+    "TensorSpec",
     "write_gguf",
     "GGUFStreamWriter",
     "copy_model",
     "read_imatrix",
+    "ImatrixData",
     "quantize_rows",
     "dequantize_rows",
     "type_table",
+    "TypeInfo",
     "Adapter",
+    "LoraPair",
     "patch",
     "TensorReport",
     "__version__",
 ]
 
 __version__: str
+
+class _TypedValue(Protocol):
+    """What crosses the seam for a metadata value, Python → core: any object with these attributes (the package's
+    ``MetadataValue``, whose types are a ``GGUFValueType`` ``IntEnum``)."""
+
+    @property
+    def value(self) -> Any:
+        """int, float, bool, str or bytes (STRING), or a sequence of them (ARRAY)."""
+    @property
+    def type(self) -> int:
+        """The GGUF value type id, as gguf-py's ``GGUFValueType`` numbers them (4 = UINT32, 9 = ARRAY, ...)."""
+    @property
+    def sub_type(self) -> int | None:
+        """For an ARRAY, the element type id (nested arrays cannot be written); else ``None``."""
 
 class _Details:
     """The facts every exception raised by the core carries, as attributes (``None`` where they do not apply);
@@ -107,28 +128,106 @@ class GGUFFile:
     @property
     def container(self) -> str:
         """The container, e.g. ``"GGUF v3"``, ``"GGUF v3, split into 3 shards"``, ``"legacy ggjt v3"``."""
-    def shards(self) -> list[tuple[Path, int]]:
-        """The model's files in shard order, as ``(path, number of tensors)``."""
-    def metadata(self) -> list[tuple[str, str, str | None, Any]]:
-        """Metadata as ``(key, type name, element type name or None, value)`` tuples in file order."""
-    def tensors(self) -> list[tuple[str, list[int], str, int, int, int]]:
-        """Tensor infos as ``(name, dims in ggml order, type name, absolute data offset in its file, nbytes,
-        shard)`` in model order."""
+    def shards(self) -> list[Shard]:
+        """The model's files in shard order."""
+    def metadata(self) -> list[MetadataField]:
+        """Metadata in file order, each key with its exact type."""
+    def tensors(self) -> list[TensorInfo]:
+        """Where each tensor lives and what it holds, in model order."""
     def raw(self, index: int) -> npt.NDArray[np.uint8]:
         """The raw bytes of tensor ``index`` as a read-only uint8 array viewing the memory map (no copy)."""
     def to_numpy(self, index: int) -> npt.NDArray[np.float32]:
         """Tensor ``index`` dequantized to a flat float32 array."""
 
+@final
+class TensorInfo:
+    """Where a tensor of a model lives and what it holds (the public ``ggml_lora.TensorInfo``). ``offset`` is
+    absolute, from the start of the tensor's file, like every offset this package reports; the GGUF header
+    stores it relative to the data section (the core's ``relative_offset``)."""
+    def __new__(
+        cls, name: str, shape: Sequence[int], type: str, offset: int, nbytes: int, shard: int = 0
+    ) -> TensorInfo: ...
+    @property
+    def name(self) -> str:
+        """The tensor's name."""
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Dimensions in numpy order: ``shape[-1]`` is ggml's ne[0], the row length."""
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """Dimensions in ggml order (ne[0] first)."""
+    @property
+    def type(self) -> str:
+        """The ggml type's lower-case name (``"f16"``, ``"q4_k"``, ...)."""
+    @property
+    def offset(self) -> int:
+        """Absolute byte offset of the tensor's data in its file (the shard ``shard``)."""
+    @property
+    def nbytes(self) -> int:
+        """Bytes of data (without padding)."""
+    @property
+    def shard(self) -> int:
+        """Index of the file holding the tensor in ``GGUFFile.shards`` (0 unless the model is split)."""
+    @property
+    def n_elements(self) -> int:
+        """Number of elements."""
+
+@final
+class Shard:
+    """One file of a model: its path and how many of the model's tensors it holds."""
+    @property
+    def path(self) -> Path:
+        """The file."""
+    @property
+    def n_tensors(self) -> int:
+        """Number of tensors in it."""
+
+@final
+class MetadataField:
+    """One metadata key of a file, with its exact GGUF type (core → Python; the package makes a
+    ``MetadataValue`` of it)."""
+    @property
+    def key(self) -> str:
+        """The key."""
+    @property
+    def type(self) -> int:
+        """The value's type as gguf-py's ``GGUFValueType`` id (4 = UINT32, 8 = STRING, 9 = ARRAY, ...)."""
+    @property
+    def sub_type(self) -> int | None:
+        """For an ARRAY, the type id of its elements (9 for nested arrays); ``None`` for scalars."""
+    @property
+    def value(self) -> Any:
+        """int, float, bool, str (bytes when not UTF-8), or a list of those (lists of lists for nested arrays)."""
+
+@final
+class TensorSpec:
+    """A tensor to be written (Python → core): name, shape in numpy order and ggml type. Nothing is checked until a
+    writer receives it, except that the type exists."""
+    def __new__(cls, name: str, shape: Sequence[int], type: str) -> TensorSpec: ...
+    @property
+    def name(self) -> str:
+        """The tensor's name."""
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Dimensions in numpy order."""
+    @property
+    def type(self) -> str:
+        """The ggml type's lower-case name."""
+    @property
+    def nbytes(self) -> int:
+        """Bytes of data the tensor takes (without padding); ``ValueError`` if its shape and type are invalid."""
+
 def write_gguf(
     path: str | PathLike[str],
-    metadata: list[tuple[str, str, str | None, Any]],
-    tensors: list[tuple[str, list[int], str, npt.NDArray[np.uint8]]],
+    metadata: Mapping[str, _TypedValue],
+    tensors: Sequence[TensorSpec],
+    data: Sequence[npt.NDArray[np.uint8]],
     sync: bool = True,
     written: list[str] | None = None,
 ) -> str:
-    """Writes a GGUF file atomically. ``metadata``: ``(key, type name, element type name or None, value)``;
-    ``tensors``: ``(name, dims in ggml order, type name, C-contiguous uint8 data)``; ``written`` gets the path
-    appended once it is in place."""
+    """Writes a GGUF file atomically. ``metadata``: key → typed value, in order; ``tensors`` in data order, ``data``
+    for each the C-contiguous uint8 array of its exact bytes; ``written`` gets the path appended once it is in
+    place."""
 
 @final
 class GGUFStreamWriter:
@@ -139,12 +238,12 @@ class GGUFStreamWriter:
     def __new__(
         cls,
         path: str | PathLike[str],
-        metadata: list[tuple[str, str, str | None, Any]],
-        tensors: list[tuple[str, list[int], str]],
+        metadata: Mapping[str, _TypedValue],
+        tensors: Sequence[TensorSpec],
         sync: bool = True,
     ) -> GGUFStreamWriter: ...
-    def tensors(self) -> list[tuple[str, int]]:
-        """``(name, data bytes)`` of every tensor, in the order their data is expected."""
+    def tensors(self) -> list[TensorSpec]:
+        """Every tensor, in the order its data is expected."""
     def current_tensor(self) -> int:
         """Index of the tensor whose data comes next (the number of tensors once all are complete)."""
     def write_data(self, chunk: npt.NDArray[np.uint8]) -> None:
@@ -155,11 +254,27 @@ class GGUFStreamWriter:
     def abort(self) -> None:
         """Drops the unfinished file (its temporary file is removed); nothing is written under ``path``."""
 
-def read_imatrix(
-    path: str | PathLike[str],
-) -> tuple[str, list[tuple[str, npt.NDArray[np.float32]]], list[str], int, bool]:
-    """Reads and normalises the importance matrix at ``path`` (llama-imatrix's GGUF or legacy ``.dat``); returns
-    ``(source, [(name, float32 weights)], datasets, chunk_count, legacy)``."""
+@final
+class ImatrixData:
+    """An importance matrix as read and normalised by the core."""
+    @property
+    def source(self) -> str:
+        """The path read."""
+    @property
+    def entries(self) -> dict[str, npt.NDArray[np.float32]]:
+        """Tensor name → float32 weights, in name order."""
+    @property
+    def datasets(self) -> list[str]:
+        """The dataset names the file records."""
+    @property
+    def chunk_count(self) -> int:
+        """Chunks it was computed on (0 when the file does not say)."""
+    @property
+    def legacy(self) -> bool:
+        """Whether it is a legacy ``.dat`` file (else GGUF)."""
+
+def read_imatrix(path: str | PathLike[str]) -> ImatrixData:
+    """Reads and normalises the importance matrix at ``path`` (llama-imatrix's GGUF or legacy ``.dat``)."""
 def quantize_rows(
     x: npt.NDArray[np.float32],
     type_name: str,
@@ -174,14 +289,36 @@ def dequantize_rows(
 ) -> npt.NDArray[np.float32]:
     """Dequantizes rows of ``row_len`` elements of ``type_name`` to float32; into ``out`` when given, else a new
     array."""
-def type_table() -> list[tuple[str, int, int, int, bool, bool]]:
-    """Every ggml type as ``(name, id, block size, bytes per block, can quantize, can dequantize)``."""
+@final
+class TypeInfo:
+    """One ggml type (the public ``ggml_lora.TypeInfo``): what it is on disk and what this package can do with it."""
+    @property
+    def name(self) -> str:
+        """Lower-case name as gguf-py spells it (``"f32"``, ``"q4_0"``, ``"q6_k"``, ``"iq2_xxs"``, ...)."""
+    @property
+    def id(self) -> int:
+        """The on-disk id (``enum ggml_type``, gguf-py's ``GGMLQuantizationType`` value)."""
+    @property
+    def block_size(self) -> int:
+        """Elements per block (1 for plain element types)."""
+    @property
+    def type_size(self) -> int:
+        """Bytes per block."""
+    @property
+    def can_quantize(self) -> bool:
+        """Whether ``quantize`` can write it."""
+    @property
+    def can_dequantize(self) -> bool:
+        """Whether ``dequantize`` can read it."""
+
+def type_table() -> list[TypeInfo]:
+    """Every ggml type llama.cpp defines, in id order."""
 def copy_model(
     model: str | PathLike[str],
     out: str | PathLike[str],
     *,
     split: tuple[str, int] | None = None,
-    extra_metadata: list[tuple[str, str, str | None, Any]] = ...,
+    extra_metadata: Mapping[str, _TypedValue] | None = None,
     sync: bool = True,
     written: list[str] | None = None,
 ) -> list[Path]:
@@ -216,8 +353,30 @@ class Adapter:
     @property
     def skipped(self) -> list[str]:
         """Tensors ignored as llama.cpp ignores them (1-D norm vectors)."""
-    def pairs(self) -> list[tuple[str, int, int, int, float, bool]]:
-        """``(target tensor, rows, cols, rank, scale at user scale 1, DoRA)`` per pair."""
+    def pairs(self) -> list[LoraPair]:
+        """Every pair of the adapter."""
+
+@final
+class LoraPair:
+    """One LoRA pair of an adapter: the model tensor it changes, by ``scale · (left @ right)``."""
+    @property
+    def target(self) -> str:
+        """The model tensor it patches, e.g. ``blk.0.attn_q.weight``."""
+    @property
+    def rows(self) -> int:
+        """Rows of the patched tensor (numpy ``shape[0]``)."""
+    @property
+    def cols(self) -> int:
+        """Columns of the patched tensor (numpy ``shape[1]``, the row length)."""
+    @property
+    def rank(self) -> int:
+        """Inner dimension of the product."""
+    @property
+    def scale(self) -> float:
+        """The scale applied at a user scale of 1 (``alpha / rank``, or 1 without alpha)."""
+    @property
+    def dora(self) -> bool:
+        """Whether it is a DoRA pair (a magnitude vector rescales each row after the add)."""
 
 def patch(
     model: str | PathLike[str],

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from . import _native
 
-
-class TypeInfo(NamedTuple):
-    """One ggml type: lower-case name, on-disk id, elements per block, bytes per block, and what this
-    package can do with it."""
-
-    name: str
-    id: int
-    block_size: int
-    type_size: int
-    can_quantize: bool
-    can_dequantize: bool
-
+#: One ggml type: ``name`` (lower-case), ``id`` (on disk), ``block_size`` (elements per block), ``type_size``
+#: (bytes per block), and what this package can do with it (``can_quantize``, ``can_dequantize``).
+TypeInfo = _native.TypeInfo
 
 #: Every ggml type llama.cpp defines, by lower-case name ("f32", "q4_0", "q6_k", "iq2_xxs", ...).
-GGML_TYPES: dict[str, TypeInfo] = {row[0]: TypeInfo(*row) for row in _native.type_table()}
+GGML_TYPES: dict[str, TypeInfo] = {t.name: t for t in _native.type_table()}
 
 #: name -> (block size, bytes per block), like gguf-py's ``GGML_QUANT_SIZES``.
 GGML_QUANT_SIZES: dict[str, tuple[int, int]] = {t.name: (t.block_size, t.type_size) for t in GGML_TYPES.values()}

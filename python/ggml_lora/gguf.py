@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence, Union
@@ -53,31 +52,12 @@ class MetadataValue(NamedTuple):
     sub_type: GGUFValueType | None = None
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where a tensor lives and what it holds.
-
-    ``shape`` is in numpy order (``shape[-1]`` is ggml's ne[0], the row length); ``type`` is the lower-case
-    ggml type name; ``offset`` is the absolute byte offset of the data in its file; ``nbytes`` its size;
-    ``shard`` the file it is in (0-based, see :attr:`GGUFFile.shards`; always 0 unless the model is split).
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    type: str
-    offset: int
-    nbytes: int
-    shard: int = 0
-
-    @property
-    def dims(self) -> tuple[int, ...]:
-        """The dimensions in ggml order (ne[0] first)."""
-        return tuple(reversed(self.shape))
-
-    @property
-    def n_elements(self) -> int:
-        """Number of elements."""
-        return int(np.prod(self.shape, dtype=np.int64))
+#: Where a tensor lives and what it holds: ``name``; ``shape`` in numpy order (``shape[-1]`` is ggml's ne[0],
+#: the row length) and ``dims`` in ggml order; ``type``, the lower-case ggml type name; ``offset``, the absolute
+#: byte offset of the data in its file (like every offset this package reports, e.g. ``GGUFError.offset``; the
+#: GGUF header stores it relative to the data section); ``nbytes``, its size; ``shard``, the file it is in
+#: (0-based index into :attr:`GGUFFile.shards`; always 0 unless the model is split); ``n_elements``.
+TensorInfo = _native.TensorInfo
 
 
 class GGUFFile:
@@ -103,12 +83,12 @@ class GGUFFile:
         #: "GGUF v3", "GGUF v3, split into 3 shards" or "legacy ggjt v3".
         self.container: str = native.container
         #: The model's files in shard order, as ``(path, number of tensors)``.
-        self.shards: list[tuple[Path, int]] = [(Path(p), n) for p, n in native.shards()]
+        self.shards: list[tuple[Path, int]] = [(s.path, s.n_tensors) for s in native.shards()]
         self.tensors: dict[str, TensorInfo] = {}
         self._index: dict[str, int] = {}
-        for i, (name, dims, type_name, offset, nbytes, shard) in enumerate(native.tensors()):
-            self.tensors[name] = TensorInfo(name, tuple(reversed(dims)), type_name, offset, nbytes, shard)
-            self._index[name] = i
+        for i, info in enumerate(native.tensors()):
+            self.tensors[info.name] = info
+            self._index[info.name] = i
         self._fields: dict[str, MetadataValue] | None = None
 
     def _open(self) -> _native.GGUFFile:
@@ -121,8 +101,12 @@ class GGUFFile:
         """Metadata with exact types, in file order (read once, then cached)."""
         if self._fields is None:
             self._fields = {
-                key: MetadataValue(value, GGUFValueType[type_name], GGUFValueType[sub] if sub else None)
-                for key, type_name, sub, value in self._open().metadata()
+                field.key: MetadataValue(
+                    field.value,
+                    GGUFValueType(field.type),
+                    GGUFValueType(field.sub_type) if field.sub_type is not None else None,
+                )
+                for field in self._open().metadata()
             }
         return self._fields
 
@@ -231,9 +215,8 @@ def convert_model(
     if rms_eps is not None:
         extra["llama.attention.layer_norm_rms_epsilon"] = MetadataValue(float(rms_eps), GGUFValueType.FLOAT32)
     rule = split_rule(False, split_max_size, split_max_tensors) or (("merge", 0) if merge_shards else ("keep", 0))
-    paths = _native.copy_model(os.fspath(model), os.fspath(out), split=rule,
-                               extra_metadata=[_typed(k, v) for k, v in extra.items()], sync=sync,
-                               written=_written.current())
+    paths = _native.copy_model(os.fspath(model), os.fspath(out), split=rule, extra_metadata=_typed_all(extra),
+                               sync=sync, written=_written.current())
     return [Path(p) for p in paths]
 
 
@@ -279,25 +262,26 @@ def _scalar_type(key: str, value: Any) -> GGUFValueType:
     raise ValueError(f"metadata key {key!r}: cannot store a {type(value).__name__} in GGUF")
 
 
-def _typed(key: str, value: Any) -> tuple[str, str, str | None, Any]:
+def _typed(key: str, value: Any) -> MetadataValue:
+    """``value`` as a :class:`MetadataValue` with its exact GGUF type: as given, or chosen as gguf-py would."""
     if isinstance(value, MetadataValue):
-        vtype = GGUFValueType[value.type.name] if not isinstance(value.type, str) else GGUFValueType[value.type]
+        vtype = GGUFValueType[value.type] if isinstance(value.type, str) else GGUFValueType(value.type)
         sub = value.sub_type
-        sub_name = (sub if isinstance(sub, str) else sub.name) if sub is not None else None
-        if vtype == GGUFValueType.ARRAY and sub_name is None:
+        sub_type = (GGUFValueType[sub] if isinstance(sub, str) else GGUFValueType(sub)) if sub is not None else None
+        if vtype == GGUFValueType.ARRAY and sub_type is None:
             raise ValueError(f"metadata key {key!r}: an ARRAY MetadataValue needs a sub_type")
-        return key, vtype.name, sub_name, value.value
+        return MetadataValue(value.value, vtype, sub_type)
     if key in _KEY_TYPES:
-        return key, _KEY_TYPES[key].name, None, value
+        return MetadataValue(value, _KEY_TYPES[key])
     if isinstance(value, np.ndarray):
         if value.dtype not in _NUMPY_VALUE_TYPES:
             raise ValueError(f"metadata key {key!r}: cannot store a {value.dtype} array in GGUF")
-        return key, "ARRAY", _NUMPY_VALUE_TYPES[value.dtype].name, value.reshape(-1).tolist()
+        return MetadataValue(value.reshape(-1).tolist(), GGUFValueType.ARRAY, _NUMPY_VALUE_TYPES[value.dtype])
     if isinstance(value, (list, tuple)):
         if any(isinstance(v, (list, tuple, np.ndarray)) for v in value):
             raise ValueError(f"metadata key {key!r}: nested arrays cannot be written (ggml's loader refuses them)")
         if not value:
-            return key, "ARRAY", GGUFValueType.INT32.name, []
+            return MetadataValue([], GGUFValueType.ARRAY, GGUFValueType.INT32)
         types = {_scalar_type(key, v) for v in value}
         if len(types) == 1:
             sub = types.pop()
@@ -307,8 +291,13 @@ def _typed(key: str, value: Any) -> tuple[str, str, str | None, Any]:
             sub = GGUFValueType.FLOAT32
         else:
             raise ValueError(f"metadata key {key!r}: array mixes {sorted(t.name for t in types)}")
-        return key, "ARRAY", sub.name, list(value)
-    return key, _scalar_type(key, value).name, None, value
+        return MetadataValue(list(value), GGUFValueType.ARRAY, sub)
+    return MetadataValue(value, _scalar_type(key, value))
+
+
+def _typed_all(metadata: Mapping[str, Any]) -> dict[str, MetadataValue]:
+    """Every value of ``metadata`` typed (see :func:`_typed`), in order: what the native writers take."""
+    return {key: _typed(key, value) for key, value in metadata.items()}
 
 
 _ARRAY_TYPES = {
@@ -324,7 +313,8 @@ _ARRAY_TYPES = {
 TensorValue = Union[npt.NDArray[Any], "tuple[npt.ArrayLike, object, Sequence[int]]"]
 
 
-def _tensor_entry(name: str, value: Any) -> tuple[str, list[int], str, npt.NDArray[np.uint8]]:
+def _tensor_entry(name: str, value: Any) -> tuple[_native.TensorSpec, npt.NDArray[np.uint8]]:
+    """The spec of tensor ``name`` and its data as flat little-endian bytes."""
     if isinstance(value, tuple):
         if len(value) != 3:
             raise ValueError(f"tensor {name!r}: expected (raw uint8 data, type, shape), got a {len(value)}-tuple")
@@ -336,7 +326,7 @@ def _tensor_entry(name: str, value: Any) -> tuple[str, list[int], str, npt.NDArr
         raw = np.ascontiguousarray(data)
         if raw.dtype != np.uint8:
             raise ValueError(f"tensor {name!r}: raw data must be uint8, got {raw.dtype}")
-        return name, [int(d) for d in reversed(tuple(shape))], info.name, raw.reshape(-1)
+        return _native.TensorSpec(name, [int(d) for d in shape], info.name), raw.reshape(-1)
     array = np.asarray(value)
     if array.dtype.byteorder not in ("=", "|", "<" if np.little_endian else ">"):
         # Non-native byte order (e.g. ">f4"): the lookup below compares dtypes including their byte order, so
@@ -353,7 +343,7 @@ def _tensor_entry(name: str, value: Any) -> tuple[str, list[int], str, npt.NDArr
     array = np.ascontiguousarray(array)
     if not np.little_endian and array.dtype.itemsize > 1:  # GGUF data is little-endian
         array = array.astype(array.dtype.newbyteorder("<"))
-    return name, [int(d) for d in reversed(array.shape)], type_name, array.reshape(-1).view(np.uint8)
+    return _native.TensorSpec(name, list(array.shape), type_name), array.reshape(-1).view(np.uint8)
 
 
 def write(
@@ -376,8 +366,8 @@ def write(
     _native.check_output_path(os.fspath(path))
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     entries = [_tensor_entry(name, value) for name, value in items]
-    typed = [_typed(key, value) for key, value in metadata.items()]
-    return Path(_native.write_gguf(os.fspath(path), typed, entries, sync, _written.current()))
+    return Path(_native.write_gguf(os.fspath(path), _typed_all(metadata), [spec for spec, _ in entries],
+                                   [data for _, data in entries], sync, _written.current()))
 
 
 class GGUFStreamWriter:
@@ -413,15 +403,14 @@ class GGUFStreamWriter:
                 info = type_info(ggml_type)
             except ValueError as exc:
                 raise ValueError(f"tensor {name!r}: {exc}") from None
-            specs.append((name, [int(d) for d in reversed(tuple(shape))], info.name))
-        typed = [_typed(key, value) for key, value in metadata.items()]
-        self._native = _native.GGUFStreamWriter(os.fspath(path), typed, specs, sync)
+            specs.append(_native.TensorSpec(name, [int(d) for d in shape], info.name))
+        self._native = _native.GGUFStreamWriter(os.fspath(path), _typed_all(metadata), specs, sync)
         self.path = Path(path)
 
     @property
     def tensors(self) -> list[tuple[str, int]]:
         """``(name, data bytes)`` of every tensor, in data order."""
-        return self._native.tensors()
+        return [(spec.name, spec.nbytes) for spec in self._native.tensors()]
 
     @property
     def current_tensor(self) -> int:

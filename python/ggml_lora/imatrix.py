@@ -74,9 +74,10 @@ def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
     ``.dat`` (weights ``sums / ncall``). A malformed file raises ``GGUFError`` (a ``ValueError``) naming the file,
     the entry or key, and for ``.dat`` files the byte offset; a missing file ``FileNotFoundError``.
     """
-    source, entries, datasets, chunk_count, legacy = _native.read_imatrix(path)
-    imatrix = Imatrix({}, source=source, datasets=datasets, chunk_count=chunk_count, legacy=legacy)
-    for name, array in entries:  # fresh arrays from the reader: taken as they are, not copied
+    data = _native.read_imatrix(path)
+    imatrix = Imatrix({}, source=data.source, datasets=data.datasets, chunk_count=data.chunk_count,
+                      legacy=data.legacy)
+    for name, array in data.entries.items():  # fresh arrays from the reader: taken as they are, not copied
         array.setflags(write=False)
         imatrix._entries[name] = array
     return imatrix

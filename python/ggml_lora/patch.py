@@ -11,13 +11,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
 
 from . import _native, _written
-from .gguf import GGUFValueType, MetadataValue, PathLike, _typed, split_rule
+from .gguf import GGUFValueType, MetadataValue, PathLike, _typed_all, split_rule
 from .imatrix import Imatrix, read_imatrix
 
 AdapterSpec = Union[PathLike, "tuple[PathLike, float]", _native.Adapter, "tuple[_native.Adapter, float]"]
@@ -163,6 +163,13 @@ class PatchResult:
             ]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _named_types(metadata: dict[str, MetadataValue]) -> list[tuple[str, str, str | None, Any]]:
+    """``metadata`` as the native ``patch`` still takes it: ``(key, type name, element type name, value)``.
+    (The other native writers take the ``MetadataValue``s themselves; ``patch``'s signature is changed apart.)"""
+    return [(key, m.type.name, m.sub_type.name if m.sub_type is not None else None, m.value)
+            for key, m in metadata.items()]
 
 
 def load_adapter(adapter: PathLike | _native.Adapter, *, model: PathLike | None = None) -> _native.Adapter:
@@ -338,7 +345,7 @@ def patch(
             intermediate=intermediate,
             threads=threads,
             sync=sync,
-            extra_metadata=[_typed(k, v) for k, v in extra.items()],
+            extra_metadata=_named_types(_typed_all(extra)),
             progress=callback,
             tensor_types=list(tensor_types.items() if isinstance(tensor_types, Mapping) else tensor_types or []),
             imatrix=weights,

@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _native
-from ._types import type_info
+from ._types import GGML_TYPES, type_info
 
 
 def _check_row_length(row_len: int, info_name: str, block_size: int) -> None:
@@ -30,7 +30,7 @@ def _check_out(out: np.ndarray, dtype: type, shape: tuple[int, ...]) -> np.ndarr
 
 
 def _supported(flag: str) -> str:
-    return ", ".join(row[0] for row in _native.type_table() if row[4 if flag == "quantize" else 5])
+    return ", ".join(t.name for t in GGML_TYPES.values() if (t.can_quantize if flag == "quantize" else t.can_dequantize))
 
 
 def quantize(

@@ -2,21 +2,25 @@
 
 use std::path::PathBuf;
 
-use ggml_lora_core::gguf::{GgufWriter, SplitRule, TensorSpec, Value, WriteOptions};
+use ggml_lora_core::gguf::{self, GgufWriter, SplitRule, WriteOptions};
 use ggml_lora_core::model::ModelFile;
 use ggml_lora_core::{quant, Error, GgmlType};
 use numpy::ndarray::ArrayView1;
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyIndexError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyList;
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
 use crate::errors::{to_py, IntoPyResult};
-use crate::values::{element_type_name, value_from_py, value_to_py, value_type};
+use crate::values::{fields_to_py, metadata_from_py, MetadataField};
 
 /// Adds the GGUF functions and classes to the module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeGgufFile>()?;
+    m.add_class::<TensorInfo>()?;
+    m.add_class::<Shard>()?;
+    m.add_class::<TensorSpec>()?;
+    m.add_class::<MetadataField>()?;
     m.add_function(wrap_pyfunction!(write_gguf, m)?)?;
     m.add_class::<NativeGgufStreamWriter>()?;
     m.add_function(wrap_pyfunction!(copy_model, m)?)?;
@@ -26,6 +30,186 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 /// Parses a ggml type name ("q4_0", "F16", ...).
 pub fn ggml_type(name: &str) -> PyResult<GgmlType> {
     GgmlType::from_name(name).ok_or_else(|| PyValueError::new_err(format!("unknown ggml type {name:?}")))
+}
+
+/// `(a, b, c)` as Python prints a tuple of ints (`(a,)` for one).
+fn tuple_repr(items: impl Iterator<Item = u64>) -> String {
+    let items: Vec<String> = items.map(|d| d.to_string()).collect();
+    match items.len() {
+        1 => format!("({},)", items[0]),
+        _ => format!("({})", items.join(", ")),
+    }
+}
+
+/// Python's `repr` of a string.
+fn str_repr(py: Python<'_>, text: &str) -> PyResult<String> {
+    Ok(PyString::new(py, text).repr()?.to_string())
+}
+
+/// Where a tensor of a model lives and what it holds (the public `ggml_lora.TensorInfo`).
+///
+/// `offset` is absolute, from the start of the tensor's file, like every offset this project reports (the
+/// GGUF header stores it relative to the data section; the core calls that one `relative_offset`).
+#[pyclass(module = "ggml_lora._native", frozen, eq, hash)]
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct TensorInfo {
+    name: String,
+    dims: Vec<u64>,
+    ty: GgmlType,
+    offset: u64,
+    nbytes: u64,
+    shard: u16,
+}
+
+#[pymethods]
+impl TensorInfo {
+    /// A tensor info from its fields (`shape` in numpy order, `type` a ggml type name).
+    #[new]
+    #[pyo3(signature = (name, shape, r#type, offset, nbytes, shard = 0))]
+    fn new(name: String, shape: Vec<u64>, r#type: &str, offset: u64, nbytes: u64, shard: u16) -> PyResult<Self> {
+        let dims = shape.into_iter().rev().collect();
+        Ok(TensorInfo { name, dims, ty: ggml_type(r#type)?, offset, nbytes, shard })
+    }
+
+    /// The tensor's name.
+    #[getter]
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Dimensions in numpy order: `shape[-1]` is ggml's ne[0], the row length.
+    #[getter]
+    fn shape<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, self.dims.iter().rev())
+    }
+
+    /// Dimensions in ggml order (ne[0] first).
+    #[getter]
+    fn dims<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, &self.dims)
+    }
+
+    /// The ggml type's lower-case name ("f16", "q4_k", ...).
+    #[getter]
+    fn r#type(&self) -> &'static str {
+        self.ty.name()
+    }
+
+    /// Absolute byte offset of the tensor's data in its file (the shard `shard`).
+    #[getter]
+    fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Bytes of data (without padding).
+    #[getter]
+    fn nbytes(&self) -> u64 {
+        self.nbytes
+    }
+
+    /// Index of the file holding the tensor in `GGUFFile.shards` (0 unless the model is split).
+    #[getter]
+    fn shard(&self) -> u16 {
+        self.shard
+    }
+
+    /// Number of elements.
+    #[getter]
+    fn n_elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+
+    /// The arguments of `__new__` that make an equal object (pickling and `copy`).
+    #[allow(clippy::type_complexity)]
+    fn __getnewargs__(&self) -> (String, Vec<u64>, &'static str, u64, u64, u16) {
+        let shape = self.dims.iter().rev().copied().collect();
+        (self.name.clone(), shape, self.ty.name(), self.offset, self.nbytes, self.shard)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
+            "TensorInfo(name={}, shape={}, type='{}', offset={}, nbytes={}, shard={})",
+            str_repr(py, &self.name)?,
+            tuple_repr(self.dims.iter().rev().copied()),
+            self.ty.name(),
+            self.offset,
+            self.nbytes,
+            self.shard
+        ))
+    }
+}
+
+/// One file of a model: its path and how many of the model's tensors it holds.
+#[pyclass(module = "ggml_lora._native", frozen, get_all)]
+pub struct Shard {
+    /// The file.
+    path: PathBuf,
+    /// Number of tensors in it.
+    n_tensors: usize,
+}
+
+#[pymethods]
+impl Shard {
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let path = str_repr(py, &self.path.to_string_lossy())?;
+        Ok(format!("Shard(path={path}, n_tensors={})", self.n_tensors))
+    }
+}
+
+/// A tensor to be written (Python → core): name, shape in numpy order and ggml type. Nothing is checked until
+/// a writer receives it, except that the type exists.
+#[pyclass(module = "ggml_lora._native", frozen)]
+pub struct TensorSpec {
+    spec: gguf::TensorSpec,
+}
+
+#[pymethods]
+impl TensorSpec {
+    /// A spec from the tensor's name, shape (numpy order) and ggml type name.
+    #[new]
+    fn new(name: String, shape: Vec<u64>, r#type: &str) -> PyResult<Self> {
+        let dims = shape.into_iter().rev().collect();
+        Ok(TensorSpec { spec: gguf::TensorSpec { name, dims, ty: ggml_type(r#type)? } })
+    }
+
+    /// The tensor's name.
+    #[getter]
+    fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// Dimensions in numpy order.
+    #[getter]
+    fn shape<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, self.spec.dims.iter().rev())
+    }
+
+    /// The ggml type's lower-case name.
+    #[getter]
+    fn r#type(&self) -> &'static str {
+        self.spec.ty.name()
+    }
+
+    /// Bytes of data the tensor takes (without padding); `ValueError` if its shape and type are invalid.
+    #[getter]
+    fn nbytes(&self) -> PyResult<u64> {
+        gguf::tensor_nbytes(&self.spec.name, &self.spec.dims, self.spec.ty)
+            .map_err(|e| to_py(Error::InvalidTensorInfo(e)))
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
+            "TensorSpec(name={}, shape={}, type='{}')",
+            str_repr(py, &self.spec.name)?,
+            tuple_repr(self.spec.dims.iter().rev().copied()),
+            self.spec.ty.name()
+        ))
+    }
+}
+
+/// The core's specs of `tensors`.
+fn specs_of(tensors: &[Bound<'_, TensorSpec>]) -> Vec<gguf::TensorSpec> {
+    tensors.iter().map(|t| t.get().spec.clone()).collect()
 }
 
 /// An open, memory-mapped model: one GGUF file, a split model opened from any shard, or a legacy GGML/GGJT file.
@@ -83,35 +267,29 @@ impl NativeGgufFile {
         self.file.container().to_string()
     }
 
-    /// The model's files in shard order, as `(path, number of tensors)`.
-    fn shards(&self) -> Vec<(PathBuf, usize)> {
-        self.file.shards().into_iter().map(|(p, n)| (p.to_path_buf(), n)).collect()
+    /// The model's files in shard order.
+    fn shards(&self) -> Vec<Shard> {
+        self.file.shards().into_iter().map(|(p, n)| Shard { path: p.to_path_buf(), n_tensors: n }).collect()
     }
 
-    /// Metadata as `(key, type name, element type name or None, value)` tuples in file order.
-    #[allow(clippy::type_complexity)]
-    fn metadata<'py>(
-        &self,
-        py: Python<'py>,
-    ) -> PyResult<Vec<(&str, &'static str, Option<&'static str>, Bound<'py, PyAny>)>> {
-        self.file
-            .metadata()
-            .iter()
-            .map(|(k, v)| Ok((k.as_str(), v.value_type().name(), element_type_name(v), value_to_py(py, v)?)))
-            .collect()
+    /// Metadata in file order, each key with its exact type.
+    fn metadata(&self, py: Python<'_>) -> PyResult<Vec<MetadataField>> {
+        fields_to_py(py, self.file.metadata())
     }
 
-    /// Tensor infos as `(name, dims in ggml order, type name, absolute data offset in its file, nbytes, shard)`
-    /// in model order.
-    #[allow(clippy::type_complexity)]
-    fn tensors(&self) -> Vec<(&str, Vec<u64>, &'static str, u64, u64, u16)> {
+    /// Where each tensor lives and what it holds, in model order.
+    fn tensors(&self) -> Vec<TensorInfo> {
         self.file
             .tensors()
             .iter()
             .enumerate()
-            .map(|(i, t)| {
-                let start = self.file.tensor_source(i).1.start;
-                (t.name.as_str(), t.dims.clone(), t.ty.name(), start, t.nbytes, self.file.shard_of(i))
+            .map(|(i, t)| TensorInfo {
+                name: t.name.clone(),
+                dims: t.dims.clone(),
+                ty: t.ty,
+                offset: self.file.tensor_source(i).1.start,
+                nbytes: t.nbytes,
+                shard: self.file.shard_of(i),
             })
             .collect()
     }
@@ -148,34 +326,37 @@ impl NativeGgufFile {
     }
 }
 
-/// Writes a GGUF file atomically. `metadata`: `(key, type name, element type name or None, value)`;
-/// `tensors`: `(name, dims in ggml order, type name, C-contiguous uint8 array of the exact data)`;
-/// `written`: a list to which the path is appended once it is in place (see `patch`).
+/// Writes a GGUF file atomically. `metadata`: key → `MetadataValue`, in order; `tensors`: the tensors in data
+/// order, `data` for each the C-contiguous uint8 array of its exact bytes; `written`: a list to which the path is
+/// appended once it is in place (see `patch`).
 #[pyfunction]
-#[pyo3(signature = (path, metadata, tensors, sync = true, written = None))]
-#[allow(clippy::type_complexity)]
+#[pyo3(signature = (path, metadata, tensors, data, sync = true, written = None))]
 fn write_gguf(
     py: Python<'_>,
     path: PathBuf,
-    metadata: Vec<(String, String, Option<String>, Bound<'_, PyAny>)>,
-    tensors: Vec<(String, Vec<u64>, String, PyReadonlyArrayDyn<'_, u8>)>,
+    metadata: Bound<'_, PyDict>,
+    tensors: Vec<Bound<'_, TensorSpec>>,
+    data: Vec<PyReadonlyArrayDyn<'_, u8>>,
     sync: bool,
     written: Option<Bound<'_, PyList>>,
 ) -> PyResult<PathBuf> {
-    let values = metadata_values(metadata)?;
-    let mut specs = Vec::with_capacity(tensors.len());
-    let mut data: Vec<&[u8]> = Vec::with_capacity(tensors.len());
-    for (name, dims, ty, array) in &tensors {
-        specs.push(TensorSpec { name: name.clone(), dims: dims.clone(), ty: ggml_type(ty)? });
+    let values = metadata_from_py(&metadata)?;
+    if data.len() != tensors.len() {
+        return Err(PyValueError::new_err(format!("{} tensors but {} data arrays", tensors.len(), data.len())));
+    }
+    let specs = specs_of(&tensors);
+    let mut bytes: Vec<&[u8]> = Vec::with_capacity(tensors.len());
+    for (spec, array) in specs.iter().zip(&data) {
+        let name = &spec.name;
         if !array.is_c_contiguous() {
             return Err(PyValueError::new_err(format!("tensor {name:?}: data must be C-contiguous")));
         }
-        data.push(array.as_slice().map_err(|e| PyValueError::new_err(format!("tensor {name:?}: {e}")))?);
+        bytes.push(array.as_slice().map_err(|e| PyValueError::new_err(format!("tensor {name:?}: {e}")))?);
     }
     let out = py
         .detach(|| {
             let mut writer = GgufWriter::create(&path, &values, specs.clone(), WriteOptions { sync })?;
-            for (spec, bytes) in specs.iter().zip(&data) {
+            for (spec, bytes) in specs.iter().zip(&bytes) {
                 writer.write_tensor(&spec.name, bytes)?;
             }
             writer.finish()
@@ -185,21 +366,6 @@ fn write_gguf(
         list.append(out.as_os_str())?;
     }
     Ok(out)
-}
-
-/// Converts `(key, type name, element type name or None, value)` tuples into metadata values.
-#[allow(clippy::type_complexity)]
-fn metadata_values(
-    metadata: Vec<(String, String, Option<String>, Bound<'_, PyAny>)>,
-) -> PyResult<Vec<(String, Value)>> {
-    let mut values: Vec<(String, Value)> = Vec::with_capacity(metadata.len());
-    for (key, ty, elem, obj) in metadata {
-        let elem = elem.as_deref().map(value_type).transpose()?;
-        let value = value_from_py(&obj, value_type(&ty)?, elem)
-            .map_err(|e| PyValueError::new_err(format!("metadata key {key:?}: cannot store {obj} as {ty}: {e}")))?;
-        values.push((key, value));
-    }
-    Ok(values)
 }
 
 /// A GGUF file whose tensor data is streamed in, in chunks of any size (the core's `GgufWriter`): for files
@@ -225,29 +391,25 @@ fn closed() -> PyErr {
 #[pymethods]
 impl NativeGgufStreamWriter {
     /// Validates the metadata and tensors, creates the temporary file beside `path` and writes the header.
-    /// `metadata` as for `write_gguf`; `tensors`: `(name, dims in ggml order, type name)` in data order.
+    /// `metadata` as for `write_gguf`; `tensors` in data order.
     #[new]
     #[pyo3(signature = (path, metadata, tensors, sync = true))]
-    #[allow(clippy::type_complexity)]
     fn new(
         py: Python<'_>,
         path: PathBuf,
-        metadata: Vec<(String, String, Option<String>, Bound<'_, PyAny>)>,
-        tensors: Vec<(String, Vec<u64>, String)>,
+        metadata: Bound<'_, PyDict>,
+        tensors: Vec<Bound<'_, TensorSpec>>,
         sync: bool,
     ) -> PyResult<Self> {
-        let values = metadata_values(metadata)?;
-        let specs = tensors
-            .into_iter()
-            .map(|(name, dims, ty)| Ok(TensorSpec { name, dims, ty: ggml_type(&ty)? }))
-            .collect::<PyResult<Vec<_>>>()?;
+        let values = metadata_from_py(&metadata)?;
+        let specs = specs_of(&tensors);
         let writer = py.detach(|| GgufWriter::create(&path, &values, specs, WriteOptions { sync })).py_err()?;
         Ok(NativeGgufStreamWriter { writer: Some(writer) })
     }
 
-    /// `(name, data bytes)` of every tensor, in the order their data is expected.
-    fn tensors(&mut self) -> PyResult<Vec<(String, u64)>> {
-        Ok(self.open()?.tensors().map(|(spec, nbytes)| (spec.name.clone(), nbytes)).collect())
+    /// Every tensor, in the order its data is expected.
+    fn tensors(&mut self) -> PyResult<Vec<TensorSpec>> {
+        Ok(self.open()?.tensors().map(|(spec, _)| TensorSpec { spec: spec.clone() }).collect())
     }
 
     /// Index of the tensor whose data comes next (the number of tensors once all are complete).
@@ -295,17 +457,17 @@ pub fn split_rule(rule: Option<(String, u64)>) -> PyResult<SplitRule> {
 }
 
 /// Writes the model at `model` (any shard of a split model, or a legacy file) as GGUF with every tensor copied
-/// as it is, divided by `split` (default: one file); `extra_metadata` as for `write_gguf` adds or replaces keys.
+/// as it is, divided by `split` (default: one file); `extra_metadata` (as `metadata` for `write_gguf`) adds or
+/// replaces keys.
 /// Returns the files written; `written` gets them appended once they are in place.
 #[pyfunction]
-#[pyo3(signature = (model, out, *, split = None, extra_metadata = Vec::new(), sync = true, written = None))]
-#[allow(clippy::type_complexity)]
+#[pyo3(signature = (model, out, *, split = None, extra_metadata = None, sync = true, written = None))]
 fn copy_model(
     py: Python<'_>,
     model: PathBuf,
     out: PathBuf,
     split: Option<(String, u64)>,
-    extra_metadata: Vec<(String, String, Option<String>, Bound<'_, PyAny>)>,
+    extra_metadata: Option<Bound<'_, PyDict>>,
     sync: bool,
     written: Option<Bound<'_, PyList>>,
 ) -> PyResult<Vec<PathBuf>> {
@@ -313,11 +475,7 @@ fn copy_model(
         None => SplitRule::Merge,
         some => split_rule(some)?,
     };
-    let mut values: Vec<(String, Value)> = Vec::with_capacity(extra_metadata.len());
-    for (key, ty, elem, obj) in extra_metadata {
-        let elem = elem.as_deref().map(value_type).transpose()?;
-        values.push((key, value_from_py(&obj, value_type(&ty)?, elem)?));
-    }
+    let values = extra_metadata.as_ref().map(metadata_from_py).transpose()?.unwrap_or_default();
     let outputs =
         py.detach(|| ModelFile::open(&model)?.write_copy(&out, rule, &values, WriteOptions { sync })).py_err()?;
     if let Some(list) = written {

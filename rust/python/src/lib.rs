@@ -7,6 +7,7 @@ mod convert;
 mod errors;
 mod gguf;
 mod imatrix;
+mod lora_pair;
 mod patch;
 mod paths;
 mod quant;
@@ -21,6 +22,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     convert::register(m)?;
     gguf::register(m)?;
     imatrix::register(m)?;
+    lora_pair::register(m)?;
     quant::register(m)?;
     patch::register(m)?;
     paths::register(m)?;

@@ -17,6 +17,7 @@ use pyo3::types::PyList;
 
 use crate::errors::IntoPyResult;
 use crate::gguf::{ggml_type, split_rule};
+use crate::lora_pair::LoraPair;
 use crate::values::{value_from_py, value_type};
 
 /// Adds the adapter class and the patch function to the module.
@@ -102,12 +103,19 @@ impl NativeAdapter {
         self.inner.skipped.clone()
     }
 
-    /// `(target tensor, rows, cols, rank, scale at user scale 1, DoRA)` per pair.
-    fn pairs(&self) -> Vec<(String, usize, usize, usize, f32, bool)> {
+    /// Every pair of the adapter.
+    fn pairs(&self) -> Vec<LoraPair> {
         self.inner
             .pairs
             .iter()
-            .map(|p| (p.target.clone(), p.rows, p.cols, p.rank, self.inner.pair_scale(p, 1.0), p.magnitude.is_some()))
+            .map(|p| LoraPair {
+                target: p.target.clone(),
+                rows: p.rows,
+                cols: p.cols,
+                rank: p.rank,
+                scale: self.inner.pair_scale(p, 1.0),
+                dora: p.magnitude.is_some(),
+            })
             .collect()
     }
 }

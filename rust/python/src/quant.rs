@@ -13,6 +13,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_rows, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_rows, m)?)?;
     m.add_function(wrap_pyfunction!(type_table, m)?)?;
+    m.add_class::<TypeInfo>()?;
     Ok(())
 }
 
@@ -109,11 +110,51 @@ fn check_out_len(found: usize, expected: usize) -> PyResult<()> {
     Ok(())
 }
 
-/// Every ggml type as `(name, id, block size, bytes per block, can quantize, can dequantize)`.
+/// One ggml type (the public `ggml_lora.TypeInfo`): what it is on disk and what this package can do with it.
+#[pyclass(module = "ggml_lora._native", frozen, get_all, eq, hash)]
+#[derive(PartialEq, Eq, Hash)]
+pub struct TypeInfo {
+    /// Lower-case name as gguf-py spells it ("f32", "q4_0", "q6_k", "iq2_xxs", ...).
+    name: &'static str,
+    /// The on-disk id (`enum ggml_type`, gguf-py's `GGMLQuantizationType` value).
+    id: u32,
+    /// Elements per block (1 for plain element types).
+    block_size: usize,
+    /// Bytes per block.
+    type_size: usize,
+    /// Whether `quantize` can write it.
+    can_quantize: bool,
+    /// Whether `dequantize` can read it.
+    can_dequantize: bool,
+}
+
+#[pymethods]
+impl TypeInfo {
+    fn __repr__(&self) -> String {
+        format!(
+            "TypeInfo(name='{}', id={}, block_size={}, type_size={}, can_quantize={}, can_dequantize={})",
+            self.name,
+            self.id,
+            self.block_size,
+            self.type_size,
+            if self.can_quantize { "True" } else { "False" },
+            if self.can_dequantize { "True" } else { "False" },
+        )
+    }
+}
+
+/// Every ggml type llama.cpp defines, in id order.
 #[pyfunction]
-fn type_table() -> Vec<(&'static str, u32, usize, usize, bool, bool)> {
+fn type_table() -> Vec<TypeInfo> {
     GgmlType::ALL
         .iter()
-        .map(|&t| (t.name(), t.id(), t.block_size(), t.block_bytes(), quant::can_quantize(t), quant::can_dequantize(t)))
+        .map(|&t| TypeInfo {
+            name: t.name(),
+            id: t.id(),
+            block_size: t.block_size(),
+            type_size: t.block_bytes(),
+            can_quantize: quant::can_quantize(t),
+            can_dequantize: quant::can_dequantize(t),
+        })
         .collect()
 }

@@ -1,12 +1,60 @@
 //! GGUF metadata values to and from Python objects.
 //!
-//! Python sees `(key, type_name, element_type_name | None, value)` tuples, type names as gguf-py's
-//! `GGUFValueType` spells them; the Python package turns these into its dict and `MetadataValue` objects.
+//! Types cross as gguf-py's `GGUFValueType` ids (ints), never as names. Python → core: a mapping from key to
+//! any object with `value`, `type` and `sub_type` attributes (the package's `MetadataValue`, whose types are an
+//! `IntEnum` of those ids). Core → Python: [`MetadataField`] objects; the package turns them into its
+//! `MetadataValue`s.
 
 use ggml_lora_core::gguf::{Array, Value, ValueType};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyString};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString};
+
+/// One metadata key of a file, with its exact GGUF type (core → Python).
+#[pyclass(module = "ggml_lora._native", frozen, get_all)]
+pub struct MetadataField {
+    /// The key.
+    key: String,
+    /// The value's type as gguf-py's `GGUFValueType` id (4 = UINT32, 8 = STRING, 9 = ARRAY, ...).
+    #[pyo3(name = "type")]
+    ty: u32,
+    /// For an ARRAY, the type id of its elements (9 for nested arrays); `None` for scalars.
+    sub_type: Option<u32>,
+    /// The value: int, float, bool, str (bytes when not UTF-8), or a list of those (lists of lists for nested
+    /// arrays).
+    value: Py<PyAny>,
+}
+
+#[pymethods]
+impl MetadataField {
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let ty = ValueType::from_id(self.ty).map_or("?", ValueType::name);
+        let ty = match self.sub_type.and_then(ValueType::from_id) {
+            Some(sub) => format!("{ty}[{}]", sub.name()),
+            None => ty.to_string(),
+        };
+        let key = PyString::new(py, &self.key).repr()?;
+        Ok(format!("MetadataField(key={key}, type={ty}, value={})", self.value.bind(py).repr()?))
+    }
+}
+
+/// The metadata of a file as [`MetadataField`]s in file order.
+pub fn fields_to_py(py: Python<'_>, metadata: &[(String, Value)]) -> PyResult<Vec<MetadataField>> {
+    metadata
+        .iter()
+        .map(|(key, value)| {
+            Ok(MetadataField {
+                key: key.clone(),
+                ty: value.value_type() as u32,
+                sub_type: match value {
+                    Value::Array(array) => Some(array.elem_type as u32),
+                    _ => None,
+                },
+                value: value_to_py(py, value)?.unbind(),
+            })
+        })
+        .collect()
+}
 
 /// Converts a value to a Python object: int, float, bool, str (bytes when not UTF-8) or list.
 pub fn value_to_py<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, PyAny>> {
@@ -33,36 +81,68 @@ pub fn value_to_py<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, P
     })
 }
 
-/// The element type name of an array value, `None` for scalars.
-pub fn element_type_name(value: &Value) -> Option<&'static str> {
-    match value {
-        Value::Array(array) => Some(array.elem_type.name()),
-        _ => None,
-    }
+/// A metadata value as Python hands it over (Python → core): the attributes of the package's `MetadataValue`.
+#[derive(FromPyObject)]
+struct TypedValue<'py> {
+    #[pyo3(attribute)]
+    value: Bound<'py, PyAny>,
+    #[pyo3(attribute("type"))]
+    ty: u32,
+    #[pyo3(attribute)]
+    sub_type: Option<u32>,
 }
 
-/// Parses a value type name ("UINT32", "string", ...).
+/// A value type from its gguf-py `GGUFValueType` id.
+fn value_type_of_id(id: u32) -> PyResult<ValueType> {
+    ValueType::from_id(id).ok_or_else(|| PyValueError::new_err(format!("unknown GGUF value type id {id}")))
+}
+
+/// Converts a mapping from key to `MetadataValue` (in insertion order) into metadata values; errors name the key.
+pub fn metadata_from_py(metadata: &Bound<'_, PyDict>) -> PyResult<Vec<(String, Value)>> {
+    let mut values = Vec::with_capacity(metadata.len());
+    for (key, typed) in metadata.iter() {
+        let key: String = key.extract()?;
+        let value = typed_value_from_py(&typed)
+            .map_err(|e| PyValueError::new_err(format!("metadata key {key:?}: {}", e.value(typed.py()))))?;
+        values.push((key, value));
+    }
+    Ok(values)
+}
+
+/// Converts one `MetadataValue` into a metadata value.
+fn typed_value_from_py(typed: &Bound<'_, PyAny>) -> PyResult<Value> {
+    let typed: TypedValue<'_> = typed.extract().map_err(|e: PyErr| {
+        PyValueError::new_err(format!(
+            "expected a MetadataValue whose type and sub_type are GGUFValueType ids ({})",
+            e.value(typed.py())
+        ))
+    })?;
+    let sub_type = typed.sub_type.map(value_type_of_id).transpose()?;
+    value_from_py(&typed.value, value_type_of_id(typed.ty)?, sub_type)
+}
+
+/// Parses a value type name ("UINT32", "string", ...). Only `patch`'s `extra_metadata` still passes names.
 pub fn value_type(name: &str) -> PyResult<ValueType> {
     ValueType::from_name(name).ok_or_else(|| PyValueError::new_err(format!("unknown GGUF value type {name:?}")))
 }
 
 /// Converts a Python object to a value of type `ty` (arrays: of `element_type`), checking ranges.
 pub fn value_from_py(obj: &Bound<'_, PyAny>, ty: ValueType, element_type: Option<ValueType>) -> PyResult<Value> {
-    Ok(match ty {
-        ValueType::U8 => Value::U8(obj.extract()?),
-        ValueType::I8 => Value::I8(obj.extract()?),
-        ValueType::U16 => Value::U16(obj.extract()?),
-        ValueType::I16 => Value::I16(obj.extract()?),
-        ValueType::U32 => Value::U32(obj.extract()?),
-        ValueType::I32 => Value::I32(obj.extract()?),
-        ValueType::U64 => Value::U64(obj.extract()?),
-        ValueType::I64 => Value::I64(obj.extract()?),
-        ValueType::F32 => Value::F32(obj.extract::<f64>()? as f32),
-        ValueType::F64 => Value::F64(obj.extract()?),
-        ValueType::Bool => Value::Bool(obj.extract()?),
+    let value = match ty {
+        ValueType::U8 => obj.extract().map(Value::U8),
+        ValueType::I8 => obj.extract().map(Value::I8),
+        ValueType::U16 => obj.extract().map(Value::U16),
+        ValueType::I16 => obj.extract().map(Value::I16),
+        ValueType::U32 => obj.extract().map(Value::U32),
+        ValueType::I32 => obj.extract().map(Value::I32),
+        ValueType::U64 => obj.extract().map(Value::U64),
+        ValueType::I64 => obj.extract().map(Value::I64),
+        ValueType::F32 => obj.extract::<f64>().map(|v| Value::F32(v as f32)),
+        ValueType::F64 => obj.extract().map(Value::F64),
+        ValueType::Bool => obj.extract().map(Value::Bool),
         ValueType::String => match obj.cast::<PyBytes>() {
-            Ok(bytes) => Value::String(bytes.as_bytes().to_vec()),
-            Err(_) => Value::string(obj.extract::<String>()?),
+            Ok(bytes) => Ok(Value::String(bytes.as_bytes().to_vec())),
+            Err(_) => obj.extract::<String>().map(Value::string),
         },
         ValueType::Array => {
             let elem_type =
@@ -75,7 +155,13 @@ pub fn value_from_py(obj: &Bound<'_, PyAny>, ty: ValueType, element_type: Option
             for item in obj.try_iter()? {
                 items.push(value_from_py(&item?, elem_type, None)?);
             }
-            Value::Array(Array { elem_type, items })
+            return Ok(Value::Array(Array { elem_type, items }));
         }
+    };
+    value.map_err(|e| {
+        PyValueError::new_err(format!(
+            "cannot store {} as {ty}: {e}",
+            obj.repr().map_or_else(|_| "?".into(), |r| r.to_string())
+        ))
     })
 }
