@@ -646,7 +646,10 @@ pub enum Incompatible {
         writable: String,
     },
     /// A patched tensor whose source type this project cannot dequantize.
-    #[error("cannot read tensor {name:?} of {file}: dequantizing {ty} is not supported; give a base model in f16/f32/bf16/q8_0/q4_0 (base=..., CLI: --lora-base)")]
+    #[error(
+        "cannot read tensor {name:?} of {file}: dequantizing {ty} is not supported; give a base model in \
+         f16/f32/bf16/q8_0/q4_0"
+    )]
     CannotDequantize {
         /// The file.
         file: String,
