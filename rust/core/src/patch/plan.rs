@@ -101,9 +101,7 @@ fn compile_tensor_types(patterns: &[(String, GgmlType)]) -> Result<Vec<(regex::R
         .iter()
         .map(|(p, ty)| {
             regex::RegexBuilder::new(p).case_insensitive(true).build().map(|r| (r, *ty)).map_err(|e| {
-                incompatible(Incompatible::Other(format!(
-                    "tensor type pattern {p:?} is not a valid regular expression: {e}"
-                )))
+                incompatible(Incompatible::TensorTypePattern { pattern: p.clone(), reason: e.to_string() })
             })
         })
         .collect()
@@ -234,17 +232,15 @@ impl<'a> PatchPlan<'a> {
         for input in adapters {
             check_arch(input.adapter.architecture.clone(), input.adapter.source.clone())?;
             if !input.scale.is_finite() {
-                return Err(incompatible(Incompatible::Other(format!(
-                    "scale {} for adapter {} is not finite",
-                    input.scale, input.adapter.source
-                ))));
+                return Err(incompatible(Incompatible::Scale {
+                    adapter: input.adapter.source.clone(),
+                    scale: input.scale,
+                }));
             }
         }
         if let Some(t) = options.intermediate {
             if !matches!(t, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
-                return Err(incompatible(Incompatible::Other(format!(
-                    "intermediate type must be f32, f16 or bf16, not {t}"
-                ))));
+                return Err(incompatible(Incompatible::IntermediateType { ty: t }));
             }
         }
 
@@ -291,21 +287,17 @@ impl<'a> PatchPlan<'a> {
             if patch.terms.len() > 1 && patch.terms.iter().any(is_dora) {
                 let sources: Vec<&str> =
                     patch.terms.iter().map(|&(a, _)| adapters[a].adapter.source.as_str()).collect();
-                return Err(incompatible(Incompatible::Other(format!(
-                    "tensor {:?} is patched by a DoRA adapter and other adapters ({}): DoRA rescales the whole \
-                     merged row, so it must be the only adapter on a tensor; patch in two runs",
-                    model.tensors()[plan.model_index].name,
-                    sources.join(", ")
-                ))));
+                return Err(incompatible(Incompatible::DoraNotAlone {
+                    tensor: model.tensors()[plan.model_index].name.clone(),
+                    adapters: sources.join(", "),
+                }));
             }
         }
 
         let tensor_types = compile_tensor_types(&options.tensor_types)?;
         if let Some(keep) = options.keep_lora {
             if !(0.0..=1.0).contains(&keep) {
-                return Err(incompatible(Incompatible::Other(format!(
-                    "the share of the LoRA change to keep must be between 0 and 1, not {keep}"
-                ))));
+                return Err(incompatible(Incompatible::KeepShare { share: keep }));
             }
         }
         let mut cannot_quantize: Vec<(GgmlType, String)> = Vec::new();
@@ -358,12 +350,12 @@ impl<'a> PatchPlan<'a> {
             if !quant::can_quantize(out_type) {
                 cannot_quantize.push((out_type, info.name.clone()));
             } else if out_type.row_bytes(info.row_len()).is_none() {
-                return Err(incompatible(Incompatible::Other(format!(
-                    "tensor {:?}: row length {} is not a multiple of the {out_type} block size {}",
-                    info.name,
-                    info.row_len(),
-                    out_type.block_size()
-                ))));
+                return Err(incompatible(Incompatible::RowLength {
+                    tensor: info.name.clone(),
+                    row_len: info.row_len(),
+                    ty: out_type,
+                    block: out_type.block_size(),
+                }));
             }
             plan.out_type = out_type;
         }
@@ -383,24 +375,22 @@ impl<'a> PatchPlan<'a> {
     /// of every patched tensor has one weight per column.
     fn check_imatrix(model: &ModelFile, tensors: &[TensorPlan], imatrix: &Imatrix) -> Result<()> {
         if !imatrix.entries.keys().any(|name| model.tensor(name).is_some()) {
-            return Err(incompatible(Incompatible::Other(format!(
-                "importance matrix {}: none of its {} entries names a tensor of {} (is it for another model?)",
-                imatrix.source,
-                imatrix.entries.len(),
-                model.path().display()
-            ))));
+            return Err(incompatible(Incompatible::ImatrixForAnotherModel {
+                source_name: imatrix.source.clone(),
+                entries: imatrix.entries.len(),
+                model: model.path().display().to_string(),
+            }));
         }
         for plan in tensors.iter().filter(|t| t.patch.is_some()) {
             let info = &model.tensors()[plan.model_index];
             if let Some(w) = imatrix.weights(&info.name) {
                 if w.len() as u64 != info.row_len() {
-                    return Err(incompatible(Incompatible::Other(format!(
-                        "importance matrix {}: entry {:?} has {} weights, expected {} (one per column of the tensor)",
-                        imatrix.source,
-                        info.name,
-                        w.len(),
-                        info.row_len()
-                    ))));
+                    return Err(incompatible(Incompatible::ImatrixEntryLength {
+                        source_name: imatrix.source.clone(),
+                        tensor: info.name.clone(),
+                        found: w.len(),
+                        expected: info.row_len(),
+                    }));
                 }
             }
         }
@@ -698,25 +688,35 @@ mod tests {
             adapter("dora.gguf", None, vec![dora], 1.0),
             adapter("plain.gguf", None, vec![pair_4x64("blk.0.attn_q.weight")], 1.0),
         ];
-        let message = incompatible_of(PatchPlan::new(&m, None, &two, PatchOptions::default())).to_string();
-        assert!(message.contains("DoRA") && message.contains("dora.gguf, plain.gguf"), "{message}");
+        let expected = Incompatible::DoraNotAlone {
+            tensor: "blk.0.attn_q.weight".into(),
+            adapters: "dora.gguf, plain.gguf".into(),
+        };
+        assert_eq!(incompatible_of(PatchPlan::new(&m, None, &two, PatchOptions::default())), expected);
 
         let adapters = qv_adapter();
-        let refused = |options: PatchOptions| incompatible_of(PatchPlan::new(&m, None, &adapters, options)).to_string();
-        let nan_scale = [adapter("a.gguf", None, vec![pair_4x64("blk.0.attn_q.weight")], f32::NAN)];
-        let message = incompatible_of(PatchPlan::new(&m, None, &nan_scale, PatchOptions::default())).to_string();
-        assert!(message.contains("scale NaN for adapter a.gguf is not finite"), "{message}");
-        let message = refused(PatchOptions { intermediate: Some(GgmlType::Q8_0), ..PatchOptions::default() });
-        assert!(message.contains("intermediate type must be f32, f16 or bf16, not q8_0"), "{message}");
-        let message =
-            refused(PatchOptions { tensor_types: vec![("(".into(), GgmlType::Q8_0)], ..PatchOptions::default() });
-        assert!(message.contains("\"(\" is not a valid regular expression"), "{message}");
-        let message = refused(PatchOptions { keep_lora: Some(1.5), ..PatchOptions::default() });
-        assert!(message.contains("between 0 and 1, not 1.5"), "{message}");
+        let refused = |options: PatchOptions| incompatible_of(PatchPlan::new(&m, None, &adapters, options));
+        let inf_scale = [adapter("a.gguf", None, vec![pair_4x64("blk.0.attn_q.weight")], f32::INFINITY)];
+        let expected = Incompatible::Scale { adapter: "a.gguf".into(), scale: f32::INFINITY };
+        assert_eq!(incompatible_of(PatchPlan::new(&m, None, &inf_scale, PatchOptions::default())), expected);
+        let expected = Incompatible::IntermediateType { ty: GgmlType::Q8_0 };
+        assert_eq!(refused(PatchOptions { intermediate: Some(GgmlType::Q8_0), ..PatchOptions::default() }), expected);
+        match refused(PatchOptions { tensor_types: vec![("(".into(), GgmlType::Q8_0)], ..PatchOptions::default() }) {
+            Incompatible::TensorTypePattern { pattern, .. } => assert_eq!(pattern, "("),
+            other => panic!("{other:?}"),
+        }
+        let expected = Incompatible::KeepShare { share: 1.5 };
+        assert_eq!(refused(PatchOptions { keep_lora: Some(1.5), ..PatchOptions::default() }), expected);
         // 64 columns are not a whole q4_K super-block (256).
-        let message = refused(PatchOptions { out_type: Some(GgmlType::Q4_K), ..PatchOptions::default() });
-        let expected = format!("row length 64 is not a multiple of the {} block size 256", GgmlType::Q4_K);
-        assert!(message.contains(&expected), "{message}");
+        let expected = Incompatible::RowLength {
+            tensor: "blk.0.attn_q.weight".into(),
+            row_len: 64,
+            ty: GgmlType::Q4_K,
+            block: 256,
+        };
+        assert_eq!(refused(PatchOptions { out_type: Some(GgmlType::Q4_K), ..PatchOptions::default() }), expected);
+        let details = Error::Incompatible(expected).details();
+        assert_eq!((details.kind, details.tensor.as_deref()), ("row_length", Some("blk.0.attn_q.weight")));
         match incompatible_of(PatchPlan::new(
             &m,
             None,
@@ -794,12 +794,24 @@ mod tests {
             ))),
             ..PatchOptions::default()
         };
-        let message =
-            incompatible_of(PatchPlan::new(&m, None, &adapters, with(vec![("other.weight", 64)]))).to_string();
-        assert!(message.contains("none of its 1 entries names a tensor"), "{message}");
-        let message =
-            incompatible_of(PatchPlan::new(&m, None, &adapters, with(vec![("blk.0.attn_v.weight", 32)]))).to_string();
-        assert!(message.contains("entry \"blk.0.attn_v.weight\" has 32 weights, expected 64"), "{message}");
+        let expected = Incompatible::ImatrixForAnotherModel {
+            source_name: "im.dat".into(),
+            entries: 1,
+            model: m.path().display().to_string(),
+        };
+        assert_eq!(incompatible_of(PatchPlan::new(&m, None, &adapters, with(vec![("other.weight", 64)]))), expected);
+        let expected = Incompatible::ImatrixEntryLength {
+            source_name: "im.dat".into(),
+            tensor: "blk.0.attn_v.weight".into(),
+            found: 32,
+            expected: 64,
+        };
+        let found = incompatible_of(PatchPlan::new(&m, None, &adapters, with(vec![("blk.0.attn_v.weight", 32)])));
+        assert_eq!(found, expected);
+        // The facts Python's exception carries as attributes.
+        let details = Error::Incompatible(expected).details();
+        assert_eq!((details.kind, details.tensor.as_deref()), ("imatrix_entry_length", Some("blk.0.attn_v.weight")));
+        assert_eq!((details.expected.as_deref(), details.found.as_deref()), (Some("64"), Some("32")));
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub(crate) enum LowRankIsa {
 
 impl LowRankIsa {
     /// Columns per tile.
+    #[cfg(test)]
     pub(crate) fn tile_cols(self) -> usize {
         match self {
             LowRankIsa::Avx2 => 16,
