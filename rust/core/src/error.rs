@@ -702,7 +702,7 @@ pub enum Incompatible {
     RowLength {
         /// The tensor.
         tensor: String,
-        /// Its row length (ggml ne[0]).
+        /// Its row length (ggml `ne[0]`).
         row_len: u64,
         /// Its output type.
         ty: GgmlType,

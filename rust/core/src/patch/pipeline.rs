@@ -134,7 +134,7 @@ pub struct PatchReport {
 
 impl PatchPlan<'_> {
     /// Runs the patch, writing `out` atomically. `progress` is called after each tensor and chunk; an error
-    /// from it cancels the run (nothing is written). When the output has several shards ([`PatchOptions::split`])
+    /// from it cancels the run (nothing is written). When the output has several shards ([`PatchOptions::split`](super::PatchOptions::split))
     /// `out` names them as [`split::output_paths`] says (the first shard's name or a prefix), and the set appears
     /// only when every shard is complete.
     pub fn run(&self, out: &Path, progress: &mut dyn FnMut(&Progress<'_>) -> Result<()>) -> Result<PatchReport> {

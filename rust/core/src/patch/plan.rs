@@ -33,7 +33,7 @@ pub struct PatchOptions {
     /// `llama-quantize --imatrix` does); tensors it has no entry for are quantized without.
     pub imatrix: Option<std::sync::Arc<Imatrix>>,
     /// When set, a patched tensor whose requantization to its type would keep less than this share of the LoRA
-    /// change ([`TensorReport::retained`]) is written in the next larger type of its family instead ([`larger_type`]),
+    /// change ([`TensorReport::retained`](super::TensorReport::retained)) is written in the next larger type of its family instead ([`larger_type`]),
     /// repeatedly, until it keeps enough or the family ends.
     pub keep_lora: Option<f64>,
     /// Round W' to this type (F16 or BF16) before quantizing, as the PEFT merge → convert → quantize pipeline
