@@ -72,6 +72,9 @@ PYTHON_MUTATIONS = [
              'and out_type is None:\n        tips.append("write the patched tensors at higher precision',
              'and False:\n        tips.append("write the patched tensors at higher precision',
              pytest("tests/test_quality_report.py", "-k", "suggest")),
+    Mutation("patch: no advice appended to the engine's cannot_dequantize message", "python/ggml_lora/patch.py",
+             '"cannot_dequantize": " (base=..., CLI: --lora-base)",', '"cannot_dequantize": "",',
+             pytest("tests/test_patch.py", "-k", "advice")),
 ]
 
 #: Rust-side mutations (each needs a debug build of the core's unit tests in the copy).
@@ -97,6 +100,26 @@ RUST_MUTATIONS: list[Mutation] = [
         "match legacy_codes(x, -8.0, 8.5, 15) {",
         "match legacy_codes(x, -8.0, 8.4999, 15) {",
         CARGO_TEST + ("quant::q4_0",),
+        caught=101,
+        build=CARGO_TEST + ("--no-run",),
+    ),
+    # The patch engine's SIMD low-rank add never taken: its SIMD-vs-portable test must fail.
+    Mutation(
+        "patch kernel: AVX2 low-rank tiles unavailable (self-compared SIMD check)",
+        "rust/core/src/quant/x86/lowrank.rs",
+        'LowRankIsa::Avx2 => is_x86_feature_detected!("avx2"),',
+        "LowRankIsa::Avx2 => false,",
+        CARGO_TEST + ("patch::kernel",),
+        caught=101,
+        build=CARGO_TEST + ("--no-run",),
+    ),
+    # --tensor-type patterns matched case-sensitively, unlike llama-quantize.
+    Mutation(
+        "patch plan: tensor-type patterns case-sensitive",
+        "rust/core/src/patch/plan.rs",
+        "regex::RegexBuilder::new(p).case_insensitive(true)",
+        "regex::RegexBuilder::new(p).case_insensitive(false)",
+        CARGO_TEST + ("patch::plan",),
         caught=101,
         build=CARGO_TEST + ("--no-run",),
     ),

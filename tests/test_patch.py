@@ -391,6 +391,26 @@ def test_refuses_unquantizable_output_type_and_suggests_out_type(tmp_path: Path)
     expect_refusal(tmp_path, ggml_lora.PatchError, "dequantizing q8_1.*--lora-base", model=unreadable, adapter=adapter)
 
 
+def test_advice_is_added_to_the_engines_message_by_kind(tmp_path: Path) -> None:
+    """The engine's message names no argument or flag; ``patch`` appends them for the error's ``kind``, keeping
+    the exception's class and attributes (oracle: the model and tensor built here, the wording in patch.py)."""
+    unreadable = model_with_output_type(tmp_path / "mixed-q8_1.gguf", "q8_1")
+    a, b = lora_pair(512, 256, 2)
+    adapter = write_adapter(tmp_path / "a.gguf", {"output.weight.lora_a": a, "output.weight.lora_b": b})
+    with pytest.raises(ggml_lora.PatchError) as info:
+        ggml_lora.patch(unreadable, adapter, out=tmp_path / "never.gguf")
+    e = info.value
+    assert (e.kind, e.path, e.tensor, e.found) == ("cannot_dequantize", str(unreadable), "output.weight", "q8_1")
+    message = str(e)
+    assert message.endswith("give a base model in f16/f32/bf16/q8_0/q4_0 (base=..., CLI: --lora-base)"), message
+    assert message.count("--lora-base") == 1
+    mixed = model_with_output_type(tmp_path / "mixed-iq2_xxs.gguf", "iq2_xxs")
+    with pytest.raises(ggml_lora.PatchError) as info:
+        ggml_lora.patch(mixed, adapter, base=BASE_F16, out=tmp_path / "never.gguf")
+    assert info.value.kind == "cannot_quantize"
+    assert str(info.value).endswith("e.g. out_type='q8_0' (CLI: --out-type q8_0)"), str(info.value)
+
+
 def test_refuses_output_onto_an_input(tmp_path: Path) -> None:
     model = tmp_path / "model.gguf"
     model.write_bytes((LLAMA / "base-q4_0.gguf").read_bytes())
@@ -601,7 +621,13 @@ def test_imatrix_quantized_model_gets_a_note(tmp_path: Path) -> None:
         tensors = {n: (f.raw(n), i.type, i.shape) for n, i in f.tensors.items()}
         model = ggml_lora.write(tmp_path / "imatrix-q4_0.gguf", metadata, tensors)
     result = ggml_lora.patch(model, ADAPTER_QV, base=BASE_F16, out=tmp_path / "out.gguf")
-    assert len(result.notes) == 1 and "importance matrix (imatrix.dat)" in result.notes[0]
+    [note] = result.notes
+    requantized = sum(t.out_type not in ("f32", "f16", "bf16") for t in result.tensors)
+    assert (note.kind, note.file, note.requantized) == ("model_imatrix_not_applied", "imatrix.dat", requantized)
+    assert "importance matrix (imatrix.dat)" in result.summary()
+    assert repr(note) == f"PatchNote(kind='model_imatrix_not_applied', file='imatrix.dat', requantized={requantized})"
+    assert (note.source, note.tensors) == (None, [])  # fields of the other kind
+    assert isinstance(note, ggml_lora.PatchNote)
     assert "note: the model was quantized with an importance matrix" in result.summary()
     plain = ggml_lora.patch(LLAMA / "base-q4_0.gguf", ADAPTER_QV, base=BASE_F16, out=tmp_path / "plain.gguf")
     assert plain.notes == []

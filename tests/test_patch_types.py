@@ -176,8 +176,9 @@ def test_imatrix_without_an_entry_for_some_patched_tensors_says_so(tmp_path: Pat
                              imatrix=weights)
     used = {t.name for t in result.tensors if t.used_imatrix}
     assert used == {"blk.0.attn_q.weight"}
-    note = [n for n in result.notes if "no entry" in n]
-    assert note and "blk.1.attn_v.weight" in note[0], result.notes
+    note = [n for n in result.notes if n.kind == "imatrix_missing_entries"]
+    assert note and "blk.1.attn_v.weight" in note[0].tensors and "blk.0.attn_q.weight" not in note[0].tensors
+    assert "has no entry for" in result.summary() and "blk.1.attn_v.weight" in result.summary()
 
 
 @pytest.mark.parametrize(

@@ -216,6 +216,21 @@ def test_naive_q4_0_patch_suggests_a_base_and_out_type_q8_0(tmp_path: Path) -> N
     assert any(OUT_TYPE_TIP in s for s in result.suggestions) and OUT_TYPE_TIP in summary
 
 
+def test_a_lost_change_in_a_model_quantized_with_an_imatrix_suggests_giving_it(tmp_path: Path) -> None:
+    """The engine notes that the model's importance matrix (named in its ``quantize.imatrix.file``) was not
+    applied; with the change lost, the suggestions say to give it."""
+    with ggml_lora.open(Q4_0) as f:
+        metadata = dict(f.fields)
+        metadata["quantize.imatrix.file"] = "calib.imatrix"
+        tensors = {n: (f.raw(n), i.type, i.shape) for n, i in f.tensors.items()}
+    model = ggml_lora.write(tmp_path / "imatrix-q4_0.gguf", metadata, tensors)
+    result = ggml_lora.patch(model, ADAPTER_R8, out=tmp_path / "naive.gguf")
+    assert result.lost and [n.kind for n in result.notes] == ["model_imatrix_not_applied"]
+    assert any("--imatrix" in s for s in result.suggestions) and "CLI: --imatrix FILE" in result.summary()
+    plain = ggml_lora.patch(Q4_0, ADAPTER_R8, out=tmp_path / "plain.gguf")
+    assert plain.lost and not any("--imatrix" in s for s in plain.suggestions)
+
+
 def test_lost_change_in_q8_0_suggests_only_a_base(tmp_path: Path) -> None:
     """A q8_0 model is already at the precision the tip suggests: only the base tip applies."""
     result = ggml_lora.patch(Q8_0, [(ADAPTER_R8, 0.02)], out=tmp_path / "tiny.gguf")

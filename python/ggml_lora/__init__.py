@@ -21,7 +21,7 @@ Merging a LoRA adapter into a quantized model (requantized from an f16 base)::
 
 from __future__ import annotations
 
-from ._native import GGUFError, PatchError, SpecialFileError, __version__
+from ._native import GGUFError, PatchError, PatchNote, SpecialFileError, __version__
 from ._types import GGML_QUANT_SIZES, GGML_TYPES, TypeInfo, type_info
 from .gguf import GGUFFile, GGUFStreamWriter, GGUFValueType, MetadataValue, TensorInfo, convert_model, open, write
 from .imatrix import Imatrix, read_imatrix
@@ -45,6 +45,7 @@ __all__ = [
     "Imatrix",
     "MetadataValue",
     "PatchError",
+    "PatchNote",
     "PatchProgress",
     "PatchResult",
     "SpecialFileError",

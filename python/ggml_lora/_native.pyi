@@ -34,6 +34,7 @@ __all__ = [
     "LoraPair",
     "patch",
     "TensorReport",
+    "PatchNote",
     "__version__",
 ]
 
@@ -395,9 +396,32 @@ def patch(
     keep_lora: float | None = None,
     split: tuple[str, int] | None = None,
     written: list[str] | None = None,
-) -> tuple[list[Path], list[TensorReport], int, int, float, list[str]]:
+) -> tuple[list[Path], list[TensorReport], int, int, float, list[PatchNote]]:
     """Runs a patch; returns ``(output paths in shard order, per-tensor reports, tensors copied, bytes written,
     seconds, notes)``. ``written`` gets the output paths appended as soon as they are in place."""
+
+@final
+class PatchNote:
+    """Something worth knowing about a finished patch that is not an error: its ``kind`` and facts, which the
+    caller puts into words. Fields that do not belong to the kind are ``None`` (``tensors`` empty)."""
+    @property
+    def kind(self) -> str:
+        """``"imatrix_missing_entries"``: the importance matrix given has no entry for ``tensors`` (patched, with
+        output types that take one), which are quantized without; ``"model_imatrix_not_applied"``: the model was
+        quantized with an importance matrix (``file``, its ``quantize.imatrix.file``), none was given, and the
+        ``requantized`` patched tensors are quantized without it."""
+    @property
+    def source(self) -> str | None:
+        """``imatrix_missing_entries``: where the importance matrix came from."""
+    @property
+    def tensors(self) -> list[str]:
+        """``imatrix_missing_entries``: the patched tensors it has no entry for, in file order."""
+    @property
+    def file(self) -> str | None:
+        """``model_imatrix_not_applied``: the model's ``quantize.imatrix.file`` (``None`` when it does not say)."""
+    @property
+    def requantized(self) -> int | None:
+        """``model_imatrix_not_applied``: how many patched tensors are requantized (output type not f32/f16/bf16)."""
 
 @final
 class TensorReport:

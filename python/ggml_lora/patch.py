@@ -25,8 +25,32 @@ AdapterSpec = Union[PathLike, "tuple[PathLike, float]", _native.Adapter, "tuple[
 #: Below this share of the intended change surviving requantization, a tensor's LoRA counts as lost.
 LOST_THRESHOLD = 0.5
 
-#: How the engine's error for tensors it cannot write ends; :func:`patch` adds the argument (and flag) that does it.
-_CHOOSE_OUTPUT_TYPE = "choose an output type for these tensors"
+#: Advice :func:`patch` appends to the engine's refusals, by the exception's ``kind``: the engine's messages name
+#: no keyword argument and no command-line flag, so the argument (and flag) that does it is added here.
+_ADVICE = {
+    "cannot_dequantize": " (base=..., CLI: --lora-base)",
+    "cannot_quantize": ": out_type sets the type of every patched tensor, e.g. out_type='q8_0' (CLI: --out-type q8_0)",
+}
+
+
+def _add_advice(exc: BaseException) -> None:
+    """Appends this package's advice for the error's ``kind`` (see :data:`_ADVICE`) to its message, in place: the
+    exception keeps its class and its attributes."""
+    advice = _ADVICE.get(getattr(exc, "kind", None) or "")
+    if advice and exc.args and isinstance(exc.args[0], str):
+        exc.args = (exc.args[0] + advice, *exc.args[1:])
+
+
+def _note_text(note: _native.PatchNote) -> str:
+    """The note in words, as :meth:`PatchResult.summary` prints it (after ``note:``)."""
+    if note.kind == "imatrix_missing_entries":
+        return (f"the importance matrix {note.source} has no entry for {len(note.tensors)} patched tensor(s), "
+                f"quantized without one: {', '.join(note.tensors)}")
+    if note.kind == "model_imatrix_not_applied":
+        return (f"the model was quantized with an importance matrix ({note.file or 'unknown file'}); the "
+                f"{note.requantized} patched tensors are requantized with ggml's reference quantizer, without it "
+                f"(untouched tensors keep theirs)")
+    return note.kind.replace("_", " ")
 
 
 class PatchProgress(NamedTuple):
@@ -94,7 +118,8 @@ class PatchResult:
     seconds: float
     used_base: bool = False
     suggestions: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    #: What the engine noted about the patch (not errors), as structured values; :meth:`summary` puts them in words.
+    notes: list[_native.PatchNote] = field(default_factory=list)
     #: Every file written, in shard order (``[out]`` unless the output is split; ``out`` is the first shard).
     outputs: list[Path] = field(default_factory=list)
 
@@ -161,7 +186,7 @@ class PatchResult:
                 f"{t.retained:.1%}, +{t.extra_bytes / 2**10:.1f} KiB)"
                 for t in promoted
             ]
-        lines += [f"note: {n}" for n in self.notes]
+        lines += [f"note: {_note_text(n)}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -229,6 +254,8 @@ def default_output_path(model: PathLike, *, single_file: bool = False) -> Path:
 
 
 def _suggestions(result: PatchResult, base: PathLike | None, out_type: str | None) -> list[str]:
+    """Advice when tensors lost most of the change, from the structured results: the lost tensors' output types
+    and the engine's notes."""
     if not result.lost:
         return []
     tips = []
@@ -239,6 +266,8 @@ def _suggestions(result: PatchResult, base: PathLike | None, out_type: str | Non
         )
     if all(t.out_type in ("q4_0", "q4_1", "q5_0", "q5_1") for t in result.lost) and out_type is None:
         tips.append("write the patched tensors at higher precision (out_type='q8_0'; CLI: --out-type q8_0)")
+    if any(n.kind == "model_imatrix_not_applied" for n in result.notes):
+        tips.append("give the importance matrix the model was quantized with (imatrix=...; CLI: --imatrix FILE)")
     if not tips:
         tips.append("use a larger scale or a higher-precision output type (out_type='f16')")
     return tips
@@ -354,11 +383,8 @@ def patch(
             written=_written.current(),
         )
     except _native.PatchError as exc:
-        if _CHOOSE_OUTPUT_TYPE not in str(exc):
-            raise
-        raise _native.PatchError(
-            f"{exc}: out_type sets the type of every patched tensor, e.g. out_type='q8_0' (CLI: --out-type q8_0)"
-        ) from None
+        _add_advice(exc)
+        raise
     result = PatchResult(
         out=Path(paths[0]),
         outputs=[Path(p) for p in paths],

@@ -646,7 +646,10 @@ pub enum Incompatible {
         writable: String,
     },
     /// A patched tensor whose source type this project cannot dequantize.
-    #[error("cannot read tensor {name:?} of {file}: dequantizing {ty} is not supported; give a base model in f16/f32/bf16/q8_0/q4_0 (base=..., CLI: --lora-base)")]
+    #[error(
+        "cannot read tensor {name:?} of {file}: dequantizing {ty} is not supported; give a base model in \
+         f16/f32/bf16/q8_0/q4_0"
+    )]
     CannotDequantize {
         /// The file.
         file: String,
@@ -654,6 +657,82 @@ pub enum Incompatible {
         name: String,
         /// Its type.
         ty: GgmlType,
+    },
+    /// An adapter's user scale that is NaN or infinite.
+    #[error("scale {scale} for adapter {adapter} is not finite")]
+    Scale {
+        /// The adapter's source.
+        adapter: String,
+        /// The scale given.
+        scale: f32,
+    },
+    /// An intermediate rounding type other than f32, f16 or bf16.
+    #[error("intermediate type must be f32, f16 or bf16, not {ty}")]
+    IntermediateType {
+        /// The type given.
+        ty: GgmlType,
+    },
+    /// A per-tensor output type pattern that is not a regular expression.
+    #[error("tensor type pattern {pattern:?} is not a valid regular expression: {reason}")]
+    TensorTypePattern {
+        /// The pattern.
+        pattern: String,
+        /// The regex compiler's explanation.
+        reason: String,
+    },
+    /// A keep-LoRA share outside 0..=1.
+    #[error("the share of the LoRA change to keep must be between 0 and 1, not {share}")]
+    KeepShare {
+        /// The share given.
+        share: f64,
+    },
+    /// A tensor patched by a DoRA adapter and by other adapters in the same run.
+    #[error(
+        "tensor {tensor:?} is patched by a DoRA adapter and other adapters ({adapters}): DoRA rescales the whole \
+         merged row, so it must be the only adapter on a tensor; patch in two runs"
+    )]
+    DoraNotAlone {
+        /// The tensor.
+        tensor: String,
+        /// The adapters on it, comma-separated.
+        adapters: String,
+    },
+    /// A patched tensor whose row length is not a whole number of its output type's blocks.
+    #[error("tensor {tensor:?}: row length {row_len} is not a multiple of the {ty} block size {block}")]
+    RowLength {
+        /// The tensor.
+        tensor: String,
+        /// Its row length (ggml `ne[0]`).
+        row_len: u64,
+        /// Its output type.
+        ty: GgmlType,
+        /// That type's block size.
+        block: usize,
+    },
+    /// An importance matrix none of whose entries names a tensor of the model.
+    #[error("importance matrix {source_name}: none of its {entries} entries names a tensor of {model} (is it for another model?)")]
+    ImatrixForAnotherModel {
+        /// Where the importance matrix came from.
+        source_name: String,
+        /// Its number of entries.
+        entries: usize,
+        /// The model file.
+        model: String,
+    },
+    /// An importance-matrix entry for a patched tensor without one weight per column.
+    #[error(
+        "importance matrix {source_name}: entry {tensor:?} has {found} weights, expected {expected} (one per column \
+         of the tensor)"
+    )]
+    ImatrixEntryLength {
+        /// Where the importance matrix came from.
+        source_name: String,
+        /// The tensor (the entry's name).
+        tensor: String,
+        /// Weights in the entry.
+        found: usize,
+        /// The tensor's row length.
+        expected: u64,
     },
     /// The output path is one of the inputs.
     #[error("refusing to write the output onto an input file: {path}")]
@@ -956,6 +1035,23 @@ impl Incompatible {
                 .path(file.clone())
                 .tensor(name)
                 .expected_found("a readable type", ty),
+            I::Scale { scale, .. } => ErrorDetails::new("bad_scale").expected_found("a finite scale", scale),
+            I::IntermediateType { ty } => ErrorDetails::new("intermediate_type").expected_found("f32, f16 or bf16", ty),
+            I::TensorTypePattern { pattern, .. } => {
+                ErrorDetails::new("tensor_type_pattern").expected_found("a regular expression", pattern)
+            }
+            I::KeepShare { share } => ErrorDetails::new("keep_share").expected_found("a share in 0..1", share),
+            I::DoraNotAlone { tensor, .. } => ErrorDetails::new("dora_not_alone").tensor(tensor),
+            I::RowLength { tensor, row_len, ty, block } => ErrorDetails::new("row_length")
+                .tensor(tensor)
+                .expected_found(format!("a multiple of {block} ({ty})"), row_len),
+            I::ImatrixForAnotherModel { source_name, .. } => {
+                ErrorDetails::new("imatrix_for_another_model").path(source_name.clone())
+            }
+            I::ImatrixEntryLength { source_name, tensor, found, expected } => ErrorDetails::new("imatrix_entry_length")
+                .path(source_name.clone())
+                .tensor(tensor)
+                .expected_found(expected, found),
             I::OutputIsInput { path } => ErrorDetails::new("output_is_input").path(path.clone()),
             I::OutputName { path, .. } => ErrorDetails::new("output_name").path(path.clone()),
             I::Other(_) => ErrorDetails::new("incompatible"),

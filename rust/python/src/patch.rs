@@ -7,13 +7,13 @@ use ggml_lora_core::adapter::{self, LoraAdapter};
 use ggml_lora_core::gguf::{tensor_nbytes, TensorInfo, Value};
 use ggml_lora_core::imatrix::Imatrix;
 use ggml_lora_core::model::ModelFile;
-use ggml_lora_core::patch::{AdapterInput, PatchOptions, PatchPlan};
+use ggml_lora_core::patch::{AdapterInput, PatchNote, PatchOptions, PatchPlan};
 use ggml_lora_core::paths;
 use ggml_lora_core::Error;
 use numpy::PyReadonlyArrayDyn;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyList;
+use pyo3::types::{PyList, PyString};
 
 use crate::errors::IntoPyResult;
 use crate::gguf::{ggml_type, split_rule};
@@ -24,6 +24,7 @@ use crate::values::{value_from_py, value_type};
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeAdapter>()?;
     m.add_class::<TensorRow>()?;
+    m.add_class::<NoteRow>()?;
     m.add_function(wrap_pyfunction!(patch, m)?)?;
     Ok(())
 }
@@ -138,7 +139,56 @@ pub struct TensorRow {
     extra_bytes: u64,
 }
 
-/// Runs a patch; returns `(output paths in shard order, per-tensor reports, tensors copied, bytes written, seconds, notes)`.
+/// Something worth knowing about a finished patch that is not an error (the core's `PatchNote`): its `kind` and
+/// facts, for Python to put into words. Fields that do not belong to the kind are `None` (`tensors` empty).
+#[pyclass(name = "PatchNote", module = "ggml_lora._native", frozen, get_all)]
+pub struct NoteRow {
+    kind: &'static str,
+    source: Option<String>,
+    tensors: Vec<String>,
+    file: Option<String>,
+    requantized: Option<usize>,
+}
+
+impl From<&PatchNote> for NoteRow {
+    fn from(note: &PatchNote) -> NoteRow {
+        let row = NoteRow { kind: note.kind(), source: None, tensors: Vec::new(), file: None, requantized: None };
+        match note {
+            PatchNote::ImatrixMissingEntries { source, tensors } => {
+                NoteRow { source: Some(source.clone()), tensors: tensors.clone(), ..row }
+            }
+            PatchNote::ModelImatrixNotApplied { file, requantized } => {
+                NoteRow { file: file.clone(), requantized: Some(*requantized), ..row }
+            }
+        }
+    }
+}
+
+#[pymethods]
+impl NoteRow {
+    /// `PatchNote(kind='...', <the kind's fields>)`.
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let fields: Vec<(&str, Bound<'_, PyAny>)> = match self.kind {
+            "imatrix_missing_entries" => vec![
+                ("source", self.source.clone().into_pyobject(py)?.into_any()),
+                ("tensors", self.tensors.clone().into_pyobject(py)?.into_any()),
+            ],
+            _ => vec![
+                ("file", self.file.clone().into_pyobject(py)?.into_any()),
+                ("requantized", self.requantized.into_pyobject(py)?.into_any()),
+            ],
+        };
+        let mut text = format!("PatchNote(kind={}", PyString::new(py, self.kind).repr()?);
+        for (name, value) in fields {
+            text.push_str(&format!(", {name}={}", value.repr()?));
+        }
+        text.push(')');
+        Ok(text)
+    }
+}
+
+/// Runs a patch; returns `(output paths in shard order, per-tensor reports, tensors copied, bytes written, seconds,
+/// notes)`.
 /// `imatrix` is `(source, [(tensor name, weights)])`; `tensor_types` `[(pattern, type name)]`.
 /// `written`: a list to which the output path is appended as soon as it has been renamed into place, before
 /// any Python code runs again, so an interrupt handled later can tell that the output is complete.
@@ -164,7 +214,7 @@ fn patch(
     keep_lora: Option<f64>,
     split: Option<(String, u64)>,
     written: Option<Bound<'_, PyList>>,
-) -> PyResult<(Vec<PathBuf>, Vec<TensorRow>, usize, u64, f64, Vec<String>)> {
+) -> PyResult<(Vec<PathBuf>, Vec<TensorRow>, usize, u64, f64, Vec<NoteRow>)> {
     paths::check_output(&out).py_err()?;
     let mut metadata: Vec<(String, Value)> = Vec::with_capacity(extra_metadata.len());
     for (key, ty, elem, obj) in extra_metadata {
@@ -238,5 +288,6 @@ fn patch(
             extra_bytes: t.extra_bytes(),
         })
         .collect();
-    Ok((report.outputs, rows, report.copied, report.bytes_written, report.seconds, report.notes))
+    let notes = report.notes.iter().map(NoteRow::from).collect();
+    Ok((report.outputs, rows, report.copied, report.bytes_written, report.seconds, notes))
 }

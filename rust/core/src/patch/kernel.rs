@@ -1,9 +1,10 @@
 //! The arithmetic inner loops of the patch engine: the fused low-rank add and the quality sums.
 //!
-//! Both are written over fixed-width tiles so the compiler keeps the accumulators in registers and vectorizes
-//! them; on x86-64 the same source is also compiled with AVX2 (and AVX-512F) enabled and chosen at run time. Neither version
-//! uses FMA and both perform the same f32 operations in the same order, so the output does not depend on the
-//! CPU it runs on.
+//! These are the portable versions, written over fixed-width tiles so the compiler keeps the accumulators in
+//! registers and vectorizes them. On x86-64 the explicit-SIMD versions (AVX2, AVX-512F) in
+//! `quant/x86/lowrank.rs`, the crate's one home for `unsafe` intrinsics, are taken when the CPU has the feature;
+//! they hand the leftover rows and columns back to the code here. No version uses FMA and all perform the same
+//! f32 operations in the same order, so the output does not depend on the CPU it runs on.
 
 /// For each of `rows` rows r: `patched[r] += scale · (left[r] @ right)` and `delta[r] += the same`, where
 /// `left` holds `rows × rank` and `right` `rank × cols` (row-major). The product is summed over k in order
@@ -20,103 +21,21 @@ pub fn add_low_rank(
     let rows = patched.len() / cols.max(1);
     assert!(left.len() >= rows * rank && right.len() >= rank * cols && delta.len() == patched.len());
     #[cfg(target_arch = "x86_64")]
+    if let Some((done_rows, done_cols)) =
+        crate::quant::x86::lowrank::add_low_rank_tiles(left, right, rank, cols, scale, patched, delta)
     {
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: AVX-512F is available (checked just above); the function is safe Rust compiled with it.
-            unsafe { add_low_rank_avx512(left, right, rank, cols, scale, patched, delta) };
-            return;
-        }
-        if is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 is available (checked just above); the function is safe Rust compiled with AVX2.
-            unsafe { add_low_rank_avx2(left, right, rank, cols, scale, patched, delta) };
-            return;
-        }
+        add_low_rank_rest(left, right, rank, cols, scale, patched, delta, (done_rows, done_cols));
+        return;
     }
     add_low_rank_body::<16, 2>(left, right, rank, cols, scale, patched, delta);
 }
 
-/// Defines `$name`, the low-rank add with an explicit-SIMD tile of 4 rows x `$w` columns held in 8 registers
-/// of `$lanes` f32 (two per row), for the target feature `$feature`. Only the intrinsics differ between the
-/// AVX2 and AVX-512 versions; both do a separate multiply and add per element, in k order.
-macro_rules! simd_low_rank {
-    ($name:ident, $feature:literal, $w:literal, $lanes:literal,
-     $zero:ident, $load:ident, $splat:ident, $add:ident, $mul:ident, $store:ident) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $feature)]
-        unsafe fn $name(
-            left: &[f32],
-            right: &[f32],
-            rank: usize,
-            cols: usize,
-            scale: f32,
-            patched: &mut [f32],
-            delta: &mut [f32],
-        ) {
-            use std::arch::x86_64::*;
-            #[target_feature(enable = $feature)]
-            fn tile(by_k: &[[f32; 4]], right: &[f32], cols: usize, c0: usize) -> [[f32; $w]; 4] {
-                let mut acc = [[$zero(); 2]; 4];
-                for (k, c) in by_k.iter().enumerate() {
-                    let b = &right[k * cols + c0..k * cols + c0 + $w];
-                    // SAFETY: `b` holds $w f32 (the slice above is bounds-checked): two unaligned loads of $lanes.
-                    let (b0, b1) = unsafe { ($load(b.as_ptr()), $load(b.as_ptr().add($lanes))) };
-                    for i in 0..4 {
-                        let ci = $splat(c[i]);
-                        acc[i][0] = $add(acc[i][0], $mul(ci, b0));
-                        acc[i][1] = $add(acc[i][1], $mul(ci, b1));
-                    }
-                }
-                let mut out = [[0f32; $w]; 4];
-                for i in 0..4 {
-                    // SAFETY: each row of `out` holds $w f32: two stores of $lanes.
-                    unsafe {
-                        $store(out[i].as_mut_ptr(), acc[i][0]);
-                        $store(out[i].as_mut_ptr().add($lanes), acc[i][1]);
-                    }
-                }
-                out
-            }
-            add_low_rank_tiled::<$w>(left, right, rank, cols, scale, patched, delta, tile)
-        }
-    };
-}
-
-simd_low_rank!(
-    add_low_rank_avx2,
-    "avx2",
-    16,
-    8,
-    _mm256_setzero_ps,
-    _mm256_loadu_ps,
-    _mm256_set1_ps,
-    _mm256_add_ps,
-    _mm256_mul_ps,
-    _mm256_storeu_ps
-);
-simd_low_rank!(
-    add_low_rank_avx512,
-    "avx512f",
-    32,
-    16,
-    _mm512_setzero_ps,
-    _mm512_loadu_ps,
-    _mm512_set1_ps,
-    _mm512_add_ps,
-    _mm512_mul_ps,
-    _mm512_storeu_ps
-);
-
-/// An explicit-SIMD tile kernel: `(coefficients by k, right, cols, first column) -> 4 rows x W sums`.
-#[cfg(target_arch = "x86_64")]
-type TileFn<const W: usize> = unsafe fn(&[[f32; 4]], &[f32], usize, usize) -> [[f32; W]; 4];
-
-/// Drives an explicit-SIMD `tile` function (4 rows x W columns of `left @ right`) over the rows and columns,
-/// then applies `scale` and the adds exactly as [`low_rank_rows`] does. Leftover rows and columns go through
-/// the portable code: every element gets the same operations in the same order either way.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn add_low_rank_tiled<const W: usize>(
+/// What the SIMD tiles left out, given the `(rows, columns)` they covered from row 0 and column 0: the columns
+/// after `done_cols` of the covered rows, then every later row, with the portable code (each element gets the
+/// same operations either way, so the order of the pieces does not matter).
+#[allow(clippy::too_many_arguments)] // the low-rank add's arguments and the covered block
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn add_low_rank_rest(
     left: &[f32],
     right: &[f32],
     rank: usize,
@@ -124,46 +43,18 @@ fn add_low_rank_tiled<const W: usize>(
     scale: f32,
     patched: &mut [f32],
     delta: &mut [f32],
-    tile: TileFn<W>,
+    (done_rows, done_cols): (usize, usize),
 ) {
-    let rows = patched.len() / cols;
-    let full_rows = rows / 4 * 4;
-    let full_cols = cols / W * W;
-    for r in (0..full_rows).step_by(4) {
-        let by_k: Vec<[f32; 4]> = (0..rank).map(|k| std::array::from_fn(|i| left[(r + i) * rank + k])).collect();
-        for c0 in (0..full_cols).step_by(W) {
-            // SAFETY: `tile` is one of the two target-feature functions above, only passed here by their callers
-            // after checking the CPU has that feature.
-            let acc = unsafe { tile(&by_k, right, cols, c0) };
-            for (i, acc) in acc.iter().enumerate() {
-                let at = (r + i) * cols + c0;
-                let p: &mut [f32; W] = (&mut patched[at..at + W]).try_into().expect("tile in row");
-                let d: &mut [f32; W] = (&mut delta[at..at + W]).try_into().expect("tile in row");
-                for j in 0..W {
-                    let v = scale * acc[j];
-                    p[j] += v;
-                    d[j] += v;
-                }
-            }
-        }
-        if full_cols < cols {
-            for i in 0..4 {
-                let row = (r + i) * cols;
-                tail_columns(
-                    &left[(r + i) * rank..(r + i + 1) * rank],
-                    right,
-                    cols,
-                    full_cols,
-                    scale,
-                    &mut patched[row..row + cols],
-                    &mut delta[row..row + cols],
-                );
-            }
+    if done_cols < cols {
+        for r in 0..done_rows {
+            let row = r * cols..(r + 1) * cols;
+            let coefs = &left[r * rank..(r + 1) * rank];
+            tail_columns(coefs, right, cols, done_cols, scale, &mut patched[row.clone()], &mut delta[row]);
         }
     }
-    let rest = full_rows * cols;
+    let rest = done_rows * cols;
     add_low_rank_body::<16, 1>(
-        &left[full_rows * rank..],
+        &left[done_rows * rank..],
         right,
         rank,
         cols,
@@ -305,71 +196,10 @@ impl Sums {
 /// Sums over `rows` rows of `cols` values: `src` = W_src, `delta` = ΔW, `requant` = Q, `model` = W_model.
 pub fn row_sums(src: &[f32], delta: &[f32], requant: &[f32], model: &[f32], cols: usize) -> Sums {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is available (checked just above); the function is safe Rust compiled with AVX2 enabled.
-        return unsafe { row_sums_avx2(src, delta, requant, model, cols) };
+    if let Some(sums) = crate::quant::x86::lowrank::row_sums(src, delta, requant, model, cols, add_row_tail) {
+        return Sums::from_array(sums);
     }
     row_sums_body(src, delta, requant, model, cols)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn row_sums_avx2(src: &[f32], delta: &[f32], requant: &[f32], model: &[f32], cols: usize) -> Sums {
-    use std::arch::x86_64::*;
-    let n = src.len();
-    assert!(delta.len() == n && requant.len() == n && model.len() == n && cols > 0);
-    let mut total = Sums::default();
-    let mut start = 0;
-    while start < n {
-        let end = (start + cols).min(n);
-        let full = start + (end - start) / LANES * LANES;
-        let mut acc = [_mm256_setzero_ps(); 6];
-        let mut i = start;
-        while i < full {
-            // SAFETY: i + LANES <= full <= n and all four slices hold n elements, so each 8-lane unaligned load
-            // reads inside its slice.
-            let (w, d, q, m) = unsafe {
-                (
-                    _mm256_loadu_ps(src.as_ptr().add(i)),
-                    _mm256_loadu_ps(delta.as_ptr().add(i)),
-                    _mm256_loadu_ps(requant.as_ptr().add(i)),
-                    _mm256_loadu_ps(model.as_ptr().add(i)),
-                )
-            };
-            let applied = _mm256_sub_ps(q, w);
-            let error = _mm256_sub_ps(applied, d);
-            let vs_model = _mm256_sub_ps(q, m);
-            acc[0] = _mm256_add_ps(acc[0], _mm256_mul_ps(d, d));
-            acc[1] = _mm256_add_ps(acc[1], _mm256_mul_ps(w, w));
-            acc[2] = _mm256_add_ps(acc[2], _mm256_mul_ps(applied, d));
-            acc[3] = _mm256_add_ps(acc[3], _mm256_mul_ps(applied, applied));
-            acc[4] = _mm256_add_ps(acc[4], _mm256_mul_ps(error, error));
-            acc[5] = _mm256_add_ps(acc[5], _mm256_mul_ps(vs_model, d));
-            i += LANES;
-        }
-        let mut row = [0f64; 6];
-        for (s, v) in row.iter_mut().zip(acc) {
-            let mut lanes = [0f32; LANES];
-            // SAFETY: `lanes` holds exactly 8 f32.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
-            *s = lanes.iter().map(|&x| x as f64).sum();
-        }
-        total = total.combine(Sums::from_array(row));
-        if full < end {
-            // The last few elements of a row whose length is not a multiple of 8 (f16/f32 tensors only).
-            let tail = full..end;
-            let r = tail.len();
-            total = total.combine(row_sums_body(
-                &src[tail.clone()],
-                &delta[tail.clone()],
-                &requant[tail.clone()],
-                &model[tail],
-                r,
-            ));
-        }
-        start = end;
-    }
-    total
 }
 
 const LANES: usize = 8;
@@ -406,22 +236,33 @@ fn row_sums_body(src: &[f32], delta: &[f32], requant: &[f32], model: &[f32], col
             *s = lanes.iter().map(|&v| v as f64).sum();
         }
         let tail = w.len() / LANES * LANES;
-        for i in tail..w.len() {
-            let (w, d, q, m) = (w[i] as f64, d[i] as f64, q[i] as f64, m[i] as f64);
-            row[0] += d * d;
-            row[1] += w * w;
-            row[2] += (q - w) * d;
-            row[3] += (q - w) * (q - w);
-            row[4] += (q - w - d) * (q - w - d);
-            row[5] += (q - m) * d;
-        }
+        let row = add_row_tail(&w[tail..], &d[tail..], &q[tail..], &m[tail..], row);
         total = total.combine(Sums::from_array(row));
     }
     total
 }
 
+/// Adds the sums of a row's last elements, those that do not fill the f32 lanes, to the row's sums `row` (in
+/// field order), in f64, element by element. Shared with the SIMD version, which hands it the same elements.
+fn add_row_tail(w: &[f32], d: &[f32], q: &[f32], m: &[f32], mut row: [f64; 6]) -> [f64; 6] {
+    for i in 0..w.len() {
+        let (w, d, q, m) = (w[i] as f64, d[i] as f64, q[i] as f64, m[i] as f64);
+        row[0] += d * d;
+        row[1] += w * w;
+        row[2] += (q - w) * d;
+        row[3] += (q - w) * (q - w);
+        row[4] += (q - w - d) * (q - w - d);
+        row[5] += (q - m) * d;
+    }
+    row
+}
+
 #[cfg(test)]
 mod tests {
+    //! Oracles: a plain triple loop in f32 (the low-rank add, bit for bit: the order of operations is specified),
+    //! f64 sums written out here (the quality sums, within a tolerance), and the portable code for the SIMD
+    //! versions (bit for bit).
+    use super::super::test_util::{quality_sums_f64, sums_array};
     use super::*;
 
     fn lcg(seed: &mut u64) -> f32 {
@@ -429,12 +270,18 @@ mod tests {
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
     }
 
+    /// (rows, rank, cols): leftover rows and columns for both tile widths (16 and 32), and rows shorter than a tile.
+    const LOW_RANK_SHAPES: [(usize, usize, usize); 9] =
+        [(4, 16, 64), (3, 1, 37), (1, 5, 16), (2, 8, 15), (7, 16, 100), (9, 3, 70), (8, 2, 96), (6, 8, 80), (4, 4, 48)];
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
     #[test]
     fn low_rank_add_matches_a_plain_triple_loop_bit_for_bit() {
         let mut seed = 7;
-        for (rows, rank, cols) in
-            [(4, 16, 64), (3, 1, 37), (1, 5, 16), (2, 8, 15), (7, 16, 100), (9, 3, 70), (8, 2, 96)]
-        {
+        for (rows, rank, cols) in LOW_RANK_SHAPES {
             let left: Vec<f32> = (0..rows * rank).map(|_| lcg(&mut seed)).collect();
             let right: Vec<f32> = (0..rank * cols).map(|_| lcg(&mut seed)).collect();
             let src: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
@@ -444,14 +291,6 @@ mod tests {
             let mut portable_p = src.clone();
             let mut portable_d = vec![0.5f32; rows * cols];
             add_low_rank_body::<16, 2>(&left, &right, rank, cols, 0.75, &mut portable_p, &mut portable_d);
-            #[cfg(target_arch = "x86_64")]
-            if is_x86_feature_detected!("avx2") {
-                let (mut p2, mut d2) = (src.clone(), vec![0.5f32; rows * cols]);
-                // SAFETY: AVX2 is available (checked just above).
-                unsafe { add_low_rank_avx2(&left, &right, rank, cols, 0.75, &mut p2, &mut d2) };
-                assert!(p2.iter().zip(&portable_p).all(|(a, b)| a.to_bits() == b.to_bits()), "avx2 differs");
-                assert!(d2.iter().zip(&portable_d).all(|(a, b)| a.to_bits() == b.to_bits()), "avx2 differs");
-            }
             for r in 0..rows {
                 for c in 0..cols {
                     let mut acc = 0f32;
@@ -462,32 +301,83 @@ mod tests {
                     assert_eq!(patched[i].to_bits(), (src[i] + 0.75 * acc).to_bits(), "({rows},{rank},{cols}) at {i}");
                     assert_eq!(delta[i].to_bits(), (0.5 + 0.75 * acc).to_bits());
                     assert_eq!(portable_p[i].to_bits(), patched[i].to_bits());
+                    assert_eq!(portable_d[i].to_bits(), delta[i].to_bits());
                 }
             }
         }
+    }
+
+    /// The AVX2 tiles plus the portable rest give the portable bits; the AVX-512 tiles too when the CPU has
+    /// AVX-512F, and decline when it does not. Fails (rather than comparing the portable code with itself) on an
+    /// x86-64 CPU without AVX2 or when the AVX2 entry point does not run.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_low_rank_tiles_equal_the_portable_code() {
+        use crate::quant::test_util::NO_SIMD;
+        use crate::quant::x86::lowrank::{add_low_rank_tiles_with, LowRankIsa};
+        let mut seed = 11;
+        for (rows, rank, cols) in LOW_RANK_SHAPES {
+            let left: Vec<f32> = (0..rows * rank).map(|_| lcg(&mut seed)).collect();
+            let right: Vec<f32> = (0..rank * cols).map(|_| lcg(&mut seed)).collect();
+            let src: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
+            let (mut portable_p, mut portable_d) = (src.clone(), vec![0.5f32; rows * cols]);
+            add_low_rank_body::<16, 2>(&left, &right, rank, cols, -1.25, &mut portable_p, &mut portable_d);
+            for isa in [LowRankIsa::Avx2, LowRankIsa::Avx512] {
+                let (mut p, mut d) = (src.clone(), vec![0.5f32; rows * cols]);
+                let Some(done) = add_low_rank_tiles_with(isa, &left, &right, rank, cols, -1.25, &mut p, &mut d) else {
+                    match isa {
+                        LowRankIsa::Avx2 => panic!("{NO_SIMD}"),
+                        LowRankIsa::Avx512 => {
+                            assert!(!is_x86_feature_detected!("avx512f"), "AVX-512F present but its tiles not taken");
+                            continue;
+                        }
+                    }
+                };
+                assert_eq!(
+                    done,
+                    (rows / 4 * 4, cols / isa.tile_cols() * isa.tile_cols()),
+                    "{isa:?} covers whole tiles"
+                );
+                add_low_rank_rest(&left, &right, rank, cols, -1.25, &mut p, &mut d, done);
+                let same = (bits(&p), bits(&d)) == (bits(&portable_p), bits(&portable_d));
+                assert!(same, "{isa:?} ({rows},{rank},{cols})");
+            }
+        }
+    }
+
+    fn random_rows(seed: &mut u64, rows: usize, cols: usize) -> [Vec<f32>; 4] {
+        std::array::from_fn(|_| (0..rows * cols).map(|_| lcg(seed)).collect())
     }
 
     #[test]
     fn row_sums_agree_with_f64_sums() {
         let mut seed = 3;
         let (rows, cols) = (3, 45);
-        let v = |seed: &mut u64| (0..rows * cols).map(|_| lcg(seed)).collect::<Vec<f32>>();
-        let (w, d, q, m) = (v(&mut seed), v(&mut seed), v(&mut seed), v(&mut seed));
+        let [w, d, q, m] = random_rows(&mut seed, rows, cols);
         let s = row_sums(&w, &d, &q, &m, cols);
-        let f = |i: usize| (w[i] as f64, d[i] as f64, q[i] as f64, m[i] as f64);
-        let exact = (0..rows * cols).fold([0f64; 6], |mut a, i| {
-            let (w, d, q, m) = f(i);
-            a[0] += d * d;
-            a[1] += w * w;
-            a[2] += (q - w) * d;
-            a[3] += (q - w) * (q - w);
-            a[4] += (q - w - d) * (q - w - d);
-            a[5] += (q - m) * d;
-            a
-        });
-        let got = [s.delta_sq, s.src_sq, s.applied_dot_delta, s.applied_sq, s.error_sq, s.vs_model_dot_delta];
+        let f64s = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
+        let exact = quality_sums_f64(&f64s(&w), &f64s(&d), &f64s(&q), &f64s(&m));
+        let got = sums_array(s);
         for (g, e) in got.iter().zip(exact) {
+            // 45 f32 products per row in 8 lanes, each rounded once per add: far below 1e-5 relative.
             assert!((g - e).abs() <= 1e-5 * e.abs().max(1.0), "{g} vs {e}");
+        }
+    }
+
+    /// The AVX2 quality sums equal the portable ones bit for bit, rows whose length is not a multiple of 8
+    /// included. Fails on an x86-64 CPU without AVX2 (rather than comparing the portable code with itself).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_row_sums_equal_the_portable_code() {
+        let mut seed = 5;
+        for (rows, cols) in [(3, 45), (4, 64), (2, 7), (5, 2048 + 3)] {
+            let [w, d, q, m] = random_rows(&mut seed, rows, cols);
+            let simd = crate::quant::x86::lowrank::row_sums(&w, &d, &q, &m, cols, add_row_tail)
+                .expect(crate::quant::test_util::NO_SIMD);
+            let portable = row_sums_body(&w, &d, &q, &m, cols);
+            let simd = Sums::from_array(simd);
+            assert_eq!(format!("{simd:?}"), format!("{portable:?}"), "({rows},{cols})");
+            assert_eq!(simd, portable, "({rows},{cols})");
         }
     }
 }

@@ -42,7 +42,7 @@ mod search_affine;
 mod search_symmetric;
 mod ternary;
 #[cfg(target_arch = "x86_64")]
-mod x86;
+pub(crate) mod x86;
 
 pub use float::{bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits, BF16, F16, F32};
 pub use fp4::{BlockMxfp4, BlockNvfp4};

@@ -11,6 +11,9 @@ use std::arch::x86_64::*;
 use super::float::{f16_bits_to_f32, f32_to_f16_bits};
 use super::LaneWork;
 
+/// The patch engine's low-rank add and quality sums (the crate's other `unsafe` intrinsics, kept here too).
+pub(crate) mod lowrank;
+
 /// Elements per q4_0 / q5_0 / q8_0 block.
 const QK4_0: usize = 32;
 const QK8_0: usize = 32;
