@@ -1,4 +1,4 @@
-"""PEFT LoRA -> llama.cpp LoRA tensors (names, layout, transforms, exact scale)."""
+"""PEFT LoRA -> llama.cpp LoRA adapters: the module checks and the typed plan the core builds the adapter from."""
 
 from __future__ import annotations
 

@@ -84,7 +84,10 @@ impl PeftFactors {
     /// `rank` are the pair's.
     pub fn load(&self, weights: &PeftWeights, rows: usize, cols: usize, rank: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         let a = weights.read_f32(self.a)?;
-        let mut b = weights.read_f32(self.b)?;
+        // B's rows are permuted as they are read: the factor is copied out of the map once.
+        let permuted = self.permute.map(|(n_head, n_kv)| move |j| permuted_row(j, rows, n_head, n_kv));
+        let source_row = permuted.as_ref().map(|f| f as &dyn Fn(usize) -> usize);
+        let mut b = weights.read_rows_f32(self.b, source_row)?;
         if let Some(s) = self.fold {
             b.iter_mut().for_each(|v| *v = scale::fold(*v, s));
             if b.iter().any(|v| !v.is_finite()) {
@@ -98,34 +101,31 @@ impl PeftFactors {
         }
         Ok(match self.kind {
             // delta = B @ A: left = B (rows x r), right = A (r x cols).
-            ModuleKind::Linear => {
-                if let Some((n_head, n_kv)) = self.permute {
-                    b = permute_rows(&b, rows, rank, n_head, n_kv);
-                }
-                (b, a)
-            }
+            ModuleKind::Linear => (b, a),
             // delta = (B @ A)ᵀ = Aᵀ @ Bᵀ: left = Aᵀ (n_vocab x r), right = Bᵀ (r x n_embd).
             ModuleKind::Embedding => (transpose(&a, rank, rows), transpose(&b, cols, rank)),
         })
     }
 }
 
+/// The source row of output row `j` under llama.cpp's `LlamaModel.permute` of `rows` rows (see [`permute_rows`]).
+pub fn permuted_row(j: usize, rows: usize, n_head: usize, n_head_kv: usize) -> usize {
+    let heads = if n_head != n_head_kv { n_head_kv } else { n_head };
+    let half = rows / heads / 2;
+    let (h, within) = (j / (2 * half), j % (2 * half));
+    (h * 2 + within % 2) * half + within / 2
+}
+
 /// llama.cpp's `LlamaModel.permute` of the rows of a rows x width matrix: with `h` heads (`n_head_kv` when it
 /// differs from `n_head`), `w.reshape(h, 2, rows / h / 2, width).swapaxes(1, 2)`. `rows` must be a multiple of
 /// 2h (checked when the plan is built).
 pub fn permute_rows(m: &[f32], rows: usize, width: usize, n_head: usize, n_head_kv: usize) -> Vec<f32> {
-    let heads = if n_head != n_head_kv { n_head_kv } else { n_head };
-    let half = rows / heads / 2;
-    let mut out = Vec::with_capacity(m.len());
-    for h in 0..heads {
-        for i in 0..half {
-            for pair in 0..2 {
-                let src = (h * 2 + pair) * half + i;
-                out.extend_from_slice(&m[src * width..(src + 1) * width]);
-            }
-        }
-    }
-    out
+    (0..rows)
+        .flat_map(|j| {
+            let src = permuted_row(j, rows, n_head, n_head_kv);
+            m[src * width..(src + 1) * width].iter().copied()
+        })
+        .collect()
 }
 
 fn factor_error(tensor: &str, what: &'static str, expected: impl ToString, found: impl ToString) -> Error {

@@ -140,26 +140,43 @@ impl PeftWeights {
     /// must be finite (NaN or ±inf, including f64 values beyond the f32 range, is an error naming the tensor).
     /// A mapped tensor's pages are released afterwards.
     pub fn read_f32(&self, index: usize) -> Result<Vec<f32>> {
+        self.read_rows_f32(index, None)
+    }
+
+    /// [`PeftWeights::read_f32`] with the rows (along the first dimension) reordered as they are converted, in
+    /// the same pass: output row `j` is source row `source_row(j)`, which must be a permutation.
+    pub fn read_rows_f32(&self, index: usize, source_row: Option<&dyn Fn(usize) -> usize>) -> Result<Vec<f32>> {
         let t = &self.tensors[index];
         let bytes = match &self.storage {
             Storage::Mapped(m) => &m.bytes()[t.range.clone()],
             Storage::Memory(buffers) => &buffers[index][t.range.clone()],
         };
-        let values: Vec<f32> = match t.dtype {
-            WeightDtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            WeightDtype::F16 => {
-                bytes.chunks_exact(2).map(|c| f16_bits_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect()
-            }
-            WeightDtype::BF16 => {
-                bytes.chunks_exact(2).map(|c| bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect()
-            }
-            WeightDtype::F64 => bytes
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
-                .collect(),
+        let convert: fn(&[u8]) -> f32 = match t.dtype {
+            WeightDtype::F32 => |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+            WeightDtype::F16 => |c| f16_bits_to_f32(u16::from_le_bytes([c[0], c[1]])),
+            WeightDtype::BF16 => |c| bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]])),
+            WeightDtype::F64 => |c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32,
             WeightDtype::Other(name) => {
                 let reason = format!("dtype {name} is not a floating-point type");
                 return Err(Error::InvalidTensor { name: t.name.clone(), reason }.in_file(&self.path));
+            }
+        };
+        let size = match t.dtype {
+            WeightDtype::F16 | WeightDtype::BF16 => 2,
+            WeightDtype::F64 => 8,
+            _ => 4,
+        };
+        let values: Vec<f32> = match source_row {
+            None => bytes.chunks_exact(size).map(convert).collect(),
+            Some(source_row) => {
+                let rows = t.shape.first().map_or(1, |&r| r as usize).max(1);
+                let row_bytes = bytes.len() / rows;
+                (0..rows)
+                    .flat_map(|j| {
+                        let src = source_row(j) * row_bytes;
+                        bytes[src..src + row_bytes].chunks_exact(size).map(convert)
+                    })
+                    .collect()
             }
         };
         if let Storage::Mapped(m) = &self.storage {
