@@ -234,6 +234,8 @@ def test_truncated_safetensors_refused(tmp_path):
                           r"\(truncated")
     (folder / "adapter_model.safetensors").write_bytes(b"\xff" * 16)
     refused(folder, match="implausible")
+    (folder / "adapter_model.safetensors").write_bytes(b"\x01" * 4)
+    refused(folder, match=r"not a safetensors file \(shorter than 8 bytes: 4\)")
 
 
 def test_bad_outtype_and_format(tmp_path):

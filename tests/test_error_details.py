@@ -6,6 +6,7 @@ files built here with gguf-py, and the shapes written into them. Nothing from gg
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -82,3 +83,19 @@ def test_conversion_error_wrapping_keeps_the_facts(tmp_path: Path) -> None:
     wrapped = ConversionError.wrapping(info.value, "base model: unreadable")
     assert str(wrapped) == "base model: unreadable"
     assert (wrapped.kind, wrapped.path, wrapped.offset) == ("truncated", str(path), 8)
+
+
+def test_safetensors_refusals_name_the_tensor_and_both_offsets(tmp_path: Path) -> None:
+    # Two f32 tensors of 4 values: B claims bytes [12, 28), overlapping A's [0, 16). The header is built here.
+    header = {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+              "b": {"dtype": "F32", "shape": [4], "data_offsets": [12, 28]}}
+    head = json.dumps(header).encode()
+    head += b" " * ((-len(head)) % 8)
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(head)) + head + bytes(28))
+    with pytest.raises(ggml_lora.GGUFError) as info:
+        ggml_lora._native.PeftWeights.open_safetensors(path)
+    e = info.value
+    assert (e.kind, e.path, e.tensor) == ("tensor_offset", str(path), "b")
+    assert (e.expected, e.found) == ("16", "12")  # where A ends, where B starts
+    assert 'tensor "b": data_offsets [12, 28] overlap tensor "a", which ends at 16' in str(e)

@@ -2,10 +2,13 @@
 
 from os import PathLike
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence, final
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, final
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from .convert.core import PeftPlan
 
 __all__ = [
     "GGUFError",
@@ -15,6 +18,10 @@ __all__ = [
     "check_input_path",
     "read_torch_bin",
     "write_ggla",
+    "refuse_output_onto_inputs",
+    "peft_scale",
+    "WeightInfo",
+    "PeftWeights",
     "PatternKeys",
     "GGUFFile",
     "TensorInfo",
@@ -93,13 +100,49 @@ def read_torch_bin(path: str | PathLike[str]) -> list[tuple[str, str, list[int],
     to float32)."""
 def write_ggla(
     path: str | PathLike[str],
-    pairs: list[tuple[str, npt.NDArray[np.float32], npt.NDArray[np.float32]]],
-    alpha: float,
+    adapter: Adapter,
     a_as_f16: bool,
     written: list[str] | None = None,
 ) -> Path:
-    """Writes a legacy ggla adapter atomically: ``(name, A (r, n_in), B (n_out, r))`` pairs scaled by llama.cpp's
-    rule with ``alpha`` (folded into B when the header cannot carry it); the path is appended to ``written``."""
+    """Writes ``adapter`` as a legacy ggla file, atomically: per pair ``<target>.loraA`` = Aᵀ (f16 when
+    ``a_as_f16``) and ``<target>.loraB`` = B, with llama.cpp's scale in the header when it can carry it and folded
+    into B otherwise; the path is appended to ``written`` once it is in place."""
+def refuse_output_onto_inputs(out: str | PathLike[str], inputs: Sequence[str | PathLike[str]]) -> None:
+    """Refuses (``PatchError``, kind ``output_is_input``) an output path that names one of ``inputs`` (the same
+    file, by device and inode, or the same path): the project's one output-is-input check."""
+def peft_scale(alpha: float, r: int, use_rslora: bool) -> float:
+    """PEFT's scale of one module: ``alpha / sqrt(r)`` with rsLoRA, else ``alpha / r`` (the core's one scale rule)."""
+
+@final
+class WeightInfo:
+    """One tensor of a PEFT weights file."""
+    @property
+    def name(self) -> str:
+        """The state-dict key."""
+    @property
+    def dtype(self) -> str:
+        """``"F32"``, ``"F16"``, ``"BF16"``, ``"F64"``, or torch's name of a non-floating type (``.bin`` only)."""
+    @property
+    def shape(self) -> list[int]:
+        """Shape, numpy order."""
+
+@final
+class PeftWeights:
+    """A PEFT adapter's weights file, open in the core: ``adapter_model.safetensors`` memory-mapped and validated
+    by the ``safetensors`` crate (only its header read), or a torch ``.bin`` materialised. Tensor values are read
+    by the adapters built from it (:meth:`Adapter.from_peft`), one pair at a time."""
+    @staticmethod
+    def open_safetensors(path: str | PathLike[str]) -> PeftWeights:
+        """Maps and validates a safetensors file; refusals are ``GGUFError`` naming the file and tensor."""
+    @staticmethod
+    def open_torch_bin(path: str | PathLike[str]) -> PeftWeights:
+        """Reads a torch ``.bin`` state dict without executing anything."""
+    @property
+    def path(self) -> Path:
+        """The file."""
+    @property
+    def tensors(self) -> list[WeightInfo]:
+        """The tensors, in the file's order."""
 
 @final
 class PatternKeys:
@@ -342,6 +385,13 @@ class Adapter:
     ) -> Adapter:
         """Builds an adapter from ``(name, dims in ggml order, type name, raw uint8 data)`` tensors in llama.cpp's
         adapter naming and layout."""
+    @staticmethod
+    def from_peft(weights: PeftWeights, plan: PeftPlan) -> Adapter:
+        """Builds a PEFT folder's adapter from its weights and a plan (``ggml_lora.convert.core.PeftPlan``): per
+        target the factor names, PEFT's r and alpha, the q/k row permutation, embedding or linear. Factor shapes
+        are checked now; values are read, transformed and scaled when a pair is used."""
+    def gguf_tensors(self) -> list[tuple[str, npt.NDArray[np.float32]]]:
+        """Every pair in llama.cpp's GGUF adapter layout: ``<target>.lora_a`` / ``.lora_b`` (and ``.dora_m``)."""
     @property
     def source(self) -> str:
         """Where the adapter came from."""

@@ -1,7 +1,7 @@
 """Merging LoRA adapters into a GGUF model: ``ggml_lora.patch``.
 
 The work happens in the Rust engine in one streaming pass; this module turns the user's arguments into the
-engine's (adapter loading, PEFT directories converted in memory, output naming, provenance metadata) and its
+engine's (adapter loading, PEFT directories planned for the core, output naming, provenance metadata) and its
 results into a :class:`PatchResult` with a per-tensor quality table.
 """
 
@@ -198,23 +198,20 @@ def _named_types(metadata: dict[str, MetadataValue]) -> list[tuple[str, str, str
 
 
 def load_adapter(adapter: PathLike | _native.Adapter, *, model: PathLike | None = None) -> _native.Adapter:
-    """Load a LoRA adapter: a llama.cpp GGUF adapter, a legacy ggla file, or a PEFT directory (converted in
-    memory; ``model`` supplies the architecture and naming; DoRA adapters included, merged exactly)."""
+    """Load a LoRA adapter: a llama.cpp GGUF adapter, a legacy ggla file, or a PEFT directory (``model`` supplies
+    the architecture and naming; DoRA adapters included, merged exactly). A PEFT directory's weights stay in
+    their memory map, as a GGUF adapter's do: each pair is read when its target is patched."""
     if isinstance(adapter, _native.Adapter):
         return adapter
     path = Path(adapter)
     if path.is_dir():
         if model is None:
             raise ValueError(f"{path}: converting a PEFT adapter directory needs the model it applies to")
-        from .convert import peft_to_lora
+        from .convert.core import peft_adapter
 
         # DoRA is allowed here: the engine merges it exactly (llama.cpp's adapter format cannot hold it).
-        lora = peft_to_lora(path, base=model, allow_dora=True)
-        tensors = []
-        for name, array in lora.tensors.items():
-            data = np.ascontiguousarray(array, dtype=np.float32)
-            tensors.append((name, [int(d) for d in reversed(data.shape)], "f32", data.reshape(-1).view(np.uint8)))
-        return _native.Adapter.from_tensors(str(path), lora.architecture, float(lora.alpha), tensors)
+        native, _, _ = peft_adapter(path, base=model, allow_dora=True)
+        return native
     return _native.Adapter.open(os.fspath(path))
 
 

@@ -1,7 +1,8 @@
 """Hugging Face PEFT LoRA adapters -> llama.cpp LoRA adapters (GGUF, or the legacy 'ggla' file).
 
-No torch and no network: ``adapter_model.safetensors`` is parsed directly (f32/f16/bf16), ``adapter_model.bin``
-is read by a restricted unpickler (:mod:`.torch_pickle`), names come from gguf-py's ``TensorNameMap`` and the
+No torch and no network: ``adapter_model.safetensors`` is memory-mapped by the core through the ``safetensors``
+crate (f32/f16/bf16/f64), ``adapter_model.bin`` is read by the core's restricted unpickler (:mod:`.torch_pickle`),
+the core builds the adapter from a typed plan made here (:mod:`.core`), names come from gguf-py's ``TensorNameMap`` and the
 base model's architecture and head counts from a GGUF file's metadata or an HF ``config.json``.
 
     lora = peft_to_lora("my-adapter/", base="model-q4_0.gguf")     # LoraTensors

@@ -1,8 +1,7 @@
-"""PEFT LoRA -> llama.cpp LoRA tensors (names, layout, transforms, exact scale)."""
+"""PEFT LoRA -> llama.cpp LoRA adapters: the module checks and the typed plan the core builds the adapter from."""
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,8 +12,7 @@ import numpy as np
 from .. import _native
 from .errors import ConversionError
 from .mapping import BaseInfo, NameMapper, read_base
-from .peft import DORA_REFUSAL, AdapterConfig, read_peft_dir
-from .transforms import embedding_factors, linear_factors, permute_lora_b
+from .peft import DORA_REFUSAL, PeftAdapter, read_peft_dir
 from .writers import GGLA_OUTTYPES, GGUF_OUTTYPES, write_ggla, write_gguf
 
 PREFIX = "base_model.model."
@@ -63,20 +61,48 @@ class LoraTensors:
         return self.alpha / b.shape[1] if self.alpha else 1.0
 
 
+@dataclass(frozen=True)
+class TargetPlan:
+    """One model tensor's part of the plan the core builds a PEFT adapter from (``rust/core/src/peft.rs``).
+
+    ``a``/``b``/``magnitude`` name tensors of the weights file; ``r``/``alpha`` are PEFT's for the module (after
+    the patterns); ``permute`` is ``(n_head, n_head_kv)`` when llama.cpp permuted the base tensor's rotary rows
+    (q: ``n_head_kv == n_head``); ``embedding`` for ``lora_embedding_A/B`` on token_embd.
+    """
+
+    target: str
+    a: str
+    b: str
+    magnitude: str | None
+    embedding: bool
+    r: int
+    alpha: float
+    permute: tuple[int, int] | None
+
+
+@dataclass(frozen=True)
+class PeftPlan:
+    """The typed plan handed to :meth:`_native.Adapter.from_peft`: the targets in pair order."""
+
+    source: str
+    architecture: str
+    use_rslora: bool
+    targets: list[TargetPlan]
+
+
 @dataclass
 class _Module:
     module: str
     kind: str | None
-    a: np.ndarray | None = None
-    b: np.ndarray | None = None
-    keys: list[str] = field(default_factory=list)
-    m: np.ndarray | None = None  # DoRA magnitude vector
-    m_key: str | None = None
+    a: _native.WeightInfo | None = None
+    b: _native.WeightInfo | None = None
+    m: _native.WeightInfo | None = None  # DoRA magnitude vector
 
 
-def _group(tensors: dict[str, np.ndarray], source: object = "the adapter") -> list[_Module]:
+def _group(tensors: list[_native.WeightInfo], source: object = "the adapter") -> list[_Module]:
     modules: dict[str, _Module] = {}
-    for key, value in sorted(tensors.items()):
+    for info in sorted(tensors, key=lambda t: t.name):
+        key = info.name
         if "lora_magnitude_vector" in key:
             for suffix in _MAGNITUDE_SUFFIXES:
                 if key.endswith(suffix):
@@ -88,9 +114,9 @@ def _group(tensors: dict[str, np.ndarray], source: object = "the adapter") -> li
             module = key[len(PREFIX): -len(suffix)]
             entry = modules.setdefault(module, _Module(module, None))
             if entry.m is not None:
-                raise ConversionError(f"module {module!r}: duplicate DoRA magnitude vector ({entry.m_key!r} and "
+                raise ConversionError(f"module {module!r}: duplicate DoRA magnitude vector ({entry.m.name!r} and "
                                       f"{key!r})")
-            entry.m, entry.m_key = value, key
+            entry.m = info
             continue
         for suffix, (kind, which) in _SUFFIXES.items():
             if key.endswith(suffix):
@@ -112,8 +138,7 @@ def _group(tensors: dict[str, np.ndarray], source: object = "the adapter") -> li
             raise ConversionError(f"module {module!r} has both linear and embedding LoRA factors")
         if getattr(entry, which.lower()) is not None:
             raise ConversionError(f"module {module!r}: duplicate lora_{which} tensor")
-        setattr(entry, which.lower(), value)
-        entry.keys.append(key)
+        setattr(entry, which.lower(), info)
     for entry in modules.values():
         if entry.a is None or entry.b is None:
             missing = "A" if entry.a is None else "B"
@@ -123,16 +148,6 @@ def _group(tensors: dict[str, np.ndarray], source: object = "the adapter") -> li
     return list(modules.values())
 
 
-def _as_f32(key: str, x: np.ndarray) -> np.ndarray:
-    if x.dtype.kind != "f":
-        raise ConversionError(f"tensor {key!r}: dtype {x.dtype} is not a floating-point type")
-    with np.errstate(over="ignore", invalid="ignore"):  # f64 beyond float32 becomes inf: refused just below
-        y = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(y).all():
-        raise ConversionError(f"tensor {key!r}: contains NaN or infinite values")
-    return y
-
-
 def _block_of(name: str) -> int | None:
     parts = name.split(".")
     if len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit():
@@ -140,40 +155,21 @@ def _block_of(name: str) -> int | None:
     return None
 
 
-def _llama_alpha(entries: list[tuple[str, int, float, float]], config: AdapterConfig) -> float | None:
-    """The single ``adapter.lora.alpha`` for which llama.cpp's alpha/rank equals PEFT's scale for every tensor,
-    or None. ``entries``: (gguf name, rank, peft alpha, peft scale)."""
-    candidates = set()
-    for _, r, alpha, _ in entries:
-        if config.use_rslora:
-            root = math.isqrt(r)
-            if root * root != r:
-                return None
-            candidates.add(alpha * root)  # alpha/sqrt(r) == (alpha*sqrt(r))/r
-        else:
-            candidates.add(alpha)
-    if len(candidates) != 1:
-        return None
-    value = candidates.pop()
-    with np.errstate(over="ignore"):  # an alpha beyond float32 becomes inf here and is refused just below
-        exact_in_f32 = float(np.float32(value)) == value
-    if not value > 0 or not exact_in_f32:
-        return None
-    return value
+def _core(call: Any, *args: Any) -> Any:
+    """A core call whose refusals (ValueError subclasses) become :class:`ConversionError` with their facts."""
+    try:
+        return call(*args)
+    except OSError:
+        raise
+    except ValueError as exc:
+        raise ConversionError.wrapping(exc) from None
 
 
-def peft_to_lora(peft_dir: str | os.PathLike[str], base: Any, *, allow_dora: bool = False) -> LoraTensors:
-    """Read a PEFT LoRA adapter folder and return its tensors in llama.cpp's GGUF naming and layout.
-
-    ``base`` is the model the adapter applies to: a GGUF model file (only its metadata and tensor shapes are
-    read) or a Hugging Face model folder with ``config.json``. No torch, no network. Raises
-    :class:`ConversionError` for anything that cannot be converted exactly.
-
-    DoRA adapters (``use_dora``) are refused unless ``allow_dora``; with it, every linear module's magnitude
-    vector is returned as ``"<tensor>.dora_m"`` (rows in GGUF order, the same row transforms as ``lora_b``),
-    PEFT's scale is folded into every ``lora_b``, ``alpha`` is 0 and ``dora`` is True (see :class:`LoraTensors`).
-    Only the patch engine can apply the result; llama.cpp's adapter files cannot represent it.
-    """
+def peft_adapter(peft_dir: str | os.PathLike[str], base: Any, *,
+                 allow_dora: bool = False) -> tuple[_native.Adapter, PeftAdapter, BaseInfo]:
+    """Read a PEFT folder's config and weights header, check every module against the base model, and have the
+    core build the adapter from the plan. Its factors stay in the weights file (mapped) until they are used:
+    patching reads each pair when its target comes up; :func:`peft_to_lora` reads them all."""
     adapter = read_peft_dir(peft_dir, allow_dora=allow_dora)
     info: BaseInfo = read_base(base)
     mapper = NameMapper(info)
@@ -181,38 +177,35 @@ def peft_to_lora(peft_dir: str | os.PathLike[str], base: Any, *, allow_dora: boo
     import gguf
 
     q_k = {gguf.MODEL_TENSOR.ATTN_Q: "q", gguf.MODEL_TENSOR.ATTN_K: "k"}
-    pieces: list[tuple[str, np.ndarray, np.ndarray]] = []
-    entries: list[tuple[str, int, float, float]] = []
     seen: dict[str, str] = {}
-    magnitudes: dict[str, np.ndarray] = {}
-    modules = _group(adapter.tensors, adapter.weights_file)
+    targets: list[TargetPlan] = []
+    modules = _group(adapter.weights.tensors, adapter.weights_file)
     for m in modules:
         if m.m is not None and not config.use_dora:
             if not allow_dora:
-                raise ConversionError(f"tensor {m.m_key!r}: DoRA magnitude vector: " + DORA_REFUSAL)
-            raise ConversionError(f"tensor {m.m_key!r}: a DoRA magnitude vector, but adapter_config.json does not "
-                                  "set use_dora; refusing the inconsistent adapter")
+                raise ConversionError(f"tensor {m.m.name!r}: DoRA magnitude vector: " + DORA_REFUSAL)
+            raise ConversionError(f"tensor {m.m.name!r}: a DoRA magnitude vector, but adapter_config.json does "
+                                  "not set use_dora; refusing the inconsistent adapter")
         if config.use_dora and m.kind == "embedding":
             raise ConversionError(f"module {m.module!r}: DoRA on an embedding (lora_embedding_A/B) is not supported")
         if config.use_dora and m.m is None:
             raise ConversionError(f"module {m.module!r}: adapter_config.json sets use_dora but the module has no "
                                   "DoRA magnitude vector (lora_magnitude_vector)")
     for m in modules:
-        a = _as_f32(m.keys[0], m.a)  # type: ignore[arg-type]
-        b = _as_f32(m.keys[-1], m.b)  # type: ignore[arg-type]
-        if a.ndim != 2 or b.ndim != 2:
-            raise ConversionError(f"module {m.module!r}: LoRA factors must be 2-D, got {a.shape} and {b.shape} "
+        a, b = m.a, m.b
+        assert a is not None and b is not None  # _group guarantees both
+        a_shape, b_shape = tuple(a.shape), tuple(b.shape)
+        if len(a_shape) != 2 or len(b_shape) != 2:
+            raise ConversionError(f"module {m.module!r}: LoRA factors must be 2-D, got {a_shape} and {b_shape} "
                                   "(convolution LoRA is not supported)")
-        if a.shape[0] != b.shape[1]:
-            raise ConversionError(f"module {m.module!r}: lora_A {a.shape} and lora_B {b.shape} disagree on the rank")
-        rank = a.shape[0]
-        mag = None
-        if m.m is not None:
-            mag = _as_f32(m.m_key or m.module, m.m)
-            if mag.ndim != 1 or mag.shape[0] != b.shape[0]:
-                raise ConversionError(f"module {m.module!r}: DoRA magnitude vector has shape {mag.shape}, expected "
-                                      f"({b.shape[0]},) (one value per output feature, as lora_B's rows)")
-        r_cfg, alpha, scale = config.module_scale(m.module)
+        if a_shape[0] != b_shape[1]:
+            raise ConversionError(f"module {m.module!r}: lora_A {a_shape} and lora_B {b_shape} disagree on the "
+                                  "rank")
+        rank = a_shape[0]
+        if m.m is not None and tuple(m.m.shape) != (b_shape[0],):
+            raise ConversionError(f"module {m.module!r}: DoRA magnitude vector has shape {tuple(m.m.shape)}, "
+                                  f"expected ({b_shape[0]},) (one value per output feature, as lora_B's rows)")
+        r_cfg, alpha = config.module_rank_alpha(m.module)
         if rank != r_cfg:
             raise ConversionError(f"module {m.module!r}: factors have rank {rank} but adapter_config.json gives "
                                   f"r = {r_cfg} for it (r / rank_pattern)")
@@ -236,6 +229,7 @@ def peft_to_lora(peft_dir: str | os.PathLike[str], base: Any, *, allow_dora: boo
                 f"module {m.module!r}: the adapter has an lm_head LoRA, but the base model's output head is tied to "
                 "token_embd (no output.weight); llama.cpp cannot apply it (llama.cpp issue #9065)"
             )
+        permute = None
         if m.kind == "embedding":
             if not is_embd:
                 raise ConversionError(f"module {m.module!r}: embedding LoRA maps to {name!r}, not token_embd.weight")
@@ -245,11 +239,9 @@ def peft_to_lora(peft_dir: str | os.PathLike[str], base: Any, *, allow_dora: boo
                     "PEFT's merge changes the output head too while its unmerged forward (and llama.cpp's runtime) "
                     "does not, so no single adapter file is right; refusing"
                 )
-            lora_a, lora_b = embedding_factors(a, b)
         else:
             if is_embd:
                 raise ConversionError(f"module {m.module!r}: a linear LoRA on token_embd is not representable")
-            lora_a, lora_b = linear_factors(a, b)
             blk = _block_of(name)
             which = None
             if blk is not None:
@@ -260,55 +252,53 @@ def peft_to_lora(peft_dir: str | os.PathLike[str], base: Any, *, allow_dora: boo
                 if blk is None or blk >= info.n_blocks:
                     raise ConversionError(f"{name!r}: cannot find its block's head counts")
                 n_head = info.n_head[blk]
-                n_kv = n_head if which == "q" else info.n_head_kv[blk]
-                lora_b = permute_lora_b(lora_b, n_head, n_kv)
-                if mag is not None:  # the magnitude's rows move with lora_b's (and the base weight's) rows
-                    mag = permute_lora_b(mag.reshape(-1, 1), n_head, n_kv).reshape(-1)
-        if info.tensor_shapes is not None:
-            shape = info.tensor_shapes.get(name)
+                permute = (n_head, n_head if which == "q" else info.n_head_kv[blk])
+        targets.append(TargetPlan(name, a.name, b.name, m.m.name if m.m is not None else None,
+                                  m.kind == "embedding", rank, alpha, permute))
+    plan = PeftPlan(str(adapter.path), info.architecture, config.use_rslora, targets)
+    native = _core(_native.Adapter.from_peft, adapter.weights, plan)
+    if info.tensor_shapes is not None:
+        modules_of = {t.target: m.module for t, m in zip(targets, modules)}
+        for target, rows, cols, *_ in native.pairs():
+            shape = info.tensor_shapes.get(target)
             if shape is None:
-                raise ConversionError(f"module {m.module!r} -> {name!r}: the base model has no such tensor")
-            want = (lora_a.shape[0], lora_b.shape[0]) if is_embd else (lora_b.shape[0], lora_a.shape[1])
-            if tuple(shape) != want:
-                raise ConversionError(f"module {m.module!r} -> {name!r}: the LoRA product has shape {want} but the "
-                                      f"base tensor is {tuple(shape)} (numpy order)")
-        pieces.append((name, lora_a, lora_b))
-        entries.append((name, rank, alpha, scale))
-        if mag is not None:
-            if is_embd or mag.shape[0] != lora_b.shape[0]:  # defensive: the transforms above keep rows aligned
-                raise ConversionError(f"module {m.module!r} -> {name!r}: cannot carry its DoRA magnitude vector "
-                                      "through the tensor's row transforms")
-            magnitudes[name] = mag
+                raise ConversionError(f"module {modules_of[target]!r} -> {target!r}: the base model has no such "
+                                      "tensor")
+            if tuple(shape) != (rows, cols):
+                raise ConversionError(f"module {modules_of[target]!r} -> {target!r}: the LoRA product has shape "
+                                      f"{(rows, cols)} but the base tensor is {tuple(shape)} (numpy order)")
+    return native, adapter, info
 
-    # DoRA normalises W + s*B@A per row, so the engine's scale must be the user's scale alone: fold PEFT's.
-    llama_alpha = None if magnitudes else _llama_alpha(entries, config)
-    if llama_alpha is not None and not np.isfinite(np.float32(llama_alpha)):
-        raise ConversionError(f"lora_alpha {llama_alpha} does not fit adapter.lora.alpha (a FLOAT32)")
-    tensors: dict[str, np.ndarray] = {}
-    for (name, lora_a, lora_b), (module, _, alpha, scale) in zip(pieces, entries):
-        if llama_alpha is None:
-            with np.errstate(over="ignore"):
-                lora_b = np.ascontiguousarray((lora_b.astype(np.float64) * scale).astype(np.float32))
-        for suffix, factor in ((".lora_a", lora_a), (".lora_b", lora_b)):
-            if not np.all(np.isfinite(factor)):
-                raise ConversionError(
-                    f"{name}{suffix}: values are not finite after applying PEFT's scale {scale:g} "
-                    f"(alpha {alpha:g}); check lora_alpha in adapter_config.json"
-                )
-        tensors[name + ".lora_a"] = np.ascontiguousarray(lora_a, dtype=np.float32)
-        tensors[name + ".lora_b"] = np.ascontiguousarray(lora_b, dtype=np.float32)
-        if name in magnitudes:
-            tensors[name + ".dora_m"] = np.ascontiguousarray(magnitudes[name], dtype=np.float32)
+
+def peft_to_lora(peft_dir: str | os.PathLike[str], base: Any, *, allow_dora: bool = False) -> LoraTensors:
+    """Read a PEFT LoRA adapter folder and return its tensors in llama.cpp's GGUF naming and layout.
+
+    ``base`` is the model the adapter applies to: a GGUF model file (only its metadata and tensor shapes are
+    read) or a Hugging Face model folder with ``config.json``. No torch, no network. Raises
+    :class:`ConversionError` for anything that cannot be converted exactly.
+
+    DoRA adapters (``use_dora``) are refused unless ``allow_dora``; with it, every linear module's magnitude
+    vector is returned as ``"<tensor>.dora_m"`` (rows in GGUF order, the same row transforms as ``lora_b``),
+    PEFT's scale is folded into every ``lora_b``, ``alpha`` is 0 and ``dora`` is True (see :class:`LoraTensors`).
+    Only the patch engine can apply the result; llama.cpp's adapter files cannot represent it.
+
+    The core builds every tensor from the weights file once (transform and scale in the same pass, see
+    ``rust/core/src/peft.rs``): one header alpha when it reproduces PEFT's scale for every module, otherwise
+    (and for DoRA) alpha 0 with each module's scale folded into its ``lora_b``.
+    """
+    native, adapter, info = peft_adapter(peft_dir, base, allow_dora=allow_dora)
+    tensors = dict(_core(native.gguf_tensors))
+    config = adapter.config
     metadata: dict[str, Any] = {"general.name": adapter.path.resolve().name or "adapter"}
     if config.base_model_name_or_path:
         metadata["general.base_model.count"] = _u32(1)
         metadata["general.base_model.0.name"] = config.base_model_name_or_path
     return LoraTensors(
         architecture=info.architecture,
-        alpha=float(llama_alpha) if llama_alpha is not None else 0.0,
+        alpha=float(native.alpha),
         tensors=tensors,
         metadata=metadata,
-        dora=bool(magnitudes),
+        dora=any(name.endswith(".dora_m") for name in tensors),
     )
 
 
@@ -357,17 +347,12 @@ def convert(
 
 
 def _refuse_input_as_output(out: Path, peft_dir: str | os.PathLike[str], base: Any) -> None:
-    """Writing over the adapter's own files or the base model would destroy an input: refuse."""
+    """Writing over the adapter's own files or the base model would destroy an input: refused by the core's one
+    check (``paths::refuse_output_onto_inputs``)."""
     if not out.exists():
         return
     inputs = [p for p in Path(peft_dir).iterdir() if p.is_file()]
     if isinstance(base, (str, os.PathLike)):
         base_path = Path(base)
         inputs += [p for p in base_path.iterdir() if p.is_file()] if base_path.is_dir() else [base_path]
-    for candidate in inputs:
-        try:
-            same = os.path.samefile(candidate, out)
-        except OSError:
-            continue
-        if same:
-            raise ConversionError(f"refusing to write the output onto an input file: {out}")
+    _core(_native.refuse_output_onto_inputs, out, inputs)

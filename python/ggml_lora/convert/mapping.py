@@ -2,8 +2,8 @@
 
 Names come from gguf-py's :class:`gguf.TensorNameMap` for the architecture (the table llama.cpp's own
 converters use); this module holds no tensor-name tables. It does hold, per supported GGUF architecture, which
-llama.cpp model converter produced it and therefore which weight transforms apply (see :mod:`.transforms`),
-and, for Hugging Face ``config.json`` bases, which GGUF architecture each HF model class converts to.
+llama.cpp model converter produced it and therefore which weight transforms apply (the core applies them:
+``rust/core/src/peft.rs``), and, for Hugging Face ``config.json`` bases, which GGUF architecture each HF model class converts to.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""Reading a PEFT adapter directory: ``adapter_config.json`` (validated) and its weights.
+"""Reading a PEFT adapter directory: ``adapter_config.json`` (validated) and its weights file.
 
-Weights come from ``adapter_model.safetensors`` (parsed here: F32, F16, BF16 and F64 tensors, bf16 widened to
-float32 exactly) or ``adapter_model.bin`` (a torch zip read by :mod:`.torch_pickle`, never by torch).
+The weights are opened by the core (``rust/core/src/peft_weights.rs``): ``adapter_model.safetensors`` is
+memory-mapped and validated by the ``safetensors`` crate (F32, F16, BF16 and F64 tensors; only the header is read
+here), ``adapter_model.bin`` is a torch zip read by :mod:`.torch_pickle`, never by torch. Either way Python sees
+the tensors' names, dtypes and shapes; their values are read by the core when the adapter is built or applied.
 """
 
 from __future__ import annotations
@@ -10,19 +12,17 @@ import functools
 import math
 import os
 import re
-import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from .. import _native
 from . import safejson
 from .errors import ConversionError
 from .safejson import short_repr
-from .torch_pickle import load_torch_bin
+from .torch_pickle import open_torch_bin
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -30,105 +30,6 @@ BIN_NAME = "adapter_model.bin"
 
 #: Ranks above this are refused as absurd (PEFT adapters use r <= a few thousand).
 MAX_RANK = 1 << 16
-_MAX_HEADER = 100 * 1024 * 1024
-
-_SAFETENSORS_DTYPES: dict[str, np.dtype[Any]] = {
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    "BF16": np.dtype("<u2"),
-    "F64": np.dtype("<f8"),
-}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# safetensors
-
-
-def load_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """Parse a safetensors file into numpy arrays (bf16 is returned as float32, exactly).
-
-    Checked as the ``safetensors`` crate checks: a JSON header within limits (:mod:`.safejson`: depth, integer
-    size, no duplicate tensor names), each entry a known dtype with a shape whose bytes equal its data range, and
-    the ranges covering the data section exactly: from 0, each starting where the previous ends (no overlap, no
-    gap), up to the end of the file. Every refusal is a :class:`ConversionError` naming the file and tensor.
-    """
-    path = Path(path)
-    _native.check_input_path(path)  # a FIFO or device is refused before it is opened
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ConversionError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", head)
-        size = os.fstat(f.fileno()).st_size
-        if n > min(_MAX_HEADER, size - 8):
-            raise ConversionError(f"{path}: not a safetensors file (header length {n} is implausible)")
-        header = safejson.loads(f.read(n), path, "safetensors header")
-        if not isinstance(header, dict):
-            raise ConversionError(f"{path}: safetensors header is not a JSON object")
-        data_start = 8 + n
-        data_size = size - data_start
-        entries = [(name, _safetensors_entry(path, name, info)) for name, info in header.items()
-                   if name != "__metadata__"]
-        _check_ranges(path, [(name, begin, end) for name, (_, _, begin, end) in entries], data_size)
-        out: dict[str, np.ndarray] = {}
-        for name, (dtype_name, shape, begin, end) in entries:
-            f.seek(data_start + begin)
-            array = np.frombuffer(f.read(end - begin), dtype=_SAFETENSORS_DTYPES[dtype_name]).reshape(shape)
-            if dtype_name == "BF16":
-                array = (array.astype(np.uint32) << 16).view(np.float32)
-            out[name] = array
-    return out
-
-
-#: Most dimensions a safetensors tensor may have here (LoRA factors have 2; numpy's own limit is 64).
-_MAX_DIMS = 8
-_MAX_ARRAY_BYTES = 1 << 62
-
-
-def _safetensors_entry(path: Path, name: str, info: Any) -> tuple[str, list[int], int, int]:
-    """``(dtype, shape, begin, end)`` of one header entry, validated on its own."""
-    where = f"{path}: tensor {short_repr(name)}"
-    if not isinstance(info, dict):
-        raise ConversionError(f"{where}: malformed safetensors entry {short_repr(info)} (expected an object)")
-    dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype_name, str) or dtype_name not in _SAFETENSORS_DTYPES:
-        raise ConversionError(f"{where} has dtype {short_repr(dtype_name)}; LoRA factors must be one of "
-                              f"{', '.join(_SAFETENSORS_DTYPES)}")
-    if not isinstance(shape, list) or len(shape) > _MAX_DIMS or not all(_is_int(d) and d >= 0 for d in shape):
-        raise ConversionError(f"{where}: shape {short_repr(shape)} is not a list of at most {_MAX_DIMS} "
-                              "non-negative integers")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(v) and v >= 0 for v in offsets):
-        raise ConversionError(f"{where}: data_offsets {short_repr(offsets)} is not a pair of non-negative "
-                              "integers")
-    itemsize = _SAFETENSORS_DTYPES[dtype_name].itemsize
-    if math.prod(max(d, 1) for d in shape) * itemsize >= _MAX_ARRAY_BYTES:  # numpy refuses these even when empty
-        raise ConversionError(f"{where}: shape {short_repr(shape)} is too large (its non-zero dimensions span "
-                              f"2^62 bytes or more)")
-    begin, end = offsets
-    nbytes = math.prod(shape) * itemsize
-    if begin > end or end - begin != nbytes:
-        raise ConversionError(f"{where}: shape {short_repr(shape)} ({dtype_name}) needs {short_repr(nbytes)} bytes "
-                              f"but data_offsets {short_repr(offsets)} give {short_repr(end - begin)}")
-    return dtype_name, shape, begin, end
-
-
-def _check_ranges(path: Path, ranges: list[tuple[str, int, int]], data_size: int) -> None:
-    """The tensors' byte ranges must tile the data section exactly, as the ``safetensors`` crate requires."""
-    expected, previous = 0, None
-    for name, begin, end in sorted(ranges, key=lambda r: (r[1], r[2])):
-        if begin != expected:
-            what = "overlaps" if begin < expected else "leaves a gap after"
-            after = f"tensor {short_repr(previous)}" if previous is not None else "the start of the data"
-            raise ConversionError(f"{path}: tensor {short_repr(name)}: data_offsets [{begin}, {end}] {what} "
-                                  f"{after} (which ends at {expected}); tensor data must be laid end to end")
-        expected, previous = end, name
-    if expected != data_size:
-        raise ConversionError(f"{path}: the tensors' data ends at byte {expected} of the data section but the file "
-                              f"holds {data_size} bytes of data (truncated, or bytes no tensor accounts for)")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -162,10 +63,9 @@ class AdapterConfig:
         return r, alpha
 
     def module_scale(self, module: str) -> tuple[int, float, float]:
-        """(r, alpha, scaling) for one module, exactly as PEFT computes ``scaling``."""
+        """(r, alpha, scaling) for one module, exactly as PEFT computes ``scaling`` (the core's one scale rule)."""
         r, alpha = self.module_rank_alpha(module)
-        scale = alpha / math.sqrt(r) if self.use_rslora else alpha / r
-        return r, alpha, scale
+        return r, alpha, _native.peft_scale(alpha, r, self.use_rslora)
 
 
 def _get_pattern_key(patterns: dict[str, Any], module: str) -> str | None:
@@ -354,10 +254,24 @@ def parse_config(config: Any, *, allow_dora: bool = False) -> AdapterConfig:
 
 @dataclass
 class PeftAdapter:
+    """A PEFT folder: its validated config and its weights file, open in the core (tensor values not read)."""
+
     path: Path
     config: AdapterConfig
-    tensors: dict[str, np.ndarray]
+    weights: _native.PeftWeights
     weights_file: Path
+
+
+def open_safetensors(path: Path) -> _native.PeftWeights:
+    """Map and validate ``adapter_model.safetensors`` in the core; every refusal is a :class:`ConversionError`
+    naming the file (and the tensor, when there is one)."""
+    _native.check_input_path(path)  # a FIFO or device is refused before it is opened
+    try:
+        return _native.PeftWeights.open_safetensors(path)
+    except OSError:
+        raise
+    except ValueError as exc:  # the core's refusals
+        raise ConversionError.wrapping(exc) from None
 
 
 def read_peft_dir(peft_dir: str | os.PathLike[str], *, allow_dora: bool = False) -> PeftAdapter:
@@ -374,11 +288,11 @@ def read_peft_dir(peft_dir: str | os.PathLike[str], *, allow_dora: bool = False)
     raw = safejson.load_file(cfg_path)
     config = parse_config(raw, allow_dora=allow_dora)
     if (path / SAFETENSORS_NAME).is_file():
-        weights = path / SAFETENSORS_NAME
-        tensors = load_safetensors(weights)
+        weights_file = path / SAFETENSORS_NAME
+        weights = open_safetensors(weights_file)
     elif (path / BIN_NAME).is_file():
-        weights = path / BIN_NAME
-        tensors = load_torch_bin(weights)
+        weights_file = path / BIN_NAME
+        weights = open_torch_bin(weights_file)
     else:
         raise ConversionError(f"{path}: no {SAFETENSORS_NAME} or {BIN_NAME}")
-    return PeftAdapter(path, config, tensors, weights)
+    return PeftAdapter(path, config, weights, weights_file)

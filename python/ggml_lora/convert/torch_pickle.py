@@ -28,6 +28,20 @@ from .. import _native
 from .errors import ConversionError
 
 
+def open_torch_bin(path: str | Path) -> _native.PeftWeights:
+    """Read a ``torch.save`` state dict into the core as a PEFT weights file (its tensors materialised there).
+    Refusals as :func:`load_torch_bin`'s."""
+    path = Path(path)
+    try:
+        return _native.PeftWeights.open_torch_bin(path)
+    except OSError:
+        raise
+    except ValueError as exc:
+        raise ConversionError.wrapping(exc) from None
+    except MemoryError:
+        raise ConversionError(f"{path}: torch file needs more memory than is available") from None
+
+
 def load_torch_bin(path: str | Path) -> dict[str, np.ndarray]:
     """Load a ``torch.save`` state dict as numpy arrays (bf16 becomes float32, exactly; other dtypes keep theirs).
 

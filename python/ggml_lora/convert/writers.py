@@ -68,22 +68,6 @@ def write_gguf(lora: LoraTensors, out: Path, out_type: str = "f32") -> Path:
     return write(out, gguf_metadata(lora), tensors)
 
 
-def _pairs(lora: LoraTensors) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(base name, P, Q) with delta = P @ Q in the numpy layout of the base tensor."""
-    out = []
-    for name in lora.tensors:
-        if not name.endswith(".lora_a"):
-            continue
-        base = name[: -len(".lora_a")]
-        a = lora.tensors[name]
-        b = lora.tensors[base + ".lora_b"]
-        if base.startswith("token_embd"):
-            out.append((base, a, np.ascontiguousarray(b.T)))
-        else:
-            out.append((base, b, a))
-    return out
-
-
 def write_ggla(lora: LoraTensors, out: Path, out_type: str = "f32") -> Path:
     """Write the legacy 'ggla' adapter of llama.cpp's convert-lora-to-ggml.py (GGUF-era tensor names).
 
@@ -93,8 +77,17 @@ def write_ggla(lora: LoraTensors, out: Path, out_type: str = "f32") -> Path:
     """
     if out_type not in GGLA_OUTTYPES:
         raise ConversionError(f"out_type {out_type!r} is not available for the ggla format (only f32 and f16)")
-    pairs = [(base, np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(p, dtype=np.float32))
-             for base, p, q in _pairs(lora)]
-    if not pairs:
+    if not any(name.endswith(".lora_a") for name in lora.tensors):
         raise ConversionError("the adapter has no LoRA tensors to write")
-    return Path(_native.write_ggla(os.fspath(out), pairs, float(lora.alpha), out_type == "f16", _written.current()))
+    # The core reads llama.cpp's layout (token_embd's included) into its pairs, and writes ggla from the pairs.
+    tensors = []
+    for name, array in lora.tensors.items():
+        data = np.ascontiguousarray(array, dtype=np.float32)
+        tensors.append((name, [int(d) for d in reversed(data.shape)], "f32", data.reshape(-1).view(np.uint8)))
+    try:
+        adapter = _native.Adapter.from_tensors("converted", lora.architecture, float(lora.alpha), tensors)
+        return Path(_native.write_ggla(os.fspath(out), adapter, out_type == "f16", _written.current()))
+    except OSError:
+        raise
+    except ValueError as exc:
+        raise ConversionError.wrapping(exc) from None

@@ -6,12 +6,14 @@
 //! llama.cpp's `get_scale`: `alpha ? user_scale * alpha / rank : user_scale`.
 
 use std::borrow::Cow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, Malformed, Result};
 use crate::ggla::{gguf_target_name, GglaFile};
 use crate::gguf::{GgufFile, TensorInfo, Value};
+use crate::peft::PeftFactors;
+use crate::peft_weights::PeftWeights;
 use crate::quant;
 use crate::types::GgmlType;
 
@@ -34,6 +36,14 @@ pub enum Factors {
         a: usize,
         /// Index of the lora_b tensor.
         b: usize,
+    },
+    /// Factors of a PEFT adapter's weights file (mapped safetensors, or a `.bin`'s tensors), read, transformed
+    /// and scaled only while their target is patched (see [`crate::peft`]).
+    Peft {
+        /// The weights file.
+        weights: Arc<PeftWeights>,
+        /// Which tensors, and how they become this pair's factors.
+        factors: PeftFactors,
     },
 }
 
@@ -77,15 +87,38 @@ impl LoraPair {
                 let (left, right) = gguf_factors(&self.target, tb, a_values, b_values);
                 Ok((Cow::Owned(left), Cow::Owned(right)))
             }
+            Factors::Peft { weights, factors } => {
+                let (left, right) = factors.load(weights, self.rows, self.cols, self.rank)?;
+                Ok((Cow::Owned(left), Cow::Owned(right)))
+            }
         }
     }
+
+    /// The pair as llama.cpp's GGUF adapter stores it: `(lora_a, lora_a shape, lora_b, lora_b shape)`, values
+    /// f32 row-major, shapes in numpy order (see [`gguf_shape`] for the layout; the inverse of reading one).
+    pub fn gguf_layout(&self) -> Result<GgufPair> {
+        let (left, right) = self.load()?;
+        let (rows, cols, rank) = (self.rows, self.cols, self.rank);
+        Ok(if is_token_embd(&self.target) {
+            // lora_a numpy (n_vocab, r) = left; lora_b numpy (n_embd, r) = rightᵀ.
+            (left.into_owned(), [rows, rank], transpose(&right, rank, cols), [cols, rank])
+        } else {
+            // lora_a numpy (r, n_in) = right; lora_b numpy (n_out, r) = left.
+            (right.into_owned(), [rank, cols], left.into_owned(), [rows, rank])
+        })
+    }
 }
+
+/// `(lora_a, its numpy shape, lora_b, its numpy shape)` of a pair in llama.cpp's GGUF adapter layout.
+pub type GgufPair = (Vec<f32>, [usize; 2], Vec<f32>, [usize; 2]);
 
 /// A loaded LoRA adapter.
 #[derive(Clone, Debug)]
 pub struct LoraAdapter {
     /// Where it came from (file path or a description), for messages and the output's metadata.
     pub source: String,
+    /// The files it reads (which no output may replace).
+    pub inputs: Vec<PathBuf>,
     /// `general.architecture` of the adapter, when it says.
     pub architecture: Option<String>,
     /// LoRA alpha; 0 means absent (the user scale is then applied alone).
@@ -99,11 +132,7 @@ pub struct LoraAdapter {
 impl LoraAdapter {
     /// llama.cpp's scale for `pair` with the user's `scale`: `alpha ? scale * alpha / rank : scale`, in f32.
     pub fn pair_scale(&self, pair: &LoraPair, user_scale: f32) -> f32 {
-        if self.alpha != 0.0 {
-            user_scale * self.alpha / pair.scale_rank as f32
-        } else {
-            user_scale
-        }
+        crate::scale::llama_scale(self.alpha, pair.scale_rank, user_scale)
     }
 
     /// Loads an adapter file, GGUF (llama.cpp's LoRA format) or legacy ggla, by its magic.
@@ -126,7 +155,9 @@ impl LoraAdapter {
         }
         if crate::ggla::is_ggla(&magic) {
             let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-            from_ggla(&bytes, &path.display().to_string()).map_err(|e| e.in_file(path))
+            let mut adapter = from_ggla(&bytes, &path.display().to_string()).map_err(|e| e.in_file(path))?;
+            adapter.inputs.push(path.to_path_buf());
+            Ok(adapter)
         } else {
             let file = Arc::new(GgufFile::open(path)?);
             from_gguf(file).map_err(|e| e.in_file(path))
@@ -189,7 +220,7 @@ impl Halves {
 }
 
 /// Transposes a rows x cols row-major matrix.
-fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+pub fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0f32; m.len()];
     for r in 0..rows {
         for c in 0..cols {
@@ -241,6 +272,7 @@ pub fn from_gguf(file: Arc<GgufFile>) -> Result<LoraAdapter> {
     }
     Ok(LoraAdapter {
         source: file.path().display().to_string(),
+        inputs: vec![file.path().to_path_buf()],
         architecture: text("general.architecture"),
         alpha,
         pairs,
@@ -270,7 +302,7 @@ pub fn from_tensors(
         let magnitude = m.map(|m| magnitude(&target, tensors[m].0, tensors[m].1, shape.rows)).transpose()?;
         pairs.push(shape.pair(target, Factors::Loaded { left, right }, magnitude));
     }
-    Ok(LoraAdapter { source, architecture, alpha, pairs, skipped })
+    Ok(LoraAdapter { source, inputs: Vec::new(), architecture, alpha, pairs, skipped })
 }
 
 /// An adapter must apply something: no pairs at all (no tensors, or only skipped 1-D norms) is an error.
@@ -501,7 +533,14 @@ pub fn from_ggla(bytes: &[u8], source: &str) -> Result<LoraAdapter> {
             magnitude: None,
         });
     }
-    Ok(LoraAdapter { source: source.to_owned(), architecture: None, alpha: file.alpha as f32, pairs, skipped })
+    Ok(LoraAdapter {
+        source: source.to_owned(),
+        inputs: Vec::new(),
+        architecture: None,
+        alpha: file.alpha as f32,
+        pairs,
+        skipped,
+    })
 }
 
 /// Every block (`blk.N.<part>`) among `targets` must hold the same parts: a ggla file cut between two pairs of a
@@ -543,8 +582,14 @@ mod tests {
             factors: Factors::Loaded { left: vec![], right: vec![] },
             magnitude: None,
         };
-        let mut adapter =
-            LoraAdapter { source: "x".into(), architecture: None, alpha: 16.0, pairs: vec![], skipped: vec![] };
+        let mut adapter = LoraAdapter {
+            source: "x".into(),
+            inputs: vec![],
+            architecture: None,
+            alpha: 16.0,
+            pairs: vec![],
+            skipped: vec![],
+        };
         assert_eq!(adapter.pair_scale(&pair, 1.0), 2.0);
         assert_eq!(adapter.pair_scale(&pair, 0.5), 1.0);
         adapter.alpha = 0.0;

@@ -71,6 +71,20 @@ pub enum Error {
         reason: String,
     },
 
+    /// A factor of a PEFT adapter that does not fit the plan made for it (see [`crate::peft`]): absent from the
+    /// weights file, not 2-D, ranks that disagree, a magnitude vector of the wrong length.
+    #[error("tensor {tensor:?}: {what}: expected {expected}, found {found}")]
+    Factor {
+        /// The tensor (its key in the weights file).
+        tensor: String,
+        /// What does not fit.
+        what: &'static str,
+        /// What the plan needs.
+        expected: String,
+        /// What the file holds.
+        found: String,
+    },
+
     /// A file's bytes break the format at byte `offset` (absolute, from the start of the file).
     #[error("malformed {format} file at byte {offset}: {kind}")]
     Malformed {
@@ -562,6 +576,9 @@ pub enum Malformed {
         /// The container version that changed the layout.
         changed_in: &'static str,
     },
+    /// A safetensors file refused by the `safetensors` crate or by the checks [`crate::peft_weights`] adds.
+    #[error("{0}")]
+    Safetensors(SafetensorsProblem),
     /// Anything else, described in words.
     #[error("{0}")]
     Other(String),
@@ -854,6 +871,86 @@ pub enum BadImatrix {
     },
 }
 
+/// What is wrong with a safetensors file (see [`crate::peft_weights`] for which checks are the crate's).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SafetensorsProblem {
+    /// The 8-byte header length is missing, over the crate's 100 MB limit, or beyond the end of the file.
+    #[error("{}", match length {
+        None => format!("not a safetensors file (shorter than 8 bytes: {file_len})"),
+        Some(n) => format!("header length {n} is implausible for a file of {file_len} bytes (at most 100000000 \
+                            and within the file)"),
+    })]
+    HeaderLength {
+        /// The length the file gives, if it has 8 bytes.
+        length: Option<u64>,
+        /// Bytes in the file.
+        file_len: u64,
+    },
+    /// The header is not UTF-8 JSON of the expected form (too deep, a number out of range, ...): the crate's
+    /// (`serde_json`'s) words, with line and column.
+    #[error("{0}")]
+    Header(String),
+    /// One tensor name given twice (the `safetensors` crate would silently keep the last).
+    #[error("safetensors header: tensor {name:?} appears twice")]
+    Duplicate {
+        /// The name.
+        name: String,
+    },
+    /// One entry's own problem: a field of the wrong type, an unknown dtype name, a shape that overflows or
+    /// whose bytes differ from its data range.
+    #[error("tensor {name:?}: {reason}")]
+    Entry {
+        /// The tensor.
+        name: String,
+        /// What is wrong, in the crate's words.
+        reason: String,
+    },
+    /// A dtype that LoRA factors cannot have.
+    #[error("tensor {name:?} has dtype {dtype}; LoRA factors must be one of F32, F16, BF16, F64")]
+    Dtype {
+        /// The tensor.
+        name: String,
+        /// Its dtype.
+        dtype: String,
+    },
+    /// More dimensions than any factor has.
+    #[error("tensor {name:?} has {dims} dimensions (at most 8)")]
+    TooManyDims {
+        /// The tensor.
+        name: String,
+        /// Its number of dimensions.
+        dims: usize,
+    },
+    /// A tensor whose data range overlaps the previous one (in offset order) or leaves a gap after it.
+    #[error(
+        "tensor {name:?}: data_offsets {offsets:?} {} {}, which ends at {previous_end}; tensor data must be laid \
+         end to end",
+        if offsets[0] < *previous_end { "overlap" } else { "leave a gap after" },
+        previous.as_ref().map_or("the start of the data".to_owned(), |p| format!("tensor {p:?}"))
+    )]
+    Offsets {
+        /// The tensor.
+        name: String,
+        /// Its `[begin, end]`, relative to the data section.
+        offsets: [u64; 2],
+        /// The tensor before it in offset order, if any.
+        previous: Option<String>,
+        /// Where that one ends (0 for the start of the data).
+        previous_end: u64,
+    },
+    /// The tensors' data does not end where the file does.
+    #[error(
+        "the tensors' data ends at byte {end} of the data section but the file holds {data_len} bytes of data \
+         (truncated, or bytes no tensor accounts for)"
+    )]
+    DataEnd {
+        /// End of the last tensor's range.
+        end: u64,
+        /// Bytes after the header.
+        data_len: u64,
+    },
+}
+
 /// The facts of an error as values, for code that handles it rather than a person reading the message (the
 /// Python binding sets them as attributes of the exception). Fields that do not apply are `None`.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -943,6 +1040,9 @@ impl Error {
             // The offset is within a zip member (inflated), not in the file: not an `offset` in this sense.
             Error::TorchBin { kind, .. } => kind.details(),
             Error::PatternKey { .. } => ErrorDetails::new("pattern_key"),
+            Error::Factor { tensor, expected, found, .. } => {
+                ErrorDetails::new("factor_shape").tensor(tensor).expected_found(expected, found)
+            }
         }
     }
 }
@@ -1012,6 +1112,7 @@ impl Malformed {
             M::LegacyLayoutChanged { name, ty, container, .. } => ErrorDetails::new("legacy_layout_changed")
                 .tensor(name)
                 .expected_found(format!("{ty} in ggjt v3"), container),
+            M::Safetensors(p) => p.details(),
             M::Other(_) => ErrorDetails::new("malformed"),
         }
     }
@@ -1097,6 +1198,29 @@ impl TorchBin {
             TorchBin::Legacy => ErrorDetails::new("legacy_torch_format"),
             TorchBin::PlainPickle => ErrorDetails::new("plain_pickle"),
             TorchBin::OutOfMemory { bytes, .. } => ErrorDetails::new("out_of_memory").found(bytes),
+        }
+    }
+}
+
+impl SafetensorsProblem {
+    fn details(&self) -> ErrorDetails {
+        use SafetensorsProblem as P;
+        match self {
+            P::HeaderLength { length, file_len } => ErrorDetails::new("header_length")
+                .expected_found(format!("at most {}", file_len.saturating_sub(8)), format!("{length:?}")),
+            P::Header(_) => ErrorDetails::new("safetensors_header"),
+            P::Duplicate { name } => ErrorDetails::new("duplicate_tensor").tensor(name),
+            P::Entry { name, .. } => ErrorDetails::new("safetensors_entry").tensor(name),
+            P::Dtype { name, dtype } => {
+                ErrorDetails::new("tensor_dtype").tensor(name).expected_found("F32, F16, BF16 or F64", dtype)
+            }
+            P::TooManyDims { name, dims } => {
+                ErrorDetails::new("bad_dim_count").tensor(name).expected_found("at most 8", dims)
+            }
+            P::Offsets { name, offsets, previous_end, .. } => {
+                ErrorDetails::new("tensor_offset").tensor(name).expected_found(previous_end, offsets[0])
+            }
+            P::DataEnd { end, data_len } => ErrorDetails::new("data_end").expected_found(data_len, end),
         }
     }
 }

@@ -271,7 +271,7 @@ pub fn write_ggla(
         Ok(())
     };
     for p in pairs {
-        let factor = if exact || alpha == 0.0 { 1.0 } else { alpha / p.rank as f64 };
+        let factor = if exact || alpha == 0.0 { 1.0 } else { crate::scale::peft_scale(alpha, p.rank, false) };
         // Aᵀ: numpy (n_in, r), ne [r, n_in].
         let mut a = Vec::with_capacity(p.a.len() * if a_as_f16 { 2 } else { 4 });
         for i in 0..p.n_in {
@@ -294,13 +294,37 @@ pub fn write_ggla(
         // The folded factor in f64, rounded once to f32 (as numpy's float64 product cast to float32).
         let b: Vec<u8> =
             p.b.iter()
-                .flat_map(|&v| (if factor == 1.0 { v } else { (v as f64 * factor) as f32 }).to_le_bytes())
+                .flat_map(|&v| (if factor == 1.0 { v } else { crate::scale::fold(v, factor) }).to_le_bytes())
                 .collect();
         // `bytes` holds the file header before the first tensor, nothing after.
         put(&mut bytes, format!("{}.loraA", p.name), i32::from(a_as_f16), [p.rank, p.n_in], a)?;
         put(&mut bytes, format!("{}.loraB", p.name), 0, [p.rank, p.n_out], b)?;
     }
     out.commit(true)
+}
+
+/// Writes `adapter` as a ggla file (see [`write_ggla`]): each pair's `delta = left @ right` is `B @ A` with
+/// B = left and A = right, whatever layout the adapter was read from.
+pub fn write_adapter(
+    path: &std::path::Path,
+    adapter: &crate::adapter::LoraAdapter,
+    a_as_f16: bool,
+) -> Result<std::path::PathBuf> {
+    let loaded = adapter.pairs.iter().map(|p| p.load()).collect::<Result<Vec<_>>>()?;
+    let pairs: Vec<GglaPair> = adapter
+        .pairs
+        .iter()
+        .zip(&loaded)
+        .map(|(p, (left, right))| GglaPair {
+            name: &p.target,
+            a: right,
+            b: left,
+            rank: p.rank,
+            n_in: p.cols,
+            n_out: p.rows,
+        })
+        .collect();
+    write_ggla(path, &pairs, f64::from(adapter.alpha), a_as_f16)
 }
 
 #[cfg(test)]

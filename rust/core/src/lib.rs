@@ -9,6 +9,8 @@
 //! - [`atomic`]: temporary-file-then-rename output files.
 //! - [`torch_bin`]: a non-executing, bounded reader of torch `.bin` state dicts (zip + pickle).
 //! - [`patterns`]: PEFT's `rank_pattern`/`alpha_pattern` key matching, in linear time.
+//! - [`peft_weights`]: a PEFT folder's weights (safetensors mapped through the `safetensors` crate, torch `.bin`);
+//!   [`peft`]: the adapter built from them by a typed plan; [`scale`]: PEFT's and llama.cpp's scale arithmetic.
 //! - [`paths`]: which kinds of path are accepted as inputs and outputs (regular files only).
 #![deny(missing_docs)]
 
@@ -24,9 +26,12 @@ pub mod model;
 pub mod patch;
 pub mod paths;
 pub mod patterns;
+pub mod peft;
+pub mod peft_weights;
 pub mod quant;
+pub mod scale;
 pub mod torch_bin;
 pub mod types;
 
-pub use error::{BadImatrix, Error, ErrorDetails, Malformed, Result, ShardProblem, TorchBin};
+pub use error::{BadImatrix, Error, ErrorDetails, Malformed, Result, SafetensorsProblem, ShardProblem, TorchBin};
 pub use types::GgmlType;

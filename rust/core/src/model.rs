@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::gguf::split::{self, is_split_key, ShardedWriter, SplitRule};
 use crate::gguf::{GgufFile, TensorInfo, TensorSpec, Value, WriteOptions};
 use crate::legacy::{self, LegacyModel};
@@ -246,11 +246,7 @@ impl ModelFile {
         let count = assignment.last().map_or(1, |&s| s + 1);
         let paths = split::output_paths(out, count)?;
         for path in &paths {
-            if self.parts.iter().any(|p| crate::paths::same_file(p.mapped.path(), path)) {
-                return Err(Error::Incompatible(crate::error::Incompatible::OutputIsInput {
-                    path: path.display().to_string(),
-                }));
-            }
+            crate::paths::refuse_output_onto_inputs(path, self.parts.iter().map(|p| p.mapped.path()))?;
         }
         let mut metadata = self.metadata.clone();
         for (key, value) in extra_metadata {

@@ -141,6 +141,15 @@ pub(crate) fn not_a_file_path() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, "not a file path")
 }
 
+/// Refuses an output that would replace one of `inputs` (the same file by device and inode, or the same path):
+/// writing it would destroy an input the output is being made from. The one such check of the project.
+pub fn refuse_output_onto_inputs<P: AsRef<Path>>(out: &Path, inputs: impl IntoIterator<Item = P>) -> Result<()> {
+    if inputs.into_iter().any(|input| same_file(input.as_ref(), out)) {
+        return Err(Error::Incompatible(crate::error::Incompatible::OutputIsInput { path: out.display().to_string() }));
+    }
+    Ok(())
+}
+
 /// True when `a` and `b` name the same existing file (same device and inode), or the same path.
 pub fn same_file(a: &Path, b: &Path) -> bool {
     #[cfg(unix)]

@@ -116,7 +116,8 @@ fn exception_for(err: &Error) -> PyErr {
         | Error::InvalidTensor { .. }
         | Error::InvalidTensorInfo(_)
         | Error::TorchBin { .. }
-        | Error::PatternKey { .. } => PyValueError::new_err(message),
+        | Error::PatternKey { .. }
+        | Error::Factor { .. } => PyValueError::new_err(message),
     }
 }
 

@@ -9,12 +9,14 @@ use ggml_lora_core::imatrix::Imatrix;
 use ggml_lora_core::model::ModelFile;
 use ggml_lora_core::patch::{AdapterInput, PatchNote, PatchOptions, PatchPlan};
 use ggml_lora_core::paths;
+use ggml_lora_core::peft::{self, ModuleKind, PeftPlan, PeftTarget};
 use ggml_lora_core::Error;
-use numpy::PyReadonlyArrayDyn;
+use numpy::{PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString};
 
+use crate::convert::NativePeftWeights;
 use crate::errors::IntoPyResult;
 use crate::gguf::{ggml_type, split_rule};
 use crate::lora_pair::LoraPair;
@@ -32,8 +34,58 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 /// A loaded LoRA adapter (GGUF, ggla, or tensors from the PEFT converter).
 #[pyclass(name = "Adapter", module = "ggml_lora._native", frozen)]
 pub struct NativeAdapter {
-    inner: Arc<LoraAdapter>,
+    /// The core's adapter.
+    pub inner: Arc<LoraAdapter>,
 }
+
+/// One target of a PEFT plan, read from the Python object's attributes (`ggml_lora.convert.core.TargetPlan`).
+#[derive(FromPyObject)]
+struct TargetPlan {
+    target: String,
+    a: String,
+    b: String,
+    magnitude: Option<String>,
+    embedding: bool,
+    r: usize,
+    alpha: f64,
+    permute: Option<(usize, usize)>,
+}
+
+/// A PEFT plan, read from the Python object's attributes (`ggml_lora.convert.core.PeftPlan`).
+#[derive(FromPyObject)]
+struct Plan {
+    source: String,
+    architecture: String,
+    use_rslora: bool,
+    targets: Vec<TargetPlan>,
+}
+
+impl From<Plan> for PeftPlan {
+    fn from(plan: Plan) -> PeftPlan {
+        PeftPlan {
+            source: plan.source,
+            architecture: plan.architecture,
+            use_rslora: plan.use_rslora,
+            targets: plan
+                .targets
+                .into_iter()
+                .map(|t| PeftTarget {
+                    target: t.target,
+                    a: t.a,
+                    b: t.b,
+                    magnitude: t.magnitude,
+                    kind: if t.embedding { ModuleKind::Embedding } else { ModuleKind::Linear },
+                    r: t.r,
+                    alpha: t.alpha,
+                    permute: t.permute,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// `(tensor name, f32 array)` of an adapter in llama.cpp's GGUF layout.
+type GgufTensor<'py> = (String, Bound<'py, PyArrayDyn<f32>>);
 
 #[pymethods]
 impl NativeAdapter {
@@ -78,6 +130,33 @@ impl NativeAdapter {
             })
             .py_err()?;
         Ok(NativeAdapter { inner: Arc::new(inner) })
+    }
+
+    /// Builds a PEFT folder's adapter from its open weights file and a plan (an object with `source`,
+    /// `architecture`, `use_rslora` and `targets`, each target with `target`, `a`, `b`, `magnitude`,
+    /// `embedding`, `r`, `alpha`, `permute`). The factors stay in the file until their target is patched.
+    #[staticmethod]
+    fn from_peft(py: Python<'_>, weights: PyRef<'_, NativePeftWeights>, plan: Plan) -> PyResult<Self> {
+        let (weights, plan) = (Arc::clone(&weights.inner), PeftPlan::from(plan));
+        let inner = py.detach(|| peft::build(weights, &plan)).py_err()?;
+        Ok(NativeAdapter { inner: Arc::new(inner) })
+    }
+
+    /// Every pair in llama.cpp's GGUF adapter layout, in pair order: `<target>.lora_a`, `<target>.lora_b` and,
+    /// for DoRA, `<target>.dora_m`, as float32 arrays (numpy shapes: linear (r, n_in) and (n_out, r);
+    /// token_embd (n_vocab, r) and (n_embd, r); dora_m (n_out,)).
+    fn gguf_tensors<'py>(&self, py: Python<'py>) -> PyResult<Vec<GgufTensor<'py>>> {
+        let mut out = Vec::with_capacity(self.inner.pairs.len() * 2);
+        for pair in &self.inner.pairs {
+            let (a, a_shape, b, b_shape) = py.detach(|| pair.gguf_layout()).py_err()?;
+            out.push((format!("{}.lora_a", pair.target), PyArray1::from_vec(py, a).reshape(a_shape.to_vec())?));
+            out.push((format!("{}.lora_b", pair.target), PyArray1::from_vec(py, b).reshape(b_shape.to_vec())?));
+            if let Some(m) = &pair.magnitude {
+                let len = vec![m.len()];
+                out.push((format!("{}.dora_m", pair.target), PyArray1::from_slice(py, m).reshape(len)?));
+            }
+        }
+        Ok(out)
     }
 
     /// Where the adapter came from.

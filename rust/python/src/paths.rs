@@ -11,6 +11,7 @@ use crate::errors::IntoPyResult;
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_output_path, m)?)?;
     m.add_function(wrap_pyfunction!(check_input_path, m)?)?;
+    m.add_function(wrap_pyfunction!(refuse_output_onto_inputs, m)?)?;
     Ok(())
 }
 
@@ -26,4 +27,11 @@ fn check_output_path(path: PathBuf) -> PyResult<()> {
 #[pyfunction]
 fn check_input_path(path: PathBuf) -> PyResult<()> {
     paths::check_input(&path).py_err()
+}
+
+/// Refuses (`PatchError`, kind `output_is_input`) an output path that names one of `inputs` (the same file, by
+/// device and inode, or the same path).
+#[pyfunction]
+fn refuse_output_onto_inputs(out: PathBuf, inputs: Vec<PathBuf>) -> PyResult<()> {
+    paths::refuse_output_onto_inputs(&out, &inputs).py_err()
 }

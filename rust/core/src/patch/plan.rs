@@ -485,13 +485,9 @@ impl<'a> PatchPlan<'a> {
         if let Some(base) = self.base {
             inputs.extend(base.shards().iter().map(|(p, _)| p.to_path_buf()));
         }
+        inputs.extend(self.adapters.iter().flat_map(|a| a.adapter.inputs.iter().cloned()));
         inputs.extend(self.adapters.iter().map(|a| PathBuf::from(&a.adapter.source)));
-        for input in inputs {
-            if crate::paths::same_file(&input, out) {
-                return Err(incompatible(Incompatible::OutputIsInput { path: out.display().to_string() }));
-            }
-        }
-        Ok(())
+        crate::paths::refuse_output_onto_inputs(out, &inputs)
     }
 }
 

@@ -80,6 +80,7 @@ pub fn pair(target: &str, rows: usize, cols: usize, rank: usize, left: Vec<f32>,
 pub fn adapter(source: &str, arch: Option<&str>, pairs: Vec<LoraPair>, scale: f32) -> AdapterInput {
     let adapter = LoraAdapter {
         source: source.into(),
+        inputs: Vec::new(),
         architecture: arch.map(str::to_owned),
         alpha: 0.0,
         pairs,
