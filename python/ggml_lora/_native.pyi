@@ -439,16 +439,59 @@ def patch(
     intermediate: str | None = None,
     threads: int | None = None,
     sync: bool = True,
-    extra_metadata: list[tuple[str, str, str | None, Any]] = ...,
-    progress: Callable[[int, int, str, int, int], object] | None = None,
+    extra_metadata: Mapping[str, _TypedValue] | None = None,
+    progress: Callable[[PatchProgress], object] | None = None,
     tensor_types: list[tuple[str, str]] = ...,
     imatrix: tuple[str, list[tuple[str, list[float]]]] | None = None,
     keep_lora: float | None = None,
     split: tuple[str, int] | None = None,
     written: list[str] | None = None,
-) -> tuple[list[Path], list[TensorReport], int, int, float, list[PatchNote]]:
-    """Runs a patch; returns ``(output paths in shard order, per-tensor reports, tensors copied, bytes written,
-    seconds, notes)``. ``written`` gets the output paths appended as soon as they are in place."""
+) -> PatchOutcome:
+    """Runs a patch. ``extra_metadata``: keys to add or replace in the output, as ``MetadataValue``s (read by
+    attribute; types are ``GGUFValueType`` ids). ``written`` gets the output paths appended as soon as they are
+    in place."""
+
+@final
+class PatchProgress:
+    """Where a running patch is: tensors and output bytes done out of the totals (the progress callback's
+    argument; public as ``ggml_lora.PatchProgress``)."""
+    @property
+    def tensors_done(self) -> int:
+        """Tensors written so far (copied or patched)."""
+    @property
+    def tensors_total(self) -> int:
+        """Tensors in the output."""
+    @property
+    def tensor(self) -> str:
+        """The tensor being worked on (the last one written when ``tensors_done == tensors_total``)."""
+    @property
+    def bytes_done(self) -> int:
+        """Output bytes written so far."""
+    @property
+    def bytes_total(self) -> int:
+        """Output bytes in all."""
+
+@final
+class PatchOutcome:
+    """What a finished patch did."""
+    @property
+    def outputs(self) -> list[Path]:
+        """The output files, in shard order (one file unless the output is split)."""
+    @property
+    def tensors(self) -> list[TensorReport]:
+        """One report per patched tensor, in file order."""
+    @property
+    def copied(self) -> int:
+        """Tensors copied from the model unchanged."""
+    @property
+    def bytes_written(self) -> int:
+        """Bytes written, every output file together."""
+    @property
+    def seconds(self) -> float:
+        """Wall time of the patch, in seconds."""
+    @property
+    def notes(self) -> list[PatchNote]:
+        """Things worth knowing about the result."""
 
 @final
 class PatchNote:

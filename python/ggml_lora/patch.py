@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -53,14 +53,8 @@ def _note_text(note: _native.PatchNote) -> str:
     return note.kind.replace("_", " ")
 
 
-class PatchProgress(NamedTuple):
-    """Where a running patch is: tensors and output bytes done out of the totals."""
-
-    tensors_done: int
-    tensors_total: int
-    tensor: str
-    bytes_done: int
-    bytes_total: int
+#: Where a running patch is (tensors_done, tensors_total, tensor, bytes_done, bytes_total); made by the core.
+PatchProgress = _native.PatchProgress
 
 
 @dataclass(frozen=True)
@@ -188,13 +182,6 @@ class PatchResult:
             ]
         lines += [f"note: {_note_text(n)}" for n in self.notes]
         return "\n".join(lines)
-
-
-def _named_types(metadata: dict[str, MetadataValue]) -> list[tuple[str, str, str | None, Any]]:
-    """``metadata`` as the native ``patch`` still takes it: ``(key, type name, element type name, value)``.
-    (The other native writers take the ``MetadataValue``s themselves; ``patch``'s signature is changed apart.)"""
-    return [(key, m.type.name, m.sub_type.name if m.sub_type is not None else None, m.value)
-            for key, m in metadata.items()]
 
 
 def load_adapter(adapter: PathLike | _native.Adapter, *, model: PathLike | None = None) -> _native.Adapter:
@@ -354,15 +341,8 @@ def patch(
     weights = _imatrix_entries(imatrix)
     if weights is not None:
         extra["ggml_lora.imatrix"] = Path(weights[0]).name
-    callback = None
-    if progress is not None:
-        user_progress = progress
-
-        def callback(done: int, total: int, tensor: str, bytes_done: int, bytes_total: int) -> None:
-            user_progress(PatchProgress(done, total, tensor, bytes_done, bytes_total))
-
     try:
-        paths, rows, copied, bytes_written, seconds, notes = _native.patch(
+        outcome = _native.patch(
             os.fspath(model),
             loaded,
             os.fspath(base) if base is not None else None,
@@ -371,8 +351,8 @@ def patch(
             intermediate=intermediate,
             threads=threads,
             sync=sync,
-            extra_metadata=_named_types(_typed_all(extra)),
-            progress=callback,
+            extra_metadata=_typed_all(extra),
+            progress=progress,
             tensor_types=list(tensor_types.items() if isinstance(tensor_types, Mapping) else tensor_types or []),
             imatrix=weights,
             keep_lora=keep_lora,
@@ -383,14 +363,14 @@ def patch(
         _add_advice(exc)
         raise
     result = PatchResult(
-        out=Path(paths[0]),
-        outputs=[Path(p) for p in paths],
-        tensors=[TensorQuality._from_native(row) for row in rows],
-        copied=copied,
-        bytes_written=bytes_written,
-        seconds=seconds,
+        out=Path(outcome.outputs[0]),
+        outputs=[Path(p) for p in outcome.outputs],
+        tensors=[TensorQuality._from_native(row) for row in outcome.tensors],
+        copied=outcome.copied,
+        bytes_written=outcome.bytes_written,
+        seconds=outcome.seconds,
         used_base=base is not None,
-        notes=notes,
+        notes=outcome.notes,
     )
     result.suggestions = _suggestions(result, base, out_type)
     return result

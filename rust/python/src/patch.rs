@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use ggml_lora_core::adapter::{self, LoraAdapter};
-use ggml_lora_core::gguf::{tensor_nbytes, TensorInfo, Value};
+use ggml_lora_core::gguf::{tensor_nbytes, TensorInfo};
 use ggml_lora_core::imatrix::Imatrix;
 use ggml_lora_core::model::ModelFile;
 use ggml_lora_core::patch::{AdapterInput, PatchNote, PatchOptions, PatchPlan};
@@ -14,19 +14,21 @@ use ggml_lora_core::Error;
 use numpy::{PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyList, PyString};
+use pyo3::types::{PyDict, PyList, PyString};
 
 use crate::convert::NativePeftWeights;
 use crate::errors::IntoPyResult;
 use crate::gguf::{ggml_type, split_rule};
 use crate::lora_pair::LoraPair;
-use crate::values::{value_from_py, value_type};
+use crate::values::metadata_from_py;
 
 /// Adds the adapter class and the patch function to the module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeAdapter>()?;
     m.add_class::<TensorRow>()?;
     m.add_class::<NoteRow>()?;
+    m.add_class::<PatchOutcome>()?;
+    m.add_class::<PatchProgress>()?;
     m.add_function(wrap_pyfunction!(patch, m)?)?;
     Ok(())
 }
@@ -273,7 +275,7 @@ impl NoteRow {
 /// any Python code runs again, so an interrupt handled later can tell that the output is complete.
 #[pyfunction]
 #[pyo3(signature = (model, adapters, base, out, *, out_type = None, intermediate = None, threads = None,
-                    sync = true, extra_metadata = Vec::new(), progress = None, tensor_types = Vec::new(),
+                    sync = true, extra_metadata = None, progress = None, tensor_types = Vec::new(),
                     imatrix = None, keep_lora = None, split = None, written = None))]
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn patch(
@@ -286,20 +288,16 @@ fn patch(
     intermediate: Option<&str>,
     threads: Option<usize>,
     sync: bool,
-    extra_metadata: Vec<(String, String, Option<String>, Bound<'_, PyAny>)>,
+    extra_metadata: Option<Bound<'_, PyDict>>,
     progress: Option<Py<PyAny>>,
     tensor_types: Vec<(String, String)>,
     imatrix: Option<(String, Vec<(String, Vec<f32>)>)>,
     keep_lora: Option<f64>,
     split: Option<(String, u64)>,
     written: Option<Bound<'_, PyList>>,
-) -> PyResult<(Vec<PathBuf>, Vec<TensorRow>, usize, u64, f64, Vec<NoteRow>)> {
+) -> PyResult<PatchOutcome> {
     paths::check_output(&out).py_err()?;
-    let mut metadata: Vec<(String, Value)> = Vec::with_capacity(extra_metadata.len());
-    for (key, ty, elem, obj) in extra_metadata {
-        let elem = elem.as_deref().map(value_type).transpose()?;
-        metadata.push((key, value_from_py(&obj, value_type(&ty)?, elem)?));
-    }
+    let metadata = extra_metadata.as_ref().map(metadata_from_py).transpose()?.unwrap_or_default();
     let options = PatchOptions {
         out_type: out_type.map(ggml_type).transpose()?,
         intermediate: intermediate.map(ggml_type).transpose()?,
@@ -325,9 +323,16 @@ fn patch(
         let mut on_progress = |p: &ggml_lora_core::patch::Progress<'_>| -> Result<(), Error> {
             Python::attach(|py| {
                 let outcome = py.check_signals().and_then(|_| match &progress {
-                    Some(cb) => cb
-                        .call1(py, (p.tensors_done, p.tensors_total, p.tensor, p.bytes_done, p.bytes_total))
-                        .map(|_| ()),
+                    Some(cb) => {
+                        let progress = PatchProgress {
+                            tensors_done: p.tensors_done,
+                            tensors_total: p.tensors_total,
+                            tensor: p.tensor.to_owned(),
+                            bytes_done: p.bytes_done,
+                            bytes_total: p.bytes_total,
+                        };
+                        cb.call1(py, (progress,)).map(|_| ())
+                    }
                     None => Ok(()),
                 });
                 outcome.map_err(|e| {
@@ -351,22 +356,97 @@ fn patch(
     let rows = report
         .tensors
         .iter()
-        .map(|t| TensorRow {
-            name: t.name.clone(),
-            model_type: t.model_type.name(),
-            out_type: t.out_type.name(),
-            from_base: t.from_base,
-            n_adapters: t.n_adapters,
-            relative_change: t.relative_change(),
-            retained: t.retained(),
-            cosine: t.cosine(),
-            error_ratio: t.error_ratio(),
-            used_imatrix: t.used_imatrix,
-            promoted_from: t.promoted_from.map(|(ty, _)| ty.name()),
-            retained_before_promotion: t.promoted_from.map(|(_, r)| r),
-            extra_bytes: t.extra_bytes(),
+        .map(|t| {
+            Py::new(
+                py,
+                TensorRow {
+                    name: t.name.clone(),
+                    model_type: t.model_type.name(),
+                    out_type: t.out_type.name(),
+                    from_base: t.from_base,
+                    n_adapters: t.n_adapters,
+                    relative_change: t.relative_change(),
+                    retained: t.retained(),
+                    cosine: t.cosine(),
+                    error_ratio: t.error_ratio(),
+                    used_imatrix: t.used_imatrix,
+                    promoted_from: t.promoted_from.map(|(ty, _)| ty.name()),
+                    retained_before_promotion: t.promoted_from.map(|(_, r)| r),
+                    extra_bytes: t.extra_bytes(),
+                },
+            )
         })
-        .collect();
-    let notes = report.notes.iter().map(NoteRow::from).collect();
-    Ok((report.outputs, rows, report.copied, report.bytes_written, report.seconds, notes))
+        .collect::<PyResult<Vec<_>>>()?;
+    let notes = report.notes.iter().map(|n| Py::new(py, NoteRow::from(n))).collect::<PyResult<Vec<_>>>()?;
+    Ok(PatchOutcome {
+        outputs: report.outputs,
+        tensors: rows,
+        copied: report.copied,
+        bytes_written: report.bytes_written,
+        seconds: report.seconds,
+        notes,
+    })
+}
+
+/// Where a running patch is: tensors and output bytes done out of the totals (passed to the progress callback).
+#[pyclass(name = "PatchProgress", module = "ggml_lora._native", frozen, get_all)]
+pub struct PatchProgress {
+    /// Tensors written so far (copied or patched).
+    tensors_done: usize,
+    /// Tensors in the output.
+    tensors_total: usize,
+    /// The tensor being worked on (the last one written when `tensors_done == tensors_total`).
+    tensor: String,
+    /// Output bytes written so far.
+    bytes_done: u64,
+    /// Output bytes in all.
+    bytes_total: u64,
+}
+
+#[pymethods]
+impl PatchProgress {
+    /// `PatchProgress(tensors_done=3, tensors_total=201, tensor='blk.0.attn_k.weight', bytes_done=..., bytes_total=...)`.
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
+            "PatchProgress(tensors_done={}, tensors_total={}, tensor={}, bytes_done={}, bytes_total={})",
+            self.tensors_done,
+            self.tensors_total,
+            PyString::new(py, &self.tensor).repr()?,
+            self.bytes_done,
+            self.bytes_total
+        ))
+    }
+}
+
+/// What a finished patch did: its output files, a report per patched tensor, and notes.
+#[pyclass(name = "PatchOutcome", module = "ggml_lora._native", frozen, get_all)]
+pub struct PatchOutcome {
+    /// The output files, in shard order (one file unless the output is split).
+    outputs: Vec<PathBuf>,
+    /// One report per patched tensor, in file order.
+    tensors: Vec<Py<TensorRow>>,
+    /// Tensors copied from the model unchanged.
+    copied: usize,
+    /// Bytes written, every output file together.
+    bytes_written: u64,
+    /// Wall time of the patch, in seconds.
+    seconds: f64,
+    /// Things worth knowing about the result.
+    notes: Vec<Py<NoteRow>>,
+}
+
+#[pymethods]
+impl PatchOutcome {
+    /// `PatchOutcome(outputs=[...], tensors=<n patched>, copied=..., bytes_written=..., seconds=..., notes=<n>)`.
+    fn __repr__(&self) -> String {
+        format!(
+            "PatchOutcome(outputs={:?}, tensors=<{} patched>, copied={}, bytes_written={}, seconds={:.3}, notes=<{}>)",
+            self.outputs,
+            self.tensors.len(),
+            self.copied,
+            self.bytes_written,
+            self.seconds,
+            self.notes.len()
+        )
+    }
 }

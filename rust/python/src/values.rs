@@ -121,13 +121,8 @@ fn typed_value_from_py(typed: &Bound<'_, PyAny>) -> PyResult<Value> {
     value_from_py(&typed.value, value_type_of_id(typed.ty)?, sub_type)
 }
 
-/// Parses a value type name ("UINT32", "string", ...). Only `patch`'s `extra_metadata` still passes names.
-pub fn value_type(name: &str) -> PyResult<ValueType> {
-    ValueType::from_name(name).ok_or_else(|| PyValueError::new_err(format!("unknown GGUF value type {name:?}")))
-}
-
 /// Converts a Python object to a value of type `ty` (arrays: of `element_type`), checking ranges.
-pub fn value_from_py(obj: &Bound<'_, PyAny>, ty: ValueType, element_type: Option<ValueType>) -> PyResult<Value> {
+fn value_from_py(obj: &Bound<'_, PyAny>, ty: ValueType, element_type: Option<ValueType>) -> PyResult<Value> {
     let value = match ty {
         ValueType::U8 => obj.extract().map(Value::U8),
         ValueType::I8 => obj.extract().map(Value::I8),
