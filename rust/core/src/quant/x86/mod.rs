@@ -770,13 +770,86 @@ unsafe fn block_min_max(v: &[__m256; 4]) -> (f32, f32) {
     (_mm_cvtss_f32(lo), _mm_cvtss_f32(hi))
 }
 
+/// The smallest value of each of 4 vectors (lane `k` of the result: the minimum of `v[k]`); with `MAX`, the
+/// largest. A 4 x 4 transpose folded into the comparisons.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn min_max_of_4<const MAX: bool>(v: [__m128; 4]) -> __m128 {
+    let f = |a, b| if MAX { _mm_max_ps(a, b) } else { _mm_min_ps(a, b) };
+    // [a0 a2, b0 b2, a1 a3, b1 b3] folded, then the same for c and d.
+    let ab = f(_mm_unpacklo_ps(v[0], v[1]), _mm_unpackhi_ps(v[0], v[1]));
+    let cd = f(_mm_unpacklo_ps(v[2], v[3]), _mm_unpackhi_ps(v[2], v[3]));
+    f(_mm_movelh_ps(ab, cd), _mm_movehl_ps(cd, ab))
+}
+
+/// Blocks per group of [`q4_1_q5_1_quantize_avx2`].
+const Q41_GROUP: usize = 4;
+
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn q4_1_q5_1_quantize_avx2<const BITS: u32>(src: &[f32], dst: &mut [u8], scalar: ScalarBlock) -> bool {
     let (levels, bb) = if BITS == 4 { (15.0f32, 20) } else { (31.0f32, 24) };
-    let half = _mm256_set1_ps(0.5);
-    let fifteen = _mm256_set1_epi32(15);
-    for (x, y) in src.chunks_exact(QK4_0).zip(dst.chunks_exact_mut(bb)) {
-        prefetch_ahead(x);
+    // Four blocks at a time: their minima, maxima, scales and reciprocals side by side in 4 lanes. One block at a
+    // time, the two dependent scalar divisions per block bound the loop by latency; here two vector divisions
+    // serve four blocks. Then each block's codes from its values (reloaded: still in L1, and keeping 16 vectors
+    // live would spill).
+    let mut xs = src.chunks_exact(Q41_GROUP * QK4_0);
+    let mut ys = dst.chunks_exact_mut(Q41_GROUP * bb);
+    let abs_mask = _mm256_set1_epi32(0x7FFF_FFFF);
+    let (zero, one, inf, sign) = (_mm_setzero_ps(), _mm_set1_ps(1.0), _mm_set1_ps(f32::INFINITY), _mm_set1_ps(-0.0));
+    for (x4, y4) in (&mut xs).zip(&mut ys) {
+        let mut amax = _mm256_setzero_si256();
+        let mut lows = [zero; Q41_GROUP];
+        let mut highs = [zero; Q41_GROUP];
+        for (b, x) in x4.chunks_exact(QK4_0).enumerate() {
+            prefetch_ahead(x);
+            let v = load_block(x);
+            for vk in v {
+                amax = _mm256_max_epi32(amax, _mm256_and_si256(_mm256_castps_si256(vk), abs_mask));
+            }
+            let lo = _mm256_min_ps(_mm256_min_ps(v[0], v[1]), _mm256_min_ps(v[2], v[3]));
+            let hi = _mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3]));
+            lows[b] = _mm_min_ps(_mm256_castps256_ps128(lo), _mm256_extractf128_ps::<1>(lo));
+            highs[b] = _mm_max_ps(_mm256_castps256_ps128(hi), _mm256_extractf128_ps::<1>(hi));
+        }
+        if _mm256_movemask_epi8(_mm256_cmpgt_epi32(amax, _mm256_set1_epi32(0x7F7F_FFFF))) != 0 {
+            return false;
+        }
+        // As a tree, equal to C's sequential strict comparisons unless the result is a zero (see below).
+        let (min, max) = (min_max_of_4::<false>(lows), min_max_of_4::<true>(highs));
+        let d = _mm_div_ps(_mm_sub_ps(max, min), _mm_set1_ps(levels));
+        // id = d != 0 ? 1/d : 0 (`!=` is true for NaN, as in C).
+        let id = _mm_and_ps(_mm_div_ps(one, d), _mm_cmp_ps::<_CMP_NEQ_UQ>(d, zero));
+        // A zero extreme takes the sign of the block's first zero; overflowing scales convert NaN/inf to integers:
+        // both left to the scalar definition.
+        let special = _mm_or_ps(
+            _mm_or_ps(_mm_cmp_ps::<_CMP_EQ_OQ>(min, zero), _mm_cmp_ps::<_CMP_EQ_OQ>(max, zero)),
+            _mm_or_ps(
+                _mm_cmp_ps::<_CMP_NLT_UQ>(_mm_andnot_ps(sign, d), inf),
+                _mm_cmp_ps::<_CMP_NLT_UQ>(_mm_andnot_ps(sign, id), inf),
+            ),
+        );
+        let special = _mm_movemask_ps(special);
+        // F16C rounds finite values to nearest even, as ggml's software conversion does: (d, min) of block b are
+        // the halves 2b, 2b + 1, the block's first 4 bytes.
+        let dm = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_set_m128(
+            _mm_unpackhi_ps(d, min),
+            _mm_unpacklo_ps(d, min),
+        ));
+        let mut dm_words = [0u32; Q41_GROUP];
+        let (mut mins, mut ids) = ([0f32; Q41_GROUP], [0f32; Q41_GROUP]);
+        _mm_storeu_si128(dm_words.as_mut_ptr().cast(), dm);
+        _mm_storeu_ps(mins.as_mut_ptr(), min);
+        _mm_storeu_ps(ids.as_mut_ptr(), id);
+        for (b, (x, y)) in x4.chunks_exact(QK4_0).zip(y4.chunks_exact_mut(bb)).enumerate() {
+            if special & (1 << b) != 0 {
+                scalar(x, y);
+                continue;
+            }
+            y[..4].copy_from_slice(&dm_words[b].to_le_bytes());
+            q4_1_q5_1_codes::<BITS>(&load_block(x), mins[b], ids[b], y);
+        }
+    }
+    for (x, y) in xs.remainder().chunks_exact(QK4_0).zip(ys.into_remainder().chunks_exact_mut(bb)) {
         let v = load_block(x);
         let (_, amax_bits) = abs_bits_and_max(&v);
         if amax_bits >= 0x7F80_0000 {
@@ -786,38 +859,39 @@ unsafe fn q4_1_q5_1_quantize_avx2<const BITS: u32>(src: &[f32], dst: &mut [u8], 
         let d = (max - min) / levels;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         if min == 0.0 || max == 0.0 || !d.is_finite() || !id.is_finite() {
-            // A zero extreme takes the sign of the block's first zero; overflowing scales convert NaN/inf to
-            // integers: both left to the scalar definition.
             scalar(x, y);
             continue;
         }
-        // F16C rounds finite values to nearest even, as ggml's software conversion does.
         let dm = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_setr_ps(d, min, 0.0, 0.0));
         y[..4].copy_from_slice(&(_mm_cvtsi128_si32(dm) as u32).to_le_bytes());
-        let (minv, idv) = (_mm256_set1_ps(min), _mm256_set1_ps(id));
-        // (x - min) * id, then + 0.5 (separate roundings), truncated: in [0, levels + 0.5] for a finite id.
-        let q = |k: usize| _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(v[k], minv), idv), half));
-        let (q0, q1, q2, q3) = (q(0), q(1), q(2), q(3));
-        let qs = if BITS == 4 {
-            let (q0, q1, q2, q3) = (
-                _mm256_min_epi32(q0, fifteen),
-                _mm256_min_epi32(q1, fifteen),
-                _mm256_min_epi32(q2, fifteen),
-                _mm256_min_epi32(q3, fifteen),
-            );
-            nibbles(q0, q1, q2, q3)
-        } else {
-            // Fifth bits to the sign bit, one movemask per 8 codes: bit j of qh for code j.
-            let h = |q: __m256i| _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_slli_epi32::<27>(q))) as u32;
-            let qh = h(q0) | h(q1) << 8 | h(q2) << 16 | h(q3) << 24;
-            y[4..8].copy_from_slice(&qh.to_le_bytes());
-            let low = _mm256_set1_epi32(0x0F);
-            let m = |q: __m256i| _mm256_and_si256(q, low);
-            nibbles(m(q0), m(q1), m(q2), m(q3))
-        };
-        _mm_storeu_si128(y[bb - 16..].as_mut_ptr().cast(), qs);
+        q4_1_q5_1_codes::<BITS>(&v, min, id, y);
     }
     true
+}
+
+/// The codes of one q4_1 / q5_1 block (`y` after its 4 bytes of `d` and `m`): `(x - min) * id`, then `+ 0.5`
+/// (separate roundings), truncated: in `[0, levels + 0.5]` for a finite `id`; q4_1 clamps to 15.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn q4_1_q5_1_codes<const BITS: u32>(v: &[__m256; 4], min: f32, id: f32, y: &mut [u8]) {
+    let (minv, idv, half) = (_mm256_set1_ps(min), _mm256_set1_ps(id), _mm256_set1_ps(0.5));
+    let q = |k: usize| _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(v[k], minv), idv), half));
+    let (q0, q1, q2, q3) = (q(0), q(1), q(2), q(3));
+    let qs = if BITS == 4 {
+        let fifteen = _mm256_set1_epi32(15);
+        let m = |q: __m256i| _mm256_min_epi32(q, fifteen);
+        nibbles(m(q0), m(q1), m(q2), m(q3))
+    } else {
+        // Fifth bits to the sign bit, one movemask per 8 codes: bit j of qh for code j.
+        let h = |q: __m256i| _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_slli_epi32::<27>(q))) as u32;
+        let qh = h(q0) | h(q1) << 8 | h(q2) << 16 | h(q3) << 24;
+        y[4..8].copy_from_slice(&qh.to_le_bytes());
+        let low = _mm256_set1_epi32(0x0F);
+        let m = |q: __m256i| _mm256_and_si256(q, low);
+        nibbles(m(q0), m(q1), m(q2), m(q3))
+    };
+    let bb = y.len();
+    _mm_storeu_si128(y[bb - 16..].as_mut_ptr().cast(), qs);
 }
 
 /// 32 codes (0..16, in four vectors of 8 for elements 0..8, 8..16, 16..24, 24..32) as 16 bytes
