@@ -337,13 +337,15 @@ pub(in crate::quant) fn f16_to_f32_row(src: &[u8], dst: &mut [f32]) -> bool {
 
 // ---- kernels: every pointer below comes from a slice chunk of exactly the length the loads/stores cover ----
 
-/// Asks for the data 8 blocks (1 KiB) ahead of `x`: a single thread streaming from memory gains 20-40% on the
-/// project's VMs over relying on the hardware prefetcher alone.
+/// Asks for the block (both of its 64-byte lines) 32 blocks (4 KiB) ahead of `x`. A single thread streaming from
+/// memory is bound by the latency of its misses, not by bandwidth: asking one line 1 KiB ahead left q4_1 at 40%
+/// of its in-cache speed on a 16.8 MB array, 4 KiB and both lines ran 2.4x faster there (CPU-time A/B).
 #[target_feature(enable = "avx2")]
 #[inline]
 unsafe fn prefetch_ahead(x: &[f32]) {
     // A prefetch is only a hint: it never faults, even past the end of the slice (hence `wrapping_add`).
-    _mm_prefetch::<_MM_HINT_T0>(x.as_ptr().wrapping_add(256).cast());
+    _mm_prefetch::<_MM_HINT_T0>(x.as_ptr().wrapping_add(1024).cast());
+    _mm_prefetch::<_MM_HINT_T0>(x.as_ptr().wrapping_add(1040).cast());
 }
 
 /// Loads the 32 floats of a block (4 unaligned loads).
@@ -850,6 +852,7 @@ unsafe fn q4_1_q5_1_quantize_avx2<const BITS: u32>(src: &[f32], dst: &mut [u8], 
         }
     }
     for (x, y) in xs.remainder().chunks_exact(QK4_0).zip(ys.into_remainder().chunks_exact_mut(bb)) {
+        prefetch_ahead(x);
         let v = load_block(x);
         let (_, amax_bits) = abs_bits_and_max(&v);
         if amax_bits >= 0x7F80_0000 {
