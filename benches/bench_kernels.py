@@ -8,7 +8,12 @@ rounds measures, in this one process:
   (tests/oracles/ggml_quants.py), called through ctypes on the whole array: once into a new output array per
   call ("new"), once into a reused output array ("out=");
 - ggml_lora.quantize / ggml_lora.dequantize, "new" (a new array per call) and "out=" (the ``out=`` argument);
-- gguf-py's numpy kernels (gguf.quants.quantize / dequantize, always a new array), as an extra column.
+- gguf-py's numpy kernels (gguf.quants.quantize / dequantize, always a new array), as an extra column;
+- with an importance matrix (one weight per column, seed 1, ``rng.uniform(0, 4)``), for the types whose ggml
+  quantizer takes one: ggml's ``quantize_<type>(..., imatrix)`` and ggml_lora.quantize(..., imatrix=, out=);
+- the memory ceiling: numpy filling (``out.fill``, write only) and copying (``np.copyto``, read and write) a
+  reused f32 array of the output's size. When a dequantizer runs at the fill's speed, it is bound by memory
+  writes, not by its code, and so is the C reference at that size (``--rows 64`` keeps the arrays in cache).
 
 Ratios compare new with new and out= with out=, on one core for all of them (the C reference and gguf-py are
 single-threaded). Thread scaling: the Python API has no per-call thread count (the kernels run on rayon's
@@ -19,6 +24,7 @@ median over rounds with min-max. Bytes are checked equal to the C reference (or 
 has no such function) before timing. Types ggml_lora cannot quantize yet are reported as n/a.
 
     python benches/bench_kernels.py [--rounds 5] [--inner 3] [--types q4_0,q8_0,f16,bf16] [--rows 4096] [--cols 4096]
+        [--no-gguf-py] [--no-imatrix]
     python benches/bench_kernels.py --quick
 """
 
@@ -47,6 +53,8 @@ from tests.oracles import ggml_quants
 from tests.oracles.sdist import LLAMA_CPP_PYTHON_VERSION
 
 NA = "n/a"
+#: Types whose ggml quantizer uses an importance matrix (`quantize_<type>` ignores it for q8_0 and the floats).
+TAKES_IMATRIX = {"q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}
 
 
 def default_types() -> list[str]:
@@ -77,11 +85,12 @@ class CRef:
             ggml_quants._init_tables(name, release=True)
         self.nbytes = rows * ggml_quants.row_bytes(name, cols) if (self.q or self.d) else 0
 
-    def quantize(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def quantize(self, x: np.ndarray, out: np.ndarray | None = None, imatrix: np.ndarray | None = None) -> np.ndarray:
         dst = np.empty(self.nbytes, dtype=np.uint8) if out is None else out
         assert self.q is not None
+        w = None if imatrix is None else ctypes.c_void_p(imatrix.ctypes.data)
         self.q(ctypes.c_void_p(x.ctypes.data), ctypes.c_void_p(dst.ctypes.data), ctypes.c_int64(self.rows),
-               ctypes.c_int64(self.cols), None)
+               ctypes.c_int64(self.cols), w)
         return dst
 
     def dequantize(self, q: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -123,6 +132,15 @@ def jobs(x: np.ndarray, name: str, e: dict, who: tuple[str, ...], prefix: str = 
             ("c d new", lambda: c.dequantize(q)),
             ("c d out", lambda: c.dequantize(q, cdo)),
         ]
+    if "ours" in who and "imatrix" in e:
+        w = e["imatrix"]
+        out.append((f"ours{prefix} qi out", lambda: ggml_lora.quantize(x, name, imatrix=w, out=qo)))
+    if "c" in who and "imatrix" in e and "c_q_out" in e:
+        c, cqo, w = e["c"], e["c_q_out"], e["imatrix"]
+        out.append(("c qi out", lambda: c.quantize(x, cqo, w)))
+    if "mem" in who:
+        do = e["d_out"]
+        out += [("mem fill", lambda: do.fill(0.5)), ("mem copy", lambda: np.copyto(do, x))]
     if "gguf" in who and e["gguf_q"] is not None:
         gq, gd, graw = e["gguf_q"], e["gguf_d"], e["gguf_raw"]
         out += [("gguf q new", lambda: gq(x)), ("gguf d new", lambda: gd(graw))]
@@ -154,6 +172,7 @@ def main() -> None:
     parser.add_argument("--types", default=",".join(default_types()),
                         help="comma-separated ggml types (default: every type ggml_lora can quantize now)")
     parser.add_argument("--no-gguf-py", action="store_true", help="skip the gguf-py column (slow)")
+    parser.add_argument("--no-imatrix", action="store_true", help="skip quantize with an importance matrix")
     parser.add_argument("--quick", action="store_true", help="512 x 4096, 1 round, 1 call: checks that it runs")
     args = parser.parse_args()
     if args.quick:
@@ -164,6 +183,7 @@ def main() -> None:
     two_cores = set(sorted(all_cpus)[:2])
 
     x = np.random.default_rng(0).standard_normal((args.rows, args.cols), dtype=np.float32)
+    imatrix = np.random.default_rng(1).uniform(0.0, 4.0, args.cols).astype(np.float32)
     mb = x.nbytes / 1e6
     ggml_lora.quantize(x[:64], "q8_0")  # starts rayon's global pool while every core is allowed
 
@@ -191,6 +211,11 @@ def main() -> None:
                 entry["check"] = "same bytes as ggml C" if same else "DIFFERENT from ggml C"
                 entry["c_q_out"] = np.empty(c.nbytes, dtype=np.uint8)
                 entry["c_d_out"] = np.empty(x.size, dtype=np.float32)
+                if not args.no_imatrix and name in TAKES_IMATRIX:
+                    entry["imatrix"] = imatrix
+                    same = np.array_equal(c.quantize(x, imatrix=imatrix),
+                                          ggml_lora.quantize(x, name, imatrix=imatrix).reshape(-1))
+                    entry["check"] += ("; with imatrix: same bytes" if same else "; with imatrix: DIFFERENT")
             elif "gguf_raw" in entry:
                 same = np.array_equal(entry["gguf_raw"].reshape(-1).view(np.uint8), entry["q"])
                 entry["check"] = "same bytes as gguf-py" if same else "DIFFERENT from gguf-py"
@@ -207,7 +232,7 @@ def main() -> None:
             e = setup[name]
             if not e["ours"]:
                 continue
-            one = jobs(x, name, e, ("ours", "c", "gguf"))  # one core: ggml_lora, C reference, gguf-py
+            one = jobs(x, name, e, ("ours", "c", "gguf", "mem"))  # one core: ggml_lora, C, gguf-py, numpy
             k = r % len(one)
             one = one[k:] + one[:k]  # rotate the order per round
             two = jobs(x, name, e, ("ours",), prefix="2")
@@ -259,6 +284,25 @@ def main() -> None:
            ("gguf-py", r_("gguf {} new")), ("ggml_lora / gguf-py", x_("gguf {} new", "ours {} new", 1))])
     table("One core, into a reused output array (out=):",
           [("ggml C", r_("c {} out")), ("ggml_lora", r_("ours {} out")), ("ggml_lora / C", x_("c {} out", "ours {} out"))])
+    print()
+    print("Memory ceiling, one core, an f32 array of the output's size: numpy fill (write only) and copy (read and "
+          "write); dequantize out= over the fill's speed, per round (1.0: bound by memory writes):")
+    print(f"{'kernel':<18}" + "".join(f" {h:>23}" for h in ("numpy fill", "numpy copy", "ggml_lora / fill",
+                                                             "ggml C / fill")))
+    for name in types:
+        if setup[name]["ours"]:
+            cells = [fmt(rate(name, "mem fill")), fmt(rate(name, "mem copy")),
+                     fmt(ratio(name, "mem fill", "ours d out"), digits=2), fmt(ratio(name, "mem fill", "c d out"), digits=2)]
+            print(f"{name + ' dequantize':<18}" + "".join(f" {c:>23}" for c in cells))
+    if any("imatrix" in setup[n] for n in types):
+        print()
+        print("Quantize with an importance matrix, one core, out= (types whose ggml quantizer takes one):")
+        print(f"{'kernel':<18}" + "".join(f" {h:>23}" for h in ("ggml C", "ggml_lora", "ggml_lora / C")))
+        for name in types:
+            if "imatrix" in setup[name]:
+                cells = [fmt(rate(name, "c qi out")), fmt(rate(name, "ours qi out")),
+                         fmt(ratio(name, "c qi out", "ours qi out"), digits=2)]
+                print(f"{name + ' quantize':<18}" + "".join(f" {c:>23}" for c in cells))
     table(f"Thread scaling of ggml_lora in this process: CPU affinity {sorted(one_core)} vs {sorted(two_cores)}, "
           "alternated each round; ratio 2 cores / 1 core per round:",
           [("out= 1 core", r_("ours {} out")), ("out= 2 cores", r_("ours2 {} out")),

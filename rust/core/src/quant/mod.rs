@@ -140,6 +140,16 @@ pub(crate) fn run_lanes<W: LaneWork>(work: W) -> W::Output {
     work.run()
 }
 
+/// Hints the CPU to load `x` into its caches ahead of use (a no-op where there is no such hint); never changes a
+/// result.
+#[inline(always)]
+pub(crate) fn prefetch(x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    x86::prefetch(x);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
+}
+
 /// The default [`Quantize::quantize_blocks`]: checks each block, then runs [`Quantize::quantize_block`] on it.
 pub(crate) fn quantize_each_block<B: Quantize + ?Sized>(src: &[f32], dst: &mut [u8]) -> bool {
     for (x, y) in src.chunks_exact(B::BLOCK_SIZE).zip(dst.chunks_exact_mut(B::BLOCK_BYTES)) {

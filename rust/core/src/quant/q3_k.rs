@@ -30,7 +30,7 @@ use super::search_symmetric::{
     groups_to_lanes, make_q3_quants, make_q3_quants_blocks, make_qx_quants, make_qx_quants_x8, nearest,
     recode_groups16, signed_max,
 };
-use super::{all_finite, dequantize_each_block, run_lanes, BlockFormat, LaneWork, Quantize};
+use super::{all_finite, dequantize_each_block, prefetch, run_lanes, BlockFormat, LaneWork, Quantize};
 use crate::GgmlType;
 
 /// Elements per super-block.
@@ -151,13 +151,12 @@ fn scale_codes(scales: &[f32; 16]) -> ([u8; 16], u16) {
 #[inline(always)]
 fn finish(x: &[f32], ls: &[u8; 16], d: u16, search_code: impl Fn(usize, usize) -> u8) -> BlockQ3K {
     let mut out = BlockQ3K { hmask: [0; 32], qs: [0; 64], scales: [0; 12], d };
-    for (j, &l) in ls.iter().enumerate() {
-        if j < 8 {
-            out.scales[j] = l & 0xF;
-        } else {
-            out.scales[j - 8] |= (l & 0xF) << 4;
-        }
-        out.scales[j % 4 + 8] |= (l >> 4) << (2 * (j / 4));
+    // Low nibbles: groups j and j + 8 share byte j. High 2 bits: group k + 4t in bits 2t of byte 8 + k.
+    for j in 0..8 {
+        out.scales[j] = (ls[j] & 0xF) | ((ls[j + 8] & 0xF) << 4);
+    }
+    for k in 0..4 {
+        out.scales[8 + k] = (0..4).fold(0, |a, t| a | ((ls[k + 4 * t] >> 4) << (2 * t)));
     }
     let d = f16_bits_to_f32(d);
     let group_d = ls.map(|l| d * (l as i32 - 32) as f32);
@@ -170,11 +169,10 @@ fn finish(x: &[f32], ls: &[u8; 16], d: u16, search_code: impl Fn(usize, usize) -
         }
     }
     recode_groups16(x, &group_d, 4, &mut codes);
-    // Value e = 32r + m: bit r of hmask[m] (rows of 32 values, so the loop over m vectorizes).
-    for (r, row) in codes.chunks_exact(32).enumerate() {
-        for (h, &c) in out.hmask.iter_mut().zip(row) {
-            *h |= (c >> 2) << r;
-        }
+    // Value e = 32r + m: bit r of hmask[m]. Written with m outermost so that the compiler vectorizes over m
+    // (8 contiguous loads of 32 codes); the r-outer form was turned into byte gathers.
+    for (m, h) in out.hmask.iter_mut().enumerate() {
+        *h = (0..8).fold(0, |a, r| a | (((codes[32 * r + m] >> 2) & 1) << r));
     }
     for n in 0..2 {
         for l in 0..32 {
@@ -220,7 +218,10 @@ impl LaneWork for QuantizeLanes<'_> {
     fn run(self) -> bool {
         // One super-block at a time: its 16 groups in two independent chains (more blocks at once measured
         // slower: every lane then waits for the slowest group's refinement passes).
-        for (x, y) in self.src.chunks_exact(QK_K).zip(self.dst.chunks_exact_mut(BYTES)) {
+        for (b, (x, y)) in self.src.chunks_exact(QK_K).zip(self.dst.chunks_exact_mut(BYTES)).enumerate() {
+            if let Some(next) = self.src.get((b + 1) * QK_K..(b + 2) * QK_K) {
+                prefetch(next);
+            }
             if !all_finite(x) {
                 return false;
             }
