@@ -123,3 +123,50 @@ def test_other_peft_types_are_refused_naming_the_type(kind, tmp_path):
     with pytest.raises(ConversionError, match=rf"peft_type '{peft_type}' is not supported"):
         ggml_lora.patch(base_of("other-types"), CASES / "other-types" / kind, out=out)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["init-olora", "init-pissa", "init-olora-patterns"])
+def test_adapter_with_its_initial_state_merges_as_peft_converts_it(case, tmp_path):
+    """``initial=`` (the adapter PEFT saved before training) gives PEFT's own conversion, s·(B·A − B₀·A₀), merged on
+    the original model: the truth made from PEFT's converted adapter, within 1 f16 ulp."""
+    out = tmp_path / "out.gguf"
+    ggml_lora.patch(base_of(case), CASES / case / "adapter", out=out, initial=CASES / case / "initial")
+    assert_matches_truth(out, case)
+
+
+def test_cli_initial(tmp_path):
+    """The CLI's ``--initial DIR`` does the same (one error-free run; the output checked against PEFT's truth)."""
+    from ggml_lora.cli import main
+
+    out = tmp_path / "out.gguf"
+    case = CASES / "init-pissa"
+    assert main(["patch", "-m", str(base_of("init-pissa")), "--lora", str(case / "adapter"), "--initial",
+                 str(case / "initial"), "-o", str(out), "-q"]) == 0
+    assert_matches_truth(out, "init-pissa")
+
+
+def test_initial_of_another_adapter_is_refused(tmp_path):
+    """An initial state whose targets or ranks differ from the trained adapter's is not its initial state."""
+    with pytest.raises(ConversionError, match="not the initial state of"):
+        ggml_lora.patch(base_of("init-olora"), CASES / "init-olora" / "adapter", out=tmp_path / "o.gguf",
+                        initial=CASES / "init-olora-patterns" / "initial")
+
+
+def test_initial_for_a_plain_adapter_is_refused(tmp_path):
+    """``initial=`` on an adapter that is already a delta on the original model (PEFT's converted one) is refused
+    rather than subtracting something that was never added."""
+    with pytest.raises(ConversionError, match="already a delta on the original model"):
+        ggml_lora.patch(base_of("init-olora"), CASES / "init-olora" / "converted", out=tmp_path / "o.gguf",
+                        initial=CASES / "init-olora" / "initial")
+
+
+def test_rslora_with_patterns_is_refused_as_peft_refuses_it(tmp_path):
+    """PEFT's conversion refuses rsLoRA with rank/alpha patterns (LoraModel._convert_state_dict_for_initial_model);
+    so does ``initial=``."""
+    adapter = relabelled(CASES / "init-olora-patterns" / "adapter", "olora", tmp_path)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["use_rslora"] = True
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="rsLoRA together with rank_pattern/alpha_pattern"):
+        ggml_lora.patch(base_of("init-olora"), adapter, out=tmp_path / "o.gguf",
+                        initial=CASES / "init-olora-patterns" / "initial")

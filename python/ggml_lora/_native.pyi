@@ -42,6 +42,8 @@ __all__ = [
     "patch",
     "TensorReport",
     "PatchNote",
+    "PatchOutcome",
+    "PatchProgress",
     "__version__",
 ]
 

@@ -152,6 +152,7 @@ def _cmd_patch(args: argparse.Namespace) -> int:
         merge_shards=args.merge_shards,
         split_max_size=args.split_max_size,
         split_max_tensors=args.split_max_tensors,
+        initial=args.initial,
     )
     if args.table:
         print(result.table())
@@ -242,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     patch.add_argument("--imatrix", metavar="FILE",
                        help="importance matrix (llama-imatrix output, GGUF or legacy .dat): patched tensors are "
                        "quantized with it, as llama-quantize --imatrix does")
+    patch.add_argument("--initial", metavar="DIR",
+                       help="the PEFT adapter saved before training, for an adapter trained from an OLoRA/PiSSA/"
+                            "CorDA/LoRA-GA initialisation (merged as PEFT converts it: s*(B*A - B0*A0))")
     patch.add_argument("--keep-lora", type=float, metavar="FRACTION",
                        help="write a patched tensor in the next larger type of its family (q4_K->q5_K->q6_K->q8_0, "
                        "q4_0->q5_0->q8_0) when its type would keep less than FRACTION of the LoRA change")

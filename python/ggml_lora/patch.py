@@ -202,6 +202,50 @@ def load_adapter(adapter: PathLike | _native.Adapter, *, model: PathLike | None 
     return _native.Adapter.open(os.fspath(path))
 
 
+def _with_initial(
+    entries: list[tuple[PathLike | _native.Adapter, float]], initial: Path, model: PathLike
+) -> list[tuple[_native.Adapter, float]]:
+    """The trained adapter at its scale and the initial one at the opposite scale: together PEFT's conversion of
+    an adapter trained from a base-changing initialisation, s·(B·A − B₀·A₀) (rank 2r, alpha doubled, the same
+    scale per module)."""
+    from .convert import ConversionError
+    from .convert.core import peft_adapter
+    from .convert.peft import residual_initialisation
+
+    if len(entries) != 1 or not isinstance(entries[0][0], (str, os.PathLike)) or not Path(entries[0][0]).is_dir():
+        raise ValueError("initial= needs exactly one adapter, a PEFT folder (the one trained from it)")
+    trained_dir, scale = Path(entries[0][0]), entries[0][1]
+    trained, peft, _ = peft_adapter(trained_dir, base=model, allow_dora=True, with_initial=True)
+    init = residual_initialisation(peft.config.raw)
+    if init is None:
+        raise ConversionError(
+            f"{trained_dir}: adapter_config.json: init_lora_weights = {peft.config.raw.get('init_lora_weights')!r}: "
+            "initial= is for adapters trained from an OLoRA, PiSSA, CorDA or LoRA-GA initialisation; this one is "
+            "already a delta on the original model"
+        )
+    if peft.config.use_rslora and (peft.config.rank_pattern or peft.config.alpha_pattern):
+        raise ConversionError(  # as PEFT's own conversion refuses it (LoraModel._convert_state_dict_for_initial_model)
+            f"{trained_dir}: rsLoRA together with rank_pattern/alpha_pattern cannot be converted from its {init} "
+            "initialisation (PEFT refuses the same)"
+        )
+    if peft.config.use_dora:
+        raise ConversionError(f"{trained_dir}: DoRA trained from an {init} initialisation: the magnitude rescaling "
+                              "does not subtract, so the conversion is not a LoRA difference; refusing")
+    start, _, _ = peft_adapter(initial, base=model, with_initial=True)
+    trained_pairs = {p.target: p for p in trained.pairs()}
+    start_pairs = {p.target: p for p in start.pairs()}
+    if trained_pairs.keys() != start_pairs.keys():
+        diff = sorted(trained_pairs.keys() ^ start_pairs.keys())
+        raise ConversionError(f"{initial}: not the initial state of {trained_dir}: their targets differ ({diff[0]!r} "
+                              "is in one only)")
+    for target, p in trained_pairs.items():
+        q = start_pairs[target]
+        if (p.rows, p.cols, p.rank, p.scale, p.dora) != (q.rows, q.cols, q.rank, q.scale, q.dora):
+            raise ConversionError(f"{initial}: not the initial state of {trained_dir}: {target!r} has rank {q.rank} "
+                                  f"and scale {q.scale} there but rank {p.rank} and scale {p.scale} here")
+    return [(trained, scale), (start, -scale)]
+
+
 def _adapter_list(
     adapter: AdapterSpec | Sequence[AdapterSpec], scale: float
 ) -> list[tuple[PathLike | _native.Adapter, float]]:
@@ -286,6 +330,7 @@ def patch(
     merge_shards: bool = False,
     split_max_size: int | str | None = None,
     split_max_tensors: int | None = None,
+    initial: PathLike | None = None,
 ) -> PatchResult:
     """Merge LoRA adapters into a GGUF model and write one GGUF of the same quantization.
 
@@ -318,6 +363,10 @@ def patch(
     with a :class:`PatchProgress` as the work advances; an exception from it (or Ctrl-C) cancels the patch and
     writes nothing. (A Ctrl-C that arrives after the output was renamed into place is raised once the call
     returns; the output is then complete.)
+    ``initial``: for one PEFT adapter trained from an OLoRA, PiSSA, CorDA or LoRA-GA initialisation (which
+    changed the base weights), the adapter folder PEFT saved before training. The merge is then PEFT's
+    conversion to a plain LoRA on the original model, ΔW = s·(B·A − B₀·A₀)
+    (``save_pretrained(path_initial_model_for_weight_conversion=...)``).
     """
     rule = split_rule(merge_shards, split_max_size, split_max_tensors)
     out_path = Path(out) if out is not None else default_output_path(model, single_file=rule == ("merge", 0))
@@ -326,7 +375,10 @@ def patch(
         if given is not None:
             _native.check_input_path(os.fspath(given))
     entries = _adapter_list(adapter, scale)
-    loaded = [(load_adapter(a, model=model), s) for a, s in entries]
+    if initial is None:
+        loaded = [(load_adapter(a, model=model), s) for a, s in entries]
+    else:
+        loaded = _with_initial(entries, Path(initial), model)
 
     names = [Path(a.source).name for a, _ in loaded]
     extra = {

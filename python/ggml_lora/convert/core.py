@@ -165,12 +165,12 @@ def _core(call: Any, *args: Any) -> Any:
         raise ConversionError.wrapping(exc) from None
 
 
-def peft_adapter(peft_dir: str | os.PathLike[str], base: Any, *,
-                 allow_dora: bool = False) -> tuple[_native.Adapter, PeftAdapter, BaseInfo]:
+def peft_adapter(peft_dir: str | os.PathLike[str], base: Any, *, allow_dora: bool = False,
+                 with_initial: bool = False) -> tuple[_native.Adapter, PeftAdapter, BaseInfo]:
     """Read a PEFT folder's config and weights header, check every module against the base model, and have the
     core build the adapter from the plan. Its factors stay in the weights file (mapped) until they are used:
     patching reads each pair when its target comes up; :func:`peft_to_lora` reads them all."""
-    adapter = read_peft_dir(peft_dir, allow_dora=allow_dora)
+    adapter = read_peft_dir(peft_dir, allow_dora=allow_dora, with_initial=with_initial)
     info: BaseInfo = read_base(base)
     mapper = NameMapper(info)
     config = adapter.config
@@ -259,7 +259,8 @@ def peft_adapter(peft_dir: str | os.PathLike[str], base: Any, *,
     native = _core(_native.Adapter.from_peft, adapter.weights, plan)
     if info.tensor_shapes is not None:
         modules_of = {t.target: m.module for t, m in zip(targets, modules)}
-        for target, rows, cols, *_ in native.pairs():
+        for pair in native.pairs():
+            target, rows, cols = pair.target, pair.rows, pair.cols
             shape = info.tensor_shapes.get(target)
             if shape is None:
                 raise ConversionError(f"module {modules_of[target]!r} -> {target!r}: the base model has no such "

@@ -145,8 +145,18 @@ DELTA_INITIALISATIONS = ("gaussian", "eva", "orthogonal", "mica")
 RESIDUAL_INITIALISATIONS = {"olora": "OLoRA", "pissa": "PiSSA", "corda": "CorDA", "lora_ga": "LoRA-GA"}
 
 
-def _check_initialisation(init: Any) -> None:
-    """Refuse an adapter that is not a delta on the original model (PEFT's ``init_lora_weights``)."""
+def residual_initialisation(config: dict[str, Any]) -> str | None:
+    """The display name of the config's base-changing initialisation (OLoRA, PiSSA, ...), or None."""
+    init = config.get("init_lora_weights", True)
+    if not isinstance(init, str):
+        return None
+    name = init.lower()
+    return RESIDUAL_INITIALISATIONS.get("pissa" if name.startswith("pissa_niter_") else name)
+
+
+def _check_initialisation(init: Any, *, with_initial: bool = False) -> None:
+    """Refuse an adapter that is not a delta on the original model (PEFT's ``init_lora_weights``); with
+    ``with_initial`` (the adapter saved before training is given) a base-changing initialisation is accepted."""
     if isinstance(init, bool) or init is None:
         return
     if not isinstance(init, str):
@@ -156,11 +166,14 @@ def _check_initialisation(init: Any) -> None:
     if name in DELTA_INITIALISATIONS:
         return
     family = "pissa" if name.startswith("pissa_niter_") else name
-    if family in RESIDUAL_INITIALISATIONS:
+    if family in RESIDUAL_INITIALISATIONS and with_initial:
+        return
+    if family in RESIDUAL_INITIALISATIONS and not with_initial:
         raise ConversionError(
             f"adapter_config.json: init_lora_weights = {short_repr(init)}: the adapter was trained from a "
             f"{RESIDUAL_INITIALISATIONS[family]} initialisation, which changed the base weights it was trained on, "
-            "so it is not a delta on the original model; convert it to a plain LoRA (rank 2r) first with PEFT's "
+            "so it is not a delta on the original model; give the adapter saved before training (patch: initial=DIR, "
+            "CLI: --initial DIR), or convert it to a plain LoRA (rank 2r) first with PEFT's "
             "save_pretrained(..., path_initial_model_for_weight_conversion=<the adapter saved before training>)"
         )
     if name == "loftq":
@@ -172,7 +185,7 @@ def _check_initialisation(init: Any) -> None:
                           "initialisation this converter knows, so it cannot tell whether it changed the base weights")
 
 
-def parse_config(config: Any, *, allow_dora: bool = False) -> AdapterConfig:
+def parse_config(config: Any, *, allow_dora: bool = False, with_initial: bool = False) -> AdapterConfig:
     """Validate a parsed ``adapter_config.json`` and refuse everything that is not a plain LoRA product
     (DoRA is accepted only with ``allow_dora``; then :attr:`AdapterConfig.use_dora` says whether it is set)."""
     if not isinstance(config, dict):
@@ -215,7 +228,7 @@ def parse_config(config: Any, *, allow_dora: bool = False) -> AdapterConfig:
     ]:
         if _truthy(config, key):
             raise ConversionError(f"adapter_config.json: {key} is set: {what} is not supported by this converter")
-    _check_initialisation(config.get("init_lora_weights", True))
+    _check_initialisation(config.get("init_lora_weights", True), with_initial=with_initial)
     r = _check_rank(config.get("r", 8), "r")
     alpha = _check_alpha(config.get("lora_alpha", 8), "lora_alpha")
     flags = {}
@@ -274,9 +287,10 @@ def open_safetensors(path: Path) -> _native.PeftWeights:
         raise ConversionError.wrapping(exc) from None
 
 
-def read_peft_dir(peft_dir: str | os.PathLike[str], *, allow_dora: bool = False) -> PeftAdapter:
+def read_peft_dir(peft_dir: str | os.PathLike[str], *, allow_dora: bool = False,
+                  with_initial: bool = False) -> PeftAdapter:
     """Read and validate a PEFT adapter directory (no torch, no network). DoRA (``use_dora``) is refused unless
-    ``allow_dora``."""
+    ``allow_dora``; an OLoRA/PiSSA/CorDA/LoRA-GA initialisation unless ``with_initial``."""
     path = Path(peft_dir)
     if not path.is_dir():
         raise ConversionError(f"{path}: not a directory (expected a PEFT adapter folder with {CONFIG_NAME})")
@@ -286,7 +300,7 @@ def read_peft_dir(peft_dir: str | os.PathLike[str], *, allow_dora: bool = False)
     if not cfg_path.is_file():
         raise ConversionError(f"{path}: no {CONFIG_NAME}")
     raw = safejson.load_file(cfg_path)
-    config = parse_config(raw, allow_dora=allow_dora)
+    config = parse_config(raw, allow_dora=allow_dora, with_initial=with_initial)
     if (path / SAFETENSORS_NAME).is_file():
         weights_file = path / SAFETENSORS_NAME
         weights = open_safetensors(weights_file)
