@@ -308,3 +308,25 @@ def test_imatrix_data_fields(tmp_path: Path) -> None:
         assert data.entries[name].dtype == np.float32 and np.array_equal(data.entries[name], s)
     assert repr(data) == (f"ImatrixData(source={str(tmp_path / 'i.gguf')!r}, entries=<2 entries>, "
                           "datasets=['a.txt', 'b.txt'], chunk_count=11, legacy=False)")
+
+
+def test_split_rule_is_typed():
+    """The output split crosses as a ``SplitRule`` made by named constructors (no kind strings re-parsed): each
+    constructor's kind and limit, equality by value, and a repr that names the constructor."""
+    rules = [_native.SplitRule.keep(), _native.SplitRule.merge(), _native.SplitRule.max_tensors(7),
+             _native.SplitRule.max_bytes(4_000_000_000)]
+    assert [(r.kind, r.limit) for r in rules] == [("keep", None), ("merge", None), ("max_tensors", 7),
+                                                  ("max_bytes", 4_000_000_000)]
+    assert [repr(r) for r in rules] == ["SplitRule.keep()", "SplitRule.merge()", "SplitRule.max_tensors(7)",
+                                        "SplitRule.max_bytes(4000000000)"]
+    assert _native.SplitRule.max_tensors(7) == _native.SplitRule.max_tensors(7)
+    assert _native.SplitRule.max_tensors(7) != _native.SplitRule.max_bytes(7)
+    assert ggml_lora.gguf.split_rule(split_max_size="4G") == _native.SplitRule.max_bytes(4 * 1000**3)
+
+
+@pytest.mark.parametrize(("alpha", "rank", "user"), [(16.0, 8, 1.0), (32.0, 3, 0.5), (0.0, 8, 0.75), (1e-3, 7, 2.0)])
+def test_llama_scale_is_llama_cpps_rule(alpha, rank, user):
+    """llama.cpp's adapter scale (llama-adapter.cpp, restated): ``alpha ? scale * alpha / rank : scale``, in f32."""
+    f32 = np.float32
+    expected = f32(user) * f32(alpha) / f32(rank) if alpha else f32(user)
+    assert f32(_native.llama_scale(alpha, rank, user)) == expected

@@ -20,12 +20,14 @@ __all__ = [
     "write_ggla",
     "refuse_output_onto_inputs",
     "peft_scale",
+    "llama_scale",
     "WeightInfo",
     "PeftWeights",
     "PatternKeys",
     "GGUFFile",
     "TensorInfo",
     "Shard",
+    "SplitRule",
     "MetadataField",
     "TensorSpec",
     "write_gguf",
@@ -114,6 +116,9 @@ def refuse_output_onto_inputs(out: str | PathLike[str], inputs: Sequence[str | P
     file, by device and inode, or the same path): the project's one output-is-input check."""
 def peft_scale(alpha: float, r: int, use_rslora: bool) -> float:
     """PEFT's scale of one module: ``alpha / sqrt(r)`` with rsLoRA, else ``alpha / r`` (the core's one scale rule)."""
+
+def llama_scale(alpha: float, rank: int, user_scale: float) -> float:
+    """llama.cpp's scale of a pair, in f32: ``user_scale * alpha / rank``, or ``user_scale`` when alpha is 0."""
 
 @final
 class WeightInfo:
@@ -217,6 +222,28 @@ class TensorInfo:
     @property
     def n_elements(self) -> int:
         """Number of elements."""
+
+@final
+class SplitRule:
+    """How an output is divided into shards; made by the named constructors. Equal rules compare equal."""
+    @staticmethod
+    def keep() -> SplitRule:
+        """As the model is: the same shards, each tensor in the same shard."""
+    @staticmethod
+    def merge() -> SplitRule:
+        """One file."""
+    @staticmethod
+    def max_tensors(n: int) -> SplitRule:
+        """At most ``n`` tensors per shard (``llama-gguf-split --split-max-tensors``)."""
+    @staticmethod
+    def max_bytes(n: int) -> SplitRule:
+        """At most ``n`` bytes of tensor data per shard (``llama-gguf-split --split-max-size``)."""
+    @property
+    def kind(self) -> str:
+        """``"keep"``, ``"merge"``, ``"max_tensors"`` or ``"max_bytes"``."""
+    @property
+    def limit(self) -> int | None:
+        """The limit of ``max_tensors``/``max_bytes`` (None for the others)."""
 
 @final
 class Shard:
@@ -363,7 +390,7 @@ def copy_model(
     model: str | PathLike[str],
     out: str | PathLike[str],
     *,
-    split: tuple[str, int] | None = None,
+    split: SplitRule | None = None,
     extra_metadata: Mapping[str, _TypedValue] | None = None,
     sync: bool = True,
     written: list[str] | None = None,
@@ -446,7 +473,7 @@ def patch(
     tensor_types: list[tuple[str, str]] = ...,
     imatrix: tuple[str, list[tuple[str, list[float]]]] | None = None,
     keep_lora: float | None = None,
-    split: tuple[str, int] | None = None,
+    split: SplitRule | None = None,
     written: list[str] | None = None,
 ) -> PatchOutcome:
     """Runs a patch. ``extra_metadata``: keys to add or replace in the output, as ``MetadataValue``s (read by

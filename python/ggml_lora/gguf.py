@@ -171,20 +171,20 @@ def parse_split_size(size: int | str) -> int:
 
 def split_rule(
     merge_shards: bool = False, split_max_size: int | str | None = None, split_max_tensors: int | None = None
-) -> tuple[str, int] | None:
+) -> _native.SplitRule | None:
     """The engine's split rule for the output options (at most one may be given); ``None`` keeps the model's."""
     given = [name for name, value in (("merge_shards", merge_shards), ("split_max_size", split_max_size),
                                       ("split_max_tensors", split_max_tensors)) if value not in (None, False)]
     if len(given) > 1:
         raise ValueError(f"give at most one of {', '.join(given)}")
     if merge_shards:
-        return ("merge", 0)
+        return _native.SplitRule.merge()
     if split_max_size is not None:
-        return ("max_bytes", parse_split_size(split_max_size))
+        return _native.SplitRule.max_bytes(parse_split_size(split_max_size))
     if split_max_tensors is not None:
         if isinstance(split_max_tensors, bool) or int(split_max_tensors) != split_max_tensors or split_max_tensors < 1:
             raise ValueError(f"split_max_tensors must be a positive integer, not {split_max_tensors!r}")
-        return ("max_tensors", int(split_max_tensors))
+        return _native.SplitRule.max_tensors(int(split_max_tensors))
     return None
 
 
@@ -214,7 +214,8 @@ def convert_model(
         extra["llama.context_length"] = MetadataValue(int(context_length), GGUFValueType.UINT32)
     if rms_eps is not None:
         extra["llama.attention.layer_norm_rms_epsilon"] = MetadataValue(float(rms_eps), GGUFValueType.FLOAT32)
-    rule = split_rule(False, split_max_size, split_max_tensors) or (("merge", 0) if merge_shards else ("keep", 0))
+    rule = split_rule(False, split_max_size, split_max_tensors) or (
+        _native.SplitRule.merge() if merge_shards else _native.SplitRule.keep())
     paths = _native.copy_model(os.fspath(model), os.fspath(out), split=rule, extra_metadata=_typed_all(extra),
                                sync=sync, written=_written.current())
     return [Path(p) for p in paths]

@@ -369,7 +369,7 @@ def patch(
     (``save_pretrained(path_initial_model_for_weight_conversion=...)``).
     """
     rule = split_rule(merge_shards, split_max_size, split_max_tensors)
-    out_path = Path(out) if out is not None else default_output_path(model, single_file=rule == ("merge", 0))
+    out_path = Path(out) if out is not None else default_output_path(model, single_file=rule == _native.SplitRule.merge())
     _native.check_output_path(os.fspath(out_path))
     for given in (model, base):  # refused here, before any adapter is loaded, rather than when opened
         if given is not None:

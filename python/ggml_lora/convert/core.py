@@ -57,8 +57,7 @@ class LoraTensors:
 
     def scale(self, name: str) -> float:
         """The scale llama.cpp applies to the tensor ``name`` (``"blk.0.attn_q.weight"``), at adapter scale 1."""
-        b = self.tensors[name + ".lora_b"]
-        return self.alpha / b.shape[1] if self.alpha else 1.0
+        return _native.llama_scale(self.alpha, self.tensors[name + ".lora_b"].shape[1], 1.0)
 
 
 @dataclass(frozen=True)

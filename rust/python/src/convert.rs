@@ -20,6 +20,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_torch_bin, m)?)?;
     m.add_function(wrap_pyfunction!(write_ggla, m)?)?;
     m.add_function(wrap_pyfunction!(peft_scale, m)?)?;
+    m.add_function(wrap_pyfunction!(llama_scale, m)?)?;
     m.add_class::<NativePatternKeys>()?;
     m.add_class::<NativePeftWeights>()?;
     m.add_class::<NativeWeightInfo>()?;
@@ -91,6 +92,12 @@ impl NativeWeightInfo {
 #[pyfunction]
 fn peft_scale(alpha: f64, r: usize, use_rslora: bool) -> f64 {
     scale::peft_scale(alpha, r, use_rslora)
+}
+
+/// llama.cpp's scale of a pair: `user_scale * alpha / rank`, or `user_scale` when alpha is 0 (absent).
+#[pyfunction]
+fn llama_scale(alpha: f32, rank: usize, user_scale: f32) -> f32 {
+    scale::llama_scale(alpha, rank, user_scale)
 }
 
 /// One tensor: `(name, numpy dtype name, shape, little-endian bytes as a uint8 array)`.

@@ -19,6 +19,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeGgufFile>()?;
     m.add_class::<TensorInfo>()?;
     m.add_class::<Shard>()?;
+    m.add_class::<PySplitRule>()?;
     m.add_class::<TensorSpec>()?;
     m.add_class::<MetadataField>()?;
     m.add_function(wrap_pyfunction!(write_gguf, m)?)?;
@@ -443,17 +444,67 @@ impl NativeGgufStreamWriter {
 }
 
 /// Parses a split rule: `("keep" | "merge" | "max_tensors" | "max_bytes", limit)`.
-pub fn split_rule(rule: Option<(String, u64)>) -> PyResult<SplitRule> {
-    Ok(match rule {
-        None => SplitRule::Keep,
-        Some((kind, n)) => match kind.as_str() {
-            "keep" => SplitRule::Keep,
-            "merge" => SplitRule::Merge,
-            "max_tensors" => SplitRule::MaxTensors(n),
-            "max_bytes" => SplitRule::MaxBytes(n),
-            other => return Err(PyValueError::new_err(format!("unknown split rule {other:?}"))),
-        },
-    })
+/// How an output is divided into shards (the core's `SplitRule`), made by its named constructors.
+#[pyclass(name = "SplitRule", module = "ggml_lora._native", frozen, eq)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct PySplitRule {
+    /// The rule.
+    pub rule: SplitRule,
+}
+
+#[pymethods]
+impl PySplitRule {
+    /// As the model is: the same shards, each tensor in the same shard.
+    #[staticmethod]
+    fn keep() -> Self {
+        PySplitRule { rule: SplitRule::Keep }
+    }
+
+    /// One file.
+    #[staticmethod]
+    fn merge() -> Self {
+        PySplitRule { rule: SplitRule::Merge }
+    }
+
+    /// At most `n` tensors per shard (`llama-gguf-split --split-max-tensors`).
+    #[staticmethod]
+    fn max_tensors(n: u64) -> Self {
+        PySplitRule { rule: SplitRule::MaxTensors(n) }
+    }
+
+    /// At most `n` bytes of tensor data per shard (`llama-gguf-split --split-max-size`).
+    #[staticmethod]
+    fn max_bytes(n: u64) -> Self {
+        PySplitRule { rule: SplitRule::MaxBytes(n) }
+    }
+
+    /// `"keep"`, `"merge"`, `"max_tensors"` or `"max_bytes"`.
+    #[getter]
+    fn kind(&self) -> &'static str {
+        match self.rule {
+            SplitRule::Keep => "keep",
+            SplitRule::Merge => "merge",
+            SplitRule::MaxTensors(_) => "max_tensors",
+            SplitRule::MaxBytes(_) => "max_bytes",
+        }
+    }
+
+    /// The limit of `max_tensors`/`max_bytes` (None for the others).
+    #[getter]
+    fn limit(&self) -> Option<u64> {
+        match self.rule {
+            SplitRule::MaxTensors(n) | SplitRule::MaxBytes(n) => Some(n),
+            SplitRule::Keep | SplitRule::Merge => None,
+        }
+    }
+
+    /// `SplitRule.max_bytes(4000000000)`, `SplitRule.merge()`, ...
+    fn __repr__(&self) -> String {
+        match self.limit() {
+            Some(n) => format!("SplitRule.{}({n})", self.kind()),
+            None => format!("SplitRule.{}()", self.kind()),
+        }
+    }
 }
 
 /// Writes the model at `model` (any shard of a split model, or a legacy file) as GGUF with every tensor copied
@@ -466,15 +517,12 @@ fn copy_model(
     py: Python<'_>,
     model: PathBuf,
     out: PathBuf,
-    split: Option<(String, u64)>,
+    split: Option<PyRef<'_, PySplitRule>>,
     extra_metadata: Option<Bound<'_, PyDict>>,
     sync: bool,
     written: Option<Bound<'_, PyList>>,
 ) -> PyResult<Vec<PathBuf>> {
-    let rule = match split {
-        None => SplitRule::Merge,
-        some => split_rule(some)?,
-    };
+    let rule = split.map_or(SplitRule::Merge, |s| s.rule);
     let values = extra_metadata.as_ref().map(metadata_from_py).transpose()?.unwrap_or_default();
     let outputs =
         py.detach(|| ModelFile::open(&model)?.write_copy(&out, rule, &values, WriteOptions { sync })).py_err()?;

@@ -18,7 +18,7 @@ use pyo3::types::{PyDict, PyList, PyString};
 
 use crate::convert::NativePeftWeights;
 use crate::errors::IntoPyResult;
-use crate::gguf::{ggml_type, split_rule};
+use crate::gguf::{ggml_type, PySplitRule};
 use crate::lora_pair::LoraPair;
 use crate::values::metadata_from_py;
 
@@ -293,7 +293,7 @@ fn patch(
     tensor_types: Vec<(String, String)>,
     imatrix: Option<(String, Vec<(String, Vec<f32>)>)>,
     keep_lora: Option<f64>,
-    split: Option<(String, u64)>,
+    split: Option<PyRef<'_, PySplitRule>>,
     written: Option<Bound<'_, PyList>>,
 ) -> PyResult<PatchOutcome> {
     paths::check_output(&out).py_err()?;
@@ -311,7 +311,7 @@ fn patch(
         imatrix: imatrix
             .map(|(source, entries)| Arc::new(Imatrix::from_entries(source, entries.into_iter().collect()))),
         keep_lora,
-        split: split_rule(split)?,
+        split: split.map(|s| s.rule).unwrap_or_default(),
     };
     let inputs: Vec<AdapterInput> =
         adapters.iter().map(|(a, scale)| AdapterInput { adapter: Arc::clone(&a.inner), scale: *scale }).collect();
