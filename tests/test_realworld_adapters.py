@@ -170,3 +170,78 @@ def test_rslora_with_patterns_is_refused_as_peft_refuses_it(tmp_path):
     with pytest.raises(ConversionError, match="rsLoRA together with rank_pattern/alpha_pattern"):
         ggml_lora.patch(base_of("init-olora"), adapter, out=tmp_path / "o.gguf",
                         initial=CASES / "init-olora-patterns" / "initial")
+
+
+# --- ggml-lora info on adapters (issue 10, item 8) -------------------------------------------------------------
+
+def run_info(path: Path, capsys) -> str:
+    from ggml_lora.cli import main
+
+    assert main(["info", str(path)]) == 0
+    return capsys.readouterr().out
+
+
+def test_info_lists_what_peft_saved_beside_the_lora(capsys):
+    """The saved base layers and the embedding LoRA are named as PEFT saved them (``save_embedding_layers``:
+    ``…embed_tokens.base_layer.weight``, ``lora_embedding_A/B``), every module with PEFT's scale alpha/r = 8/4,
+    and what llama.cpp's converter does with base layers (convert_lora_to_gguf.py skips them unchecked)."""
+    from ggml_lora.adapter_info import describe_adapter
+
+    info = describe_adapter(CASES / "embeddings-changed" / "adapter")
+    assert info.saved_base_layers == ["lm_head", "model.embed_tokens"]
+    assert {m.name for m in info.modules if m.kind == "embedding"} == {"model.embed_tokens"}
+    assert {(m.rank, m.alpha, m.scale) for m in info.modules} == {(4, 8.0, 2.0)}
+    out = run_info(CASES / "embeddings-changed" / "adapter", capsys)
+    assert "saved base layers: lm_head, model.embed_tokens" in out
+    assert "skips them without comparing" in out
+
+
+def test_info_names_modules_to_save_trainable_tokens_and_the_initialisation():
+    """modules_to_save tensors (saved under the module's own name), trainable-token rows (the config's
+    ``trainable_token_indices``), and a PiSSA initialisation with its llama.cpp caveat."""
+    from ggml_lora.adapter_info import describe_adapter
+
+    saved = describe_adapter(CASES / "modules-to-save" / "adapter")
+    assert saved.modules_to_save == ["lm_head.weight", "model.layers.0.post_attention_layernorm.weight",
+                                     "model.layers.1.post_attention_layernorm.weight"]
+    tokens = describe_adapter(CASES / "trainable-tokens" / "adapter")
+    assert tokens.trainable_tokens == {"model.embed_tokens": [3, 17, 100]}
+    assert any("trainable tokens" in c for c in tokens.caveats)
+    pissa = describe_adapter(CASES / "init-pissa" / "adapter")
+    assert pissa.initialisation == "pissa"
+    assert any(c.startswith("PiSSA initialisation") for c in pissa.caveats)
+
+
+def test_info_scales_follow_the_patterns():
+    """Per-module (r, alpha, scale) follow PEFT's rule with the patterns as the config states them (v_proj's own
+    r and alpha; the others the global ones), and the alpha_pattern caveat names llama.cpp's single alpha."""
+    from ggml_lora.adapter_info import describe_adapter
+
+    info = describe_adapter(CASES / "init-olora-patterns" / "converted")
+    config = json.loads((CASES / "init-olora-patterns" / "converted" / "adapter_config.json").read_text())
+    by_name = {m.name: m for m in info.modules}
+    v = by_name["model.layers.0.self_attn.v_proj"]
+    q = by_name["model.layers.0.self_attn.q_proj"]
+    assert (v.rank, v.alpha, v.scale) == (config["rank_pattern"]["v_proj"], config["alpha_pattern"]["v_proj"],
+                                          config["alpha_pattern"]["v_proj"] / config["rank_pattern"]["v_proj"])
+    assert (q.rank, q.alpha, q.scale) == (config["r"], config["lora_alpha"], config["lora_alpha"] / config["r"])
+    assert any(c.startswith("alpha_pattern") for c in info.caveats)
+
+
+def test_info_on_other_types_and_gguf_adapters(capsys):
+    """A LoHa folder is described (not refused) with its peft_type; a GGUF adapter by its pairs, whose ranks and
+    llama.cpp scales gguf-py's reader and ``adapter.lora.alpha / rank`` give."""
+    from ggml_lora.adapter_info import describe_adapter
+
+    loha = describe_adapter(CASES / "other-types" / "loha")
+    assert loha.peft_type == "LOHA" and loha.caveats[0].startswith("peft_type LOHA")
+    path = FIXTURES / "llama-gqa" / "lora-r8" / "ref-adapter-f32.gguf"
+    reader = gguf.GGUFReader(path)
+    alpha = float(reader.fields["adapter.lora.alpha"].parts[-1][0])
+    expected = {t.name[: -len(".lora_a")]: int(t.shape[1]) for t in reader.tensors if t.name.endswith(".lora_a")}
+    info = describe_adapter(path)
+    assert info.format == "gguf" and info.architecture == "llama"
+    assert {m.name: m.rank for m in info.modules} == expected
+    assert {m.scale for m in info.modules} == {np.float32(alpha) / np.float32(8)}
+    out = run_info(path, capsys)
+    assert "gguf adapter" in out and "metadata:" in out  # the summary, then the GGUF listing

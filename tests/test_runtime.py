@@ -38,10 +38,12 @@ def python_progress_during(call: Callable[[], object]) -> int:
             time.sleep(0)
 
     old = sys.getswitchinterval()
-    worker = threading.Thread(target=spin)
-    worker.start()
+    # Before the worker starts: a thread that began waiting for the GIL under the old 5 ms interval would force a
+    # hand-over 5 ms later, possibly inside `call` (seen under load), so the probe's negative control failed.
     sys.setswitchinterval(1000.0)
+    worker = threading.Thread(target=spin)
     try:
+        worker.start()
         state["inside"] = True
         call()
         state["inside"] = False

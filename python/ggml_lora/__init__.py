@@ -28,9 +28,11 @@ from .imatrix import Imatrix, read_imatrix
 from . import convert
 from .convert import ConversionError, LoraTensors, peft_to_lora
 from .patch import PatchProgress, PatchResult, TensorQuality, load_adapter, patch
+from .adapter_info import AdapterSummary, describe_adapter
 from .quants import dequantize, quantize
 
 __all__ = [
+    "AdapterSummary",
     "ConversionError",
     "LoraTensors",
     "convert",
@@ -54,6 +56,7 @@ __all__ = [
     "TypeInfo",
     "__version__",
     "dequantize",
+    "describe_adapter",
     "load_adapter",
     "open",
     "patch",

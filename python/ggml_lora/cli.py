@@ -34,7 +34,19 @@ def _float32_repr(value: object) -> object:
     return _Float32(value) if isinstance(value, float) else value
 
 
+def _is_gguf(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
+    from .adapter_info import describe_adapter, is_adapter
+
+    if is_adapter(args.file):
+        print("\n".join(describe_adapter(args.file).lines()))
+        if Path(args.file).is_dir() or not _is_gguf(args.file):
+            return 0
+        print()
     with GGUFFile(args.file) as f:
         alignment = f", alignment {f.alignment}" if not f.container.startswith("legacy") else ""
         print(f"{f.path}: {f.container}, {human_bytes(f.file_size)}{alignment}, "
@@ -207,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = sub.add_parser("info", help="show a GGUF file's version, metadata and tensors (split and legacy too)")
-    info.add_argument("file", help="GGUF file, any shard of a split model, or a legacy GGML/GGJT model")
+    info.add_argument("file", help="GGUF file, any shard of a split model, a legacy GGML/GGJT model, or an adapter "
+                                   "(PEFT folder, GGUF adapter, ggla file)")
     info.add_argument("--max-items", type=int, default=8, help="array items shown per metadata value (default 8)")
     info.set_defaults(func=_cmd_info)
 
