@@ -245,3 +245,14 @@ def test_info_on_other_types_and_gguf_adapters(capsys):
     assert {m.scale for m in info.modules} == {np.float32(alpha) / np.float32(8)}
     out = run_info(path, capsys)
     assert "gguf adapter" in out and "metadata:" in out  # the summary, then the GGUF listing
+
+
+def test_resized_vocabulary_is_refused_naming_both_sizes(tmp_path):
+    """``resize_token_embeddings(520)`` before training: PEFT saved 520-row embedding and head base layers for a
+    512-token model. Refused naming the old and new vocabulary sizes; nothing written."""
+    out = tmp_path / "out.gguf"
+    expect = json.loads((CASES / "embeddings-resized" / "case.json").read_text())["expect"]
+    with pytest.raises(ConversionError, match=rf"vocabulary was resized from {expect['old_vocab']} to "
+                                              rf"{expect['new_vocab']} tokens"):
+        ggml_lora.patch(base_of("embeddings-resized"), CASES / "embeddings-resized" / "adapter", out=out)
+    assert not out.exists()

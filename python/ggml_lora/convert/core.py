@@ -164,6 +164,28 @@ def _core(call: Any, *args: Any) -> Any:
         raise ConversionError.wrapping(exc) from None
 
 
+def _refuse_resized_vocabulary(tensors: list[_native.WeightInfo], mapper: NameMapper, info: BaseInfo) -> None:
+    """A saved embedding or head (``….base_layer.weight``, PEFT's ``save_embedding_layers``) with another number
+    of rows than the model's tensor means the vocabulary was resized in training: new tokens, whose strings the
+    model's tokenizer metadata does not have (and this tool does not invent)."""
+    if info.tensor_shapes is None:
+        return
+    for weight in tensors:
+        if not weight.name.startswith(PREFIX) or not weight.name.endswith(".base_layer.weight"):
+            continue
+        module = weight.name[len(PREFIX): -len(".base_layer.weight")]
+        name = mapper.gguf_name(module)
+        shape = info.tensor_shapes.get(name) if name is not None else None
+        if shape is not None and len(weight.shape) == 2 and tuple(weight.shape)[1:] == tuple(shape)[1:] \
+                and weight.shape[0] != shape[0]:
+            raise ConversionError(
+                f"tensor {weight.name!r}: the adapter's {module} has {weight.shape[0]} rows but the model's {name} "
+                f"has {shape[0]}: the vocabulary was resized from {shape[0]} to {weight.shape[0]} tokens in "
+                "training. The tokenizer metadata would have to change too, and this tool does not invent token "
+                "strings; convert the fine-tuned model (with its tokenizer) instead"
+            )
+
+
 def peft_adapter(peft_dir: str | os.PathLike[str], base: Any, *, allow_dora: bool = False,
                  with_initial: bool = False) -> tuple[_native.Adapter, PeftAdapter, BaseInfo]:
     """Read a PEFT folder's config and weights header, check every module against the base model, and have the
@@ -178,6 +200,7 @@ def peft_adapter(peft_dir: str | os.PathLike[str], base: Any, *, allow_dora: boo
     q_k = {gguf.MODEL_TENSOR.ATTN_Q: "q", gguf.MODEL_TENSOR.ATTN_K: "k"}
     seen: dict[str, str] = {}
     targets: list[TargetPlan] = []
+    _refuse_resized_vocabulary(adapter.weights.tensors, mapper, info)
     modules = _group(adapter.weights.tensors, adapter.weights_file)
     for m in modules:
         if m.m is not None and not config.use_dora:
