@@ -14,15 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from . import _native
-from .convert import safejson
 from .convert.core import _MAGNITUDE_SUFFIXES, _SUFFIXES, PREFIX
 from .convert.peft import (
-    BIN_NAME,
     CONFIG_NAME,
-    SAFETENSORS_NAME,
     AdapterConfig,
-    open_safetensors,
-    open_torch_bin,
+    open_folder_weights,
+    read_folder_config,
     residual_initialisation,
 )
 from .gguf import GGUFFile
@@ -98,33 +95,35 @@ class AdapterSummary:
         return out
 
 
-def is_adapter(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is an adapter :func:`describe_adapter` describes: a folder, a GGUF file whose
-    ``general.type`` is ``adapter``, or a ggla file (by its magic). Non-regular files are refused (no blocking)."""
+def adapter_format(path: str | os.PathLike[str]) -> str | None:
+    """``"peft"`` (a folder), ``"gguf"`` (a GGUF file whose ``general.type`` is ``adapter``) or ``"ggla"`` (by its
+    magic) when ``path`` is an adapter :func:`describe_adapter` describes, else None. Non-regular files are refused
+    without being opened."""
     path = Path(path)
     if path.is_dir():
-        return True
+        return "peft"
     _native.check_input_path(os.fspath(path))
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
         with GGUFFile(path) as g:
             kind = g.fields.get("general.type")
-            return kind is not None and kind.value == "adapter"
-    return magic == _GGLA_MAGIC
+            return "gguf" if kind is not None and kind.value == "adapter" else None
+    return "ggla" if magic == _GGLA_MAGIC else None
 
 
 def describe_adapter(path: str | os.PathLike[str]) -> AdapterSummary:
     """Describe the adapter at ``path``: a PEFT folder, a GGUF adapter or a ggla file."""
     path = Path(path)
-    if path.is_dir():
+    fmt = adapter_format(path)
+    if fmt == "peft":
         return _describe_peft(path)
-    _native.check_input_path(os.fspath(path))
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == b"GGUF":
+    if fmt == "gguf":
         return _describe_gguf(path)
-    return _describe_native(path, "ggla", None)
+    if fmt == "ggla":
+        return _describe_native(path, "ggla", None)
+    raise ValueError(f"{path}: not an adapter (a PEFT folder, a GGUF file whose general.type is adapter, or a "
+                     "ggla file); for a model, ggml-lora info lists it")
 
 
 def _describe_native(path: Path, fmt: str, architecture: str | None) -> AdapterSummary:
@@ -137,20 +136,12 @@ def _describe_native(path: Path, fmt: str, architecture: str | None) -> AdapterS
 
 def _describe_gguf(path: Path) -> AdapterSummary:
     with GGUFFile(path) as f:
-        kind = f.fields.get("general.type")
         architecture = f.fields.get("general.architecture")
-        if kind is None or kind.value != "adapter":
-            raise ValueError(f"{path}: a GGUF file but not an adapter (general.type is "
-                             f"{kind.value if kind is not None else 'absent'!r}); for a model, ggml-lora info lists it")
     return _describe_native(path, "gguf", architecture.value if architecture is not None else None)
 
 
 def _describe_peft(path: Path) -> AdapterSummary:
-    for name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME):
-        _native.check_input_path(path / name)
-    if not (path / CONFIG_NAME).is_file():
-        raise ValueError(f"{path}: no {CONFIG_NAME}")
-    raw: dict[str, Any] = safejson.load_file(path / CONFIG_NAME)
+    raw: dict[str, Any] = read_folder_config(path)
     if not isinstance(raw, dict):
         raise ValueError(f"{path / CONFIG_NAME}: expected a JSON object")
     summary = AdapterSummary(path, "peft", peft_type=str(raw.get("peft_type")),
@@ -158,12 +149,7 @@ def _describe_peft(path: Path) -> AdapterSummary:
                              use_rslora=raw.get("use_rslora") is True, use_dora=raw.get("use_dora") is True)
     init = raw.get("init_lora_weights", True)
     summary.initialisation = {True: "default (B = 0)", False: "random (init_lora_weights=False)"}.get(init, str(init))
-    if (path / SAFETENSORS_NAME).is_file():
-        weights = open_safetensors(path / SAFETENSORS_NAME)
-    elif (path / BIN_NAME).is_file():
-        weights = open_torch_bin(path / BIN_NAME)
-    else:
-        raise ValueError(f"{path}: no {SAFETENSORS_NAME} or {BIN_NAME}")
+    _, weights = open_folder_weights(path)
     config = AdapterConfig(r=int(raw.get("r", 8)), lora_alpha=float(raw.get("lora_alpha", 8)),
                            use_rslora=summary.use_rslora, rank_pattern=dict(raw.get("rank_pattern") or {}),
                            alpha_pattern=dict(raw.get("alpha_pattern") or {}))

@@ -34,17 +34,13 @@ def _float32_repr(value: object) -> object:
     return _Float32(value) if isinstance(value, float) else value
 
 
-def _is_gguf(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
-
-
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .adapter_info import describe_adapter, is_adapter
+    from .adapter_info import adapter_format, describe_adapter
 
-    if is_adapter(args.file):
+    fmt = adapter_format(args.file)
+    if fmt is not None:
         print("\n".join(describe_adapter(args.file).lines()))
-        if Path(args.file).is_dir() or not _is_gguf(args.file):
+        if fmt != "gguf":  # a GGUF adapter is listed as any GGUF file below
             return 0
         print()
     with GGUFFile(args.file) as f:

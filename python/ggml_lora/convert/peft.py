@@ -148,9 +148,11 @@ RESIDUAL_INITIALISATIONS = {"olora": "OLoRA", "pissa": "PiSSA", "corda": "CorDA"
 def residual_initialisation(config: dict[str, Any]) -> str | None:
     """The display name of the config's base-changing initialisation (OLoRA, PiSSA, ...), or None."""
     init = config.get("init_lora_weights", True)
-    if not isinstance(init, str):
-        return None
-    name = init.lower()
+    return _residual_family(init.lower()) if isinstance(init, str) else None
+
+
+def _residual_family(name: str) -> str | None:
+    """The display name of a base-changing initialisation given its lower-case name (``pissa_niter_N`` is PiSSA)."""
     return RESIDUAL_INITIALISATIONS.get("pissa" if name.startswith("pissa_niter_") else name)
 
 
@@ -165,13 +167,13 @@ def _check_initialisation(init: Any, *, with_initial: bool = False) -> None:
     name = init.lower()
     if name in DELTA_INITIALISATIONS:
         return
-    family = "pissa" if name.startswith("pissa_niter_") else name
-    if family in RESIDUAL_INITIALISATIONS and with_initial:
-        return
-    if family in RESIDUAL_INITIALISATIONS and not with_initial:
+    residual = _residual_family(name)
+    if residual is not None:
+        if with_initial:
+            return
         raise ConversionError(
             f"adapter_config.json: init_lora_weights = {short_repr(init)}: the adapter was trained from a "
-            f"{RESIDUAL_INITIALISATIONS[family]} initialisation, which changed the base weights it was trained on, "
+            f"{residual} initialisation, which changed the base weights it was trained on, "
             "so it is not a delta on the original model; give the adapter saved before training (patch: initial=DIR, "
             "CLI: --initial DIR), or convert it to a plain LoRA (rank 2r) first with PEFT's "
             "save_pretrained(..., path_initial_model_for_weight_conversion=<the adapter saved before training>)"
@@ -287,26 +289,32 @@ def open_safetensors(path: Path) -> _native.PeftWeights:
         raise ConversionError.wrapping(exc) from None
 
 
+def read_folder_config(path: Path) -> Any:
+    """A PEFT folder's ``adapter_config.json``, parsed but not validated. Refuses a path that is not a folder,
+    and a FIFO or device in the folder's places (never opened)."""
+    if not path.is_dir():
+        raise ConversionError(f"{path}: not a directory (expected a PEFT adapter folder with {CONFIG_NAME})")
+    for name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME):
+        _native.check_input_path(path / name)
+    if not (path / CONFIG_NAME).is_file():
+        raise ConversionError(f"{path}: no {CONFIG_NAME}")
+    return safejson.load_file(path / CONFIG_NAME)
+
+
+def open_folder_weights(path: Path) -> tuple[Path, _native.PeftWeights]:
+    """A PEFT folder's weights file (``adapter_model.safetensors``, else ``adapter_model.bin``), open in the core."""
+    if (path / SAFETENSORS_NAME).is_file():
+        return path / SAFETENSORS_NAME, open_safetensors(path / SAFETENSORS_NAME)
+    if (path / BIN_NAME).is_file():
+        return path / BIN_NAME, open_torch_bin(path / BIN_NAME)
+    raise ConversionError(f"{path}: no {SAFETENSORS_NAME} or {BIN_NAME}")
+
+
 def read_peft_dir(peft_dir: str | os.PathLike[str], *, allow_dora: bool = False,
                   with_initial: bool = False) -> PeftAdapter:
     """Read and validate a PEFT adapter directory (no torch, no network). DoRA (``use_dora``) is refused unless
     ``allow_dora``; an OLoRA/PiSSA/CorDA/LoRA-GA initialisation unless ``with_initial``."""
     path = Path(peft_dir)
-    if not path.is_dir():
-        raise ConversionError(f"{path}: not a directory (expected a PEFT adapter folder with {CONFIG_NAME})")
-    cfg_path = path / CONFIG_NAME
-    for name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME):  # a FIFO or device there is refused, not opened
-        _native.check_input_path(path / name)
-    if not cfg_path.is_file():
-        raise ConversionError(f"{path}: no {CONFIG_NAME}")
-    raw = safejson.load_file(cfg_path)
-    config = parse_config(raw, allow_dora=allow_dora, with_initial=with_initial)
-    if (path / SAFETENSORS_NAME).is_file():
-        weights_file = path / SAFETENSORS_NAME
-        weights = open_safetensors(weights_file)
-    elif (path / BIN_NAME).is_file():
-        weights_file = path / BIN_NAME
-        weights = open_torch_bin(weights_file)
-    else:
-        raise ConversionError(f"{path}: no {SAFETENSORS_NAME} or {BIN_NAME}")
+    config = parse_config(read_folder_config(path), allow_dora=allow_dora, with_initial=with_initial)
+    weights_file, weights = open_folder_weights(path)
     return PeftAdapter(path, config, weights, weights_file)
